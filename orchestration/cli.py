@@ -1,0 +1,140 @@
+"""`orchestra` command line: a thin layer over orchestration's Python API.
+
+    orchestra run SPEC [--set key=value ...] [--dry-run] [--address ADDR]
+    orchestra resume NAME              continue an interrupted launch (launch name or spec name)
+    orchestra validate SPEC [--set ...] check a spec without running it (names resolve)
+    orchestra ls [EXPERIMENT]          experiments and runs with status and best metric
+    orchestra ui [--port N]            MLflow UI on 127.0.0.1 for the configured store
+    orchestra sync PATH                upload metric batches spooled while MLflow was unreachable
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from orchestration.spec import SpecError
+
+DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
+
+
+def _abs_uri(uri: str) -> str:
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(Path.cwd() / uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from orchestration.runner import run
+
+    out = run(args.spec, overrides=args.set, address=args.address, dry_run=args.dry_run, num_cpus=args.num_cpus)
+    if isinstance(out, str):
+        print(out)
+        return 0
+    print(out.summary())
+    return 1 if out.num_errors else 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from orchestration.runner import resume
+
+    out = resume(args.name, storage=args.storage, address=args.address, num_cpus=args.num_cpus)
+    print(out.summary())
+    return 1 if out.num_errors else 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from orchestration.runner import dry_run_text
+    from orchestration.spec import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    print(f"{args.spec}: OK")
+    print(dry_run_text(spec))
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from orchestration.tracking import list_runs_table
+
+    print(list_runs_table(_abs_uri(args.uri), args.experiment))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    uri = _abs_uri(args.uri)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port),
+           "--backend-store-uri", uri]
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)")
+    return subprocess.call(cmd)
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from orchestration.tracking import sync_spool
+
+    n = sync_spool(args.path, _abs_uri(args.uri))
+    print(f"sent {n} metric points")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="orchestra", description="Run RL and meta-learning experiments from YAML specs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a spec")
+    r.add_argument("spec")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key (YAML value)")
+    r.add_argument("--dry-run", action="store_true", help="print the trials, resources and stop rule; run nothing")
+    r.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto) instead of a local one")
+    r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
+    r.set_defaults(fn=cmd_run)
+
+    rs = sub.add_parser("resume", help="continue an interrupted launch")
+    rs.add_argument("name", help="launch name (spec name: its newest launch)")
+    rs.add_argument("--storage", default="runs")
+    rs.add_argument("--address", default=None)
+    rs.add_argument("--num-cpus", type=int, default=None)
+    rs.set_defaults(fn=cmd_resume)
+
+    v = sub.add_parser("validate", help="check a spec without running it")
+    v.add_argument("spec")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.set_defaults(fn=cmd_validate)
+
+    ls = sub.add_parser("ls", help="list experiments, runs, status and best metric")
+    ls.add_argument("experiment", nargs="?", default=None)
+    ls.add_argument("--uri", default=DEFAULT_URI)
+    ls.set_defaults(fn=cmd_ls)
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
+    ui.add_argument("--uri", default=DEFAULT_URI)
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(fn=cmd_ui)
+
+    sy = sub.add_parser("sync", help="upload spooled metric batches to MLflow")
+    sy.add_argument("path", help="launch or trial folder holding mlflow_spool.jsonl files")
+    sy.add_argument("--uri", default=DEFAULT_URI)
+    sy.set_defaults(fn=cmd_sync)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from orchestration.env import set_local_ray_env
+
+    set_local_ray_env()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except SpecError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: resume with `orchestra resume <launch>`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,425 @@
+"""Builds and runs the Tune experiment for a spec; resumes interrupted launches.
+
+One *launch* = one ``orchestra run`` of a spec: a Tune experiment folder ``<storage>/<launch>``
+(launch = ``<spec name>-<YYYYmmdd-HHMMSS>``), one MLflow parent run tagged with the launch id, one
+child run per trial. ``orchestra_launch.json`` in the launch folder records what resume needs.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestration import search as S
+from orchestration.env import set_local_ray_env
+from orchestration.spec import ORCHESTRA_KEY, Spec, SpecError, load_spec
+
+LAUNCH_FILE = "orchestra_launch.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray
+# ----------------------------------------------------------------------------------------------
+def init_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    imports: list[str] | tuple[str, ...] = (),
+    extra_pythonpath: list[str] | tuple[str, ...] = (),
+) -> None:
+    """Start an embedded Ray on 127.0.0.1 (default) or join ``address``; no-op if Ray is up.
+
+    Every worker of the job imports ``imports`` (and the project's envs) at start through a
+    worker-process setup hook, and gets the driver's working directory on its PYTHONPATH.
+    """
+    set_local_ray_env()
+    import ray
+
+    if ray.is_initialized():
+        return
+    paths = [os.getcwd(), *extra_pythonpath]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    runtime_env = {
+        "worker_process_setup_hook": "orchestration.worker.setup",
+        "env_vars": {"ORCHESTRA_IMPORTS": ",".join(imports), "PYTHONPATH": os.pathsep.join(paths)},
+    }
+    os.environ["ORCHESTRA_IMPORTS"] = ",".join(imports)
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            runtime_env=runtime_env,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Spec -> Tune objects
+# ----------------------------------------------------------------------------------------------
+def resolve_paths(spec: Spec, base: Path | None = None) -> Spec:
+    """Make tracking URI (sqlite), artifact location and storage absolute, relative to ``base``."""
+    base = (base or Path.cwd()).resolve()
+    t = spec.tracking
+    if t.uri.startswith("sqlite:///") and not t.uri.startswith("sqlite:////"):
+        db = base / t.uri[len("sqlite:///"):]
+        db.parent.mkdir(parents=True, exist_ok=True)
+        t.uri = f"sqlite:///{db}"
+    elif "://" not in t.uri:
+        t.uri = str((base / t.uri).resolve())
+    if "://" not in t.artifacts:
+        t.artifacts = str((base / t.artifacts).resolve())
+    if "://" not in t.storage:
+        t.storage = str((base / t.storage).resolve())
+    return spec
+
+
+def trial_cpus(spec: Spec) -> float:
+    if spec.resources is not None:
+        return spec.resources.cpus
+    if spec.is_task:
+        return 1
+    return float(spec.config.get("num_cpus_for_main_process", 1) or 1)
+
+
+def build_param_space(spec: Spec) -> dict[str, Any]:
+    """The trial config: spec config (markers -> Tune domains), seed, env and the private block."""
+    from ray import tune
+
+    space = S.to_tune(spec.config)
+    repeat_seeds = spec.search is not None and spec.search.type == "optuna"
+    if len(spec.seeds) == 1 or repeat_seeds:
+        space["seed"] = spec.seeds[0]
+    else:
+        space["seed"] = tune.grid_search(list(spec.seeds))
+    if not spec.is_task:
+        space["env"] = spec.env
+    space[ORCHESTRA_KEY] = {
+        "workload": spec.workload,
+        "diagnostics": spec.diagnostics,
+        "imports": list(spec.imports),
+        "num_cpus": trial_cpus(spec),
+        "seeds": list(spec.seeds),
+        "checkpoint_replay": spec.checkpoint.replay,
+    }
+    return space
+
+
+def build_trainable(spec: Spec) -> Any:
+    from ray import tune
+
+    from orchestration.trainables import trainable_for_algorithm, trainable_for_task
+
+    trainable = trainable_for_task(spec.workload) if spec.is_task else trainable_for_algorithm(spec.algorithm)
+    r = spec.resources
+    if r is None and spec.is_task:
+        r = type(spec).model_fields["resources"].annotation.__args__[0]()  # ResourcesSpec defaults
+    if r is not None:
+        head = {"CPU": r.cpus, "GPU": r.gpus, **r.custom}
+        head = {k: v for k, v in head.items() if v}
+        bundles = [head or {"CPU": 0.01}, *[dict(b) for b in r.bundles]]
+        trainable = tune.with_resources(trainable, tune.PlacementGroupFactory(bundles, strategy=r.strategy))
+    return trainable
+
+
+def register_spec_env(spec: Spec) -> None:
+    """Register the spec's env with Tune's registry through an importing creator (see make_gym_env)."""
+    if spec.is_task or spec.env is None:
+        return
+    import functools
+
+    import gymnasium as gym
+    from ray.tune.registry import ENV_CREATOR, _global_registry, register_env
+
+    from orchestration.trainables import make_gym_env
+
+    if spec.env in gym.registry and not _global_registry.contains(ENV_CREATOR, spec.env):
+        register_env(spec.env, functools.partial(make_gym_env, spec.env, tuple(spec.imports)))
+
+
+def _git_commit(cwd: Path) -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = tree
+    return out
+
+
+@dataclass
+class Launch:
+    """What a launch records (``orchestra_launch.json``) and what resume needs."""
+
+    name: str
+    spec: dict[str, Any]
+    spec_file: str | None
+    overrides: list[str]
+    git_commit: str
+    command: str
+    started: float
+    address: str | None = None
+    resumes: list[float] = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.spec["tracking"]["storage"]) / self.name
+
+    def save(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / LAUNCH_FILE).write_text(json.dumps(self.__dict__, indent=2, default=str))
+
+    @classmethod
+    def load(cls, path: Path) -> Launch:
+        return cls(**json.loads((path / LAUNCH_FILE).read_text()))
+
+
+def _tracking_callback(spec: Spec, launch: Launch, resumed: bool) -> Any:
+    from orchestration.tracking import MLflowTracking
+
+    files = {}
+    spec_yaml = launch.path / "spec.resolved.yaml"
+    spec_yaml.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    files["spec.resolved.yaml"] = str(spec_yaml)
+    if launch.spec_file and Path(launch.spec_file).exists():
+        files["spec.yaml"] = str(Path(launch.spec_file).resolve())
+    freeze = launch.path / "requirements.freeze.txt"
+    if not freeze.exists():
+        dists = sorted({f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()},
+                       key=str.lower)
+        freeze.write_text("\n".join(dists) + "\n")
+    files["pip-freeze.txt"] = str(freeze)
+    import ray
+    import torch
+
+    tags = {
+        "orchestra.spec_hash": spec.spec_hash(),
+        "orchestra.git_commit": launch.git_commit,
+        "orchestra.command": launch.command[:5000],
+        "orchestra.spec_name": spec.name,
+        "orchestra.launch": launch.name,
+        "orchestra.ray_version": ray.__version__,
+        "orchestra.torch_version": torch.__version__,
+        "orchestra.algorithm": spec.workload,
+        "orchestra.env" if not spec.is_task else "orchestra.task": spec.env or spec.workload,
+    }
+    if spec.metric:
+        tags["orchestra.metric"] = spec.metric
+        tags["orchestra.mode"] = spec.mode
+    trial_tags = {k: tags[k] for k in ("orchestra.algorithm", "orchestra.spec_hash", "orchestra.git_commit",
+                                       "orchestra.ray_version", "orchestra.torch_version", "orchestra.launch")}
+    trial_tags["orchestra.env" if not spec.is_task else "orchestra.task"] = spec.env or spec.workload
+    return MLflowTracking(
+        spec.tracking.uri,
+        spec.experiment_name,
+        launch.name,
+        artifact_location=spec.tracking.artifacts,
+        launch_tags=tags,
+        launch_params=_flatten(spec.to_dict()),
+        launch_artifacts=files,
+        trial_tags=trial_tags,
+        resumed=resumed,
+    )
+
+
+def _run_config(spec: Spec, launch: Launch, resumed: bool) -> Any:
+    from ray import tune
+
+    callbacks = [_tracking_callback(spec, launch, resumed)] if spec.tracking.enabled else []
+    c = spec.checkpoint
+    return tune.RunConfig(
+        name=launch.name,
+        storage_path=spec.tracking.storage,
+        stop=dict(spec.stop) or None,
+        failure_config=tune.FailureConfig(max_failures=spec.failure.max_retries, fail_fast=spec.failure.fail_fast),
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=c.keep, checkpoint_frequency=c.frequency, checkpoint_at_end=c.at_end
+        ),
+        callbacks=callbacks,
+        verbose=1,
+    )
+
+
+@dataclass
+class RunResult:
+    launch: str
+    path: Path
+    tracking_uri: str
+    experiment: str
+    result_grid: Any = None
+    num_errors: int = 0
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"launch {self.launch}: {len(self.trials)} trials, {self.num_errors} errors",
+                 f"  trial folders: {self.path}",
+                 f"  MLflow: {self.tracking_uri} (experiment {self.experiment!r})",
+                 f"  see it:  orchestra ui --uri '{self.tracking_uri}'   |   orchestra ls {self.experiment}"]
+        return "\n".join(lines)
+
+
+def dry_run_text(spec: Spec) -> str:
+    """What a launch would run: trials (grid values x seeds x num_samples), resources, stop rule."""
+    variants = S.grid_variants(spec.config)
+    randoms = [(p, m) for p, m in S.walk_markers(spec.config, "config") if "grid" not in m]
+    n = len(variants) * len(spec.seeds) * spec.num_samples
+    lines = [f"spec {spec.name}: {spec.workload}" + (f" on {spec.env}" if spec.env else ""),
+             f"{n} trials = {len(variants)} grid point(s) x {len(spec.seeds)} seed(s) x {spec.num_samples} sample(s)"]
+    for i, (assignment, _) in enumerate(variants):
+        for seed in spec.seeds:
+            values = ", ".join(f"{k}={v!r}" for k, v in assignment.items())
+            lines.append(f"  [{i}] seed={seed}" + (f" {values}" if values else ""))
+    for p, m in randoms:
+        lines.append(f"  sampled per trial: {p} ~ {S.describe(m)}")
+    if spec.resources is not None:
+        r = spec.resources
+        lines.append(f"resources per trial: cpus={r.cpus} gpus={r.gpus} custom={r.custom} extra bundles={r.bundles}")
+    elif spec.is_task:
+        lines.append("resources per trial: cpus=1 gpus=0")
+    else:
+        lines.append("resources per trial: from the RLlib config (main process, env runners, learners)")
+    lines.append(f"stop: {dict(spec.stop) or 'when the trainable finishes'}")
+    if spec.scheduler:
+        lines.append(f"scheduler: {spec.scheduler.type}")
+    lines.append(f"metric: {spec.metric} ({spec.mode})" if spec.metric else "metric: none")
+    lines.append(f"tracking: {spec.tracking.uri} (experiment {spec.experiment_name!r}); storage {spec.tracking.storage}")
+    return "\n".join(lines)
+
+
+def _collect(result_grid: Any, launch: Launch, spec: Spec) -> RunResult:
+    trials = []
+    errors = 0
+    for r in result_grid:
+        err = r.error
+        errors += err is not None
+        trials.append({"config": {k: v for k, v in (r.config or {}).items() if k != ORCHESTRA_KEY},
+                       "metrics": {k: v for k, v in (r.metrics or {}).items() if not isinstance(v, dict)},
+                       "error": str(err) if err else None, "path": r.path})
+    return RunResult(launch.name, launch.path, spec.tracking.uri, spec.experiment_name, result_grid, errors, trials)
+
+
+def run(
+    spec_or_path: str | Path | dict[str, Any] | Spec,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    address: str | None = None,
+    dry_run: bool = False,
+    launch_name: str | None = None,
+    num_cpus: int | None = None,
+) -> RunResult | str:
+    """Load, validate and run a spec; returns a :class:`RunResult` (or the dry-run text)."""
+    spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path, overrides)
+    spec_file = getattr(spec, "_file", None)
+    if dry_run:
+        return dry_run_text(spec)
+    resolve_paths(spec)
+    name = launch_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    launch = Launch(name=name, spec=spec.to_dict(), spec_file=spec_file, overrides=list(overrides),
+                    git_commit=_git_commit(Path(spec_file).parent if spec_file else Path.cwd()),
+                    command=" ".join(shlex.quote(a) for a in sys.argv), started=time.time(), address=address)
+    if launch.path.exists() and (launch.path / LAUNCH_FILE).exists():
+        raise SpecError(spec_file, "name", f"launch folder {launch.path} exists already; use `orchestra resume {name}`")
+    launch.save()
+    return _fit(spec, launch, resumed=False, num_cpus=num_cpus)
+
+
+def _fit(spec: Spec, launch: Launch, resumed: bool, num_cpus: int | None = None) -> RunResult:
+    from ray import tune
+
+    init_ray(launch.address, num_cpus=num_cpus, imports=spec.imports,
+             extra_pythonpath=[str(Path(launch.spec_file).parent.resolve())] if launch.spec_file else [])
+    from algorithms import registry as R
+
+    R.load_builtin_plugins()
+    from orchestration.spec import import_user_modules
+
+    import_user_modules(spec.imports)
+    register_spec_env(spec)
+    trainable = build_trainable(spec)
+    run_config = _run_config(spec, launch, resumed)
+    if resumed:
+        tuner = tune.Tuner.restore(str(launch.path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, restart_errored=False,
+                                   param_space=build_param_space(spec))
+        _replace_callbacks(tuner, run_config.callbacks)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=build_param_space(spec),
+            tune_config=tune.TuneConfig(
+                metric=spec.metric,
+                mode=spec.mode if spec.metric else None,
+                scheduler=S.build_scheduler(spec),
+                search_alg=S.build_search_alg(spec, repeat=len(spec.seeds)),
+                num_samples=spec.num_samples * (len(spec.seeds) if spec.search and spec.search.type == "optuna" else 1),
+                max_concurrent_trials=spec.max_concurrent_trials if not (spec.search and spec.search.type == "optuna") else None,
+            ),
+            run_config=run_config,
+        )
+    result_grid = tuner.fit()
+    return _collect(result_grid, launch, spec)
+
+
+def _replace_callbacks(tuner: Any, callbacks: list[Any]) -> None:
+    """Tuner.restore unpickles the old run config; use fresh tracking callbacks in resume mode."""
+    local = getattr(tuner, "_local_tuner", None)
+    rc = getattr(local, "_run_config", None) if local is not None else None
+    if rc is not None:
+        rc.callbacks = callbacks
+
+
+def find_launch(name: str, storage: str | Path = "runs") -> Path:
+    """A launch folder by launch name, or the newest launch of a spec name."""
+    root = Path(storage).resolve()
+    p = Path(name)
+    if p.is_dir() and (p / LAUNCH_FILE).exists():
+        return p.resolve()
+    if (root / name / LAUNCH_FILE).exists():
+        return root / name
+    candidates = sorted(
+        (d for d in root.glob(f"{name}-*") if (d / LAUNCH_FILE).exists()), key=lambda d: d.stat().st_mtime
+    )
+    if not candidates:
+        known = sorted(d.name for d in root.glob("*") if (d / LAUNCH_FILE).exists())
+        raise SpecError(None, "name", f"no launch named {name!r} under {root}", allowed=known or "none yet")
+    return candidates[-1]
+
+
+def resume(name: str, *, storage: str | Path = "runs", address: str | None = None,
+           num_cpus: int | None = None) -> RunResult:
+    """Continue an interrupted launch: unfinished trials from their last checkpoint; MLflow runs reused."""
+    path = find_launch(name, storage)
+    launch = Launch.load(path)
+    spec = load_spec(launch.spec, check_names=True)
+    spec._file = launch.spec_file  # type: ignore[attr-defined]
+    if address:
+        launch.address = address
+    launch.resumes.append(time.time())
+    launch.save()
+    return _fit(spec, launch, resumed=True, num_cpus=num_cpus)

@@ -1,0 +1,482 @@
+"""Experiment specs: YAML -> validated :class:`Spec`, with errors that name file, key, value, allowed.
+
+A spec (see experiments/README.md for the full reference)::
+
+    name: quickstart
+    algorithm: PPO                 # RLlib built-in, one of ours, a registered task, or "pkg.mod:Class"
+    env: CartPole-v1               # a registered env (or `task: NAME` for non-RL workloads)
+    config: {lr: {grid: [1.0e-4, 3.0e-4]}, train_batch_size_per_learner: 1000}
+    seeds: [0, 1]
+    stop: {training_iteration: 10}
+    metric: env/episode_return_mean
+    mode: max
+
+Validation happens in two stages: the schema (pydantic) and the names (algorithm, env, task,
+config keys, diagnostics), which need the spec's ``imports`` to be imported first.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import importlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from orchestration import search as S
+
+# Keys of the orchestration-private block inside each trial's config.
+ORCHESTRA_KEY = "_orchestra"
+
+
+class SpecError(ValueError):
+    """A spec problem: ``file: key: message (got value; allowed: ...)``."""
+
+    def __init__(self, file: str | None, key: str, message: str, value: Any = ..., allowed: Any = None):
+        self.file, self.key, self.message, self.value, self.allowed = file, key, message, value, allowed
+        text = f"{file or '<spec>'}: {key or '<top>'}: {message}"
+        if value is not ...:
+            text += f" (got {value!r})"
+        if allowed:
+            if isinstance(allowed, list | tuple | set):
+                allowed = ", ".join(str(a) for a in allowed)
+            text += f"; allowed: {allowed}"
+        super().__init__(text)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CheckpointSpec(_Strict):
+    frequency: int = Field(0, ge=0)
+    """Checkpoint every N training iterations (0: only at the end)."""
+    keep: int | None = Field(2, ge=1)
+    """Keep the N most recent checkpoints per trial (None: all)."""
+    at_end: bool = True
+    """Write a checkpoint when a trial finishes."""
+    replay: bool = False
+    """Include the replay buffer in checkpoints (off-policy algorithms that support it)."""
+
+
+class FailureSpec(_Strict):
+    max_retries: int = Field(0, ge=-1)
+    """Retry a failing trial up to N times from its last checkpoint (-1: forever)."""
+    fail_fast: bool = False
+    """Stop the whole launch at the first trial failure."""
+
+
+class TrackingSpec(_Strict):
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    """MLflow tracking URI (relative sqlite paths are resolved at launch)."""
+    experiment: str | None = None
+    """MLflow experiment name (default: the spec's name)."""
+    artifacts: str = "mlruns/artifacts"
+    """Artifact location for new experiments (relative paths are resolved at launch)."""
+    storage: str = "runs"
+    """Tune storage path for trial directories and checkpoints (local dir, or s3://...)."""
+    enabled: bool = True
+    """Log to MLflow at all."""
+
+
+class ResourcesSpec(_Strict):
+    cpus: float = Field(1, ge=0)
+    """CPUs for the trial's own process (also its torch thread count)."""
+    gpus: float = Field(0, ge=0)
+    """GPUs for the trial's own process (fractions allowed)."""
+    custom: dict[str, float] = {}
+    """Custom Ray resources for the trial's own process, e.g. {node_type_a: 1}."""
+    bundles: list[dict[str, float]] = []
+    """Extra placement-group bundles for actors a trial starts, e.g. [{CPU: 1, GPU: 1}]."""
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Placement strategy for the trial's bundles."""
+
+
+class SchedulerSpec(_Strict):
+    type: Literal["fifo", "asha", "pbt"]
+    time_attr: str = "training_iteration"
+    # ASHA
+    max_t: int = Field(100, ge=1)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(4, gt=1)
+    # PBT
+    perturbation_interval: float = Field(5, gt=0)
+    burn_in_period: float = Field(0, ge=0)
+    mutations: dict[str, Any] | None = None
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    resample_probability: float = Field(0.25, ge=0, le=1)
+    synch: bool = False
+
+
+class SearchSpec(_Strict):
+    type: Literal["basic", "grid", "random", "optuna"] = "basic"
+    seed: int | None = None
+
+
+class Spec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    """Experiment name: letters, digits, _ . - (MLflow experiment and run folder)."""
+    description: str = ""
+    algorithm: str | None = None
+    env: str | None = None
+    task: str | None = None
+    config: dict[str, Any] = {}
+    seeds: list[int] = [0]
+    stop: dict[str, int | float] = {}
+    metric: str | None = None
+    mode: Literal["max", "min"] = "max"
+    scheduler: SchedulerSpec | None = None
+    search: SearchSpec | None = None
+    resources: ResourcesSpec | None = None
+    num_samples: int = Field(1, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    failure: FailureSpec = FailureSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    diagnostics: dict[str, dict[str, Any]] = {}
+    imports: list[str] = []
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_nonempty(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("needs at least one seed")
+        if len(set(v)) != len(v):
+            raise ValueError("seeds must be distinct")
+        return v
+
+    @field_validator("diagnostics", mode="before")
+    @classmethod
+    def _diag_none_is_empty(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: ({} if s is None else s) for k, s in v.items()}
+        return v
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def is_task(self) -> bool:
+        return self.task is not None
+
+    @property
+    def workload(self) -> str:
+        return self.task if self.task is not None else str(self.algorithm)
+
+    @property
+    def experiment_name(self) -> str:
+        return self.tracking.experiment or self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=False)
+
+    def spec_hash(self) -> str:
+        """sha256 over the resolved spec (canonical JSON), first 12 hex digits."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
+    if "=" not in text:
+        raise SpecError(None, text, "an override must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise SpecError(None, text, "an override needs a key before '='")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise SpecError(None, key, f"value is not valid YAML: {e}", raw) from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise SpecError(None, ".".join(path), f"cannot set a key inside {part!r}, which is not a mapping")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def load_spec(
+    source: str | Path | dict[str, Any],
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    check_names: bool = True,
+) -> Spec:
+    """Load a spec from a YAML path or a dict, apply ``key=value`` overrides, validate it."""
+    file: str | None = None
+    if isinstance(source, dict):
+        data = source
+    else:
+        file = str(source)
+        path = Path(source)
+        if not path.exists():
+            raise SpecError(file, "", "spec file not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise SpecError(file, "", f"not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise SpecError(file, "", "a spec must be a YAML mapping", type(data).__name__)
+    data = apply_overrides(data, overrides)
+    spec = validate_schema(data, file)
+    spec._file = file  # type: ignore[attr-defined]
+    if check_names:
+        validate_names(spec, file)
+    return spec
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _allowed_for(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names allowed at ``loc`` inside ``model`` (for unknown-key errors)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or not (inspect.isclass(current) and issubclass(current, BaseModel)):
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        current = next(
+            (a for a in getattr(ann, "__args__", (ann,)) if inspect.isclass(a) and issubclass(a, BaseModel)),
+            None,
+        )
+    if inspect.isclass(current) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def pydantic_to_spec_error(err: ValidationError, model: type[BaseModel], file: str | None, prefix: str = "") -> SpecError:
+    e = err.errors()[0]
+    key = _loc(e["loc"])
+    key = f"{prefix}.{key}" if prefix and key else (prefix or key)
+    if e["type"] == "extra_forbidden":
+        allowed = _allowed_for(model, e["loc"]) or []
+        close = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=3)
+        hint = f"unknown key{'; did you mean ' + ' or '.join(close) + '?' if close else ''}"
+        return SpecError(file, key, hint, allowed=allowed)
+    if e["type"] == "literal_error":
+        expected = e.get("ctx", {}).get("expected", "")
+        return SpecError(file, key, "invalid value", e.get("input"), allowed=expected)
+    return SpecError(file, key, e["msg"], e.get("input", ...))
+
+
+def validate_schema(data: dict[str, Any], file: str | None) -> Spec:
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as err:
+        raise pydantic_to_spec_error(err, Spec, file) from None
+    if spec.task is None and spec.algorithm is None:
+        raise SpecError(file, "algorithm", "a spec needs `algorithm` (with `env`) or `task`")
+    if spec.task is not None and spec.env is not None:
+        raise SpecError(file, "env", "a task spec takes no `env` (the task defines its data)", spec.env)
+    try:
+        S.validate_markers(spec.config, "config")
+        if spec.scheduler and spec.scheduler.mutations:
+            S.validate_markers(spec.scheduler.mutations, "scheduler.mutations")
+    except S.MarkerError as e:
+        raise SpecError(file, e.path, e.message, e.value, allowed=S.MARKERS if "marker" in e.message else None) from None
+    if spec.scheduler and spec.scheduler.type in ("asha", "pbt") and not spec.metric:
+        raise SpecError(file, "metric", f"the {spec.scheduler.type} scheduler needs `metric` (and `mode`)")
+    if spec.search and spec.search.type == "optuna":
+        if not spec.metric:
+            raise SpecError(file, "metric", "the optuna searcher needs `metric` (and `mode`)")
+        if S.has_grid(spec.config):
+            path = next(p for p, m in S.walk_markers(spec.config, "config") if "grid" in m)
+            raise SpecError(file, f"{path}.grid", "the optuna searcher cannot grid; use a choice marker",
+                            allowed=["choice", "uniform", "loguniform", "randint"])
+    if spec.scheduler and spec.scheduler.type == "pbt" and not spec.scheduler.mutations:
+        raise SpecError(file, "scheduler.mutations", "pbt needs at least one mutation")
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------
+# Names: imports, algorithm / task, env, config keys, diagnostics
+# ----------------------------------------------------------------------------------------------
+def import_user_modules(modules: list[str], file: str | None = None) -> None:
+    for i, mod in enumerate(modules):
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # noqa: BLE001 - report any import failure with its key
+            raise SpecError(file, f"imports[{i}]", f"cannot import module: {type(e).__name__}: {e}", mod) from None
+
+
+BUILDER_METHODS = (
+    "environment", "env_runners", "learners", "training", "evaluation", "rl_module", "debugging",
+    "reporting", "checkpointing", "fault_tolerance", "resources", "framework", "api_stack",
+    "multi_agent", "offline_data", "callbacks", "experimental",
+)
+# Keys the spec sets elsewhere (top-level env, seeds) or that orchestration manages.
+RESERVED_CONFIG_KEYS = {"env", "seed", ORCHESTRA_KEY}
+
+
+def algorithm_config_keys(algo_cls: type) -> dict[str, str]:
+    """Flat config keys an RLlib algorithm accepts: {key: builder method or "attr"}.
+
+    Keys are the keyword arguments of the AlgorithmConfig builder methods (``training(lr=...)``,
+    ``env_runners(num_env_runners=...)``...) plus plain attributes of ``to_dict()``.
+    """
+    cfg = algo_cls.get_default_config()
+    keys: dict[str, str] = {}
+    for method in BUILDER_METHODS:
+        # Subclasses (PPOConfig.training) take their own keywords and pass **kwargs to the base.
+        for klass in type(cfg).__mro__:
+            fn = klass.__dict__.get(method)
+            if fn is None:
+                continue
+            for name, p in inspect.signature(fn).parameters.items():
+                if name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+                    keys.setdefault(name, method)
+    for name in cfg.to_dict():
+        if not name.startswith("_"):
+            keys.setdefault(name, "attr")
+    return keys
+
+
+def validate_names(spec: Spec, file: str | None = None) -> None:
+    """Resolve the spec's names (after its imports) and check config keys and diagnostics."""
+    from algorithms import registry as R
+    from algorithms.diagnostics import registry as D
+
+    R.load_builtin_plugins()
+    import_user_modules(spec.imports, file)
+    if spec.is_task:
+        _validate_task(spec, file)
+    else:
+        _validate_rllib(spec, file)
+    for name, settings in spec.diagnostics.items():
+        try:
+            diag = D.get_diagnostic(name)
+        except KeyError:
+            close = difflib.get_close_matches(name, D.registered_diagnostics(), n=3)
+            hint = f"unknown diagnostic{'; did you mean ' + ' or '.join(close) + '?' if close else ''}"
+            raise SpecError(file, f"diagnostics.{name}", hint, allowed=D.registered_diagnostics()) from None
+        try:
+            diag.settings.model_validate(settings)
+        except ValidationError as err:
+            raise pydantic_to_spec_error(err, diag.settings, file, prefix=f"diagnostics.{name}") from None
+        hook = diag.task_hook if spec.is_task else diag.rllib_callback
+        if hook is None:
+            kind = "tasks" if spec.is_task else "RLlib algorithms"
+            raise SpecError(file, f"diagnostics.{name}", f"this diagnostic does not support {kind}")
+
+
+def _resolve_task(spec: Spec, file: str | None) -> type:
+    from algorithms import registry as R
+
+    name = spec.task if spec.task is not None else spec.algorithm
+    key = "task" if spec.task is not None else "algorithm"
+    try:
+        return R.get_task_class(name)
+    except KeyError:
+        raise SpecError(file, key, "unknown task", name, allowed=R.registered_tasks()) from None
+    except Exception as e:  # noqa: BLE001
+        raise SpecError(file, key, f"cannot load task: {type(e).__name__}: {e}", name) from None
+
+
+def _validate_task(spec: Spec, file: str | None) -> None:
+    task_cls = _resolve_task(spec, file)
+    for assignment, variant in S.grid_variants(spec.config):
+        cfg = S.representative(variant)
+        try:
+            task_cls.Config.model_validate(cfg)
+        except ValidationError as err:
+            where = f" (with {', '.join(f'{k}={v!r}' for k, v in assignment.items())})" if assignment else ""
+            e = pydantic_to_spec_error(err, task_cls.Config, file, prefix="config")
+            raise SpecError(file, e.key, e.message + where, e.value, e.allowed) from None
+
+
+def resolve_algorithm(spec: Spec, file: str | None = None) -> type:
+    from algorithms import registry as R
+
+    try:
+        return R.get_algorithm_class(spec.algorithm)
+    except KeyError:
+        allowed = R.registered_algorithms() + R.rllib_algorithms() + R.registered_tasks()
+        close = difflib.get_close_matches(spec.algorithm, allowed, n=3)
+        hint = f"unknown algorithm{'; did you mean ' + ' or '.join(close) + '?' if close else ''}"
+        raise SpecError(file, "algorithm", hint, spec.algorithm, allowed=allowed) from None
+    except Exception as e:  # noqa: BLE001
+        raise SpecError(file, "algorithm", f"cannot load algorithm: {type(e).__name__}: {e}", spec.algorithm) from None
+
+
+def _validate_rllib(spec: Spec, file: str | None) -> None:
+    from algorithms import registry as R
+
+    if spec.algorithm in R.registered_tasks():
+        spec.task, spec.algorithm = spec.algorithm, None
+        _validate_task(spec, file)
+        return
+    algo_cls = resolve_algorithm(spec, file)
+    if spec.env is None:
+        raise SpecError(file, "env", "an RLlib algorithm needs `env`")
+    check_env(spec.env, file)
+    keys = algorithm_config_keys(algo_cls)
+    blocks = R.config_blocks()
+    for key, value in spec.config.items():
+        if key in RESERVED_CONFIG_KEYS:
+            where = "the top-level `env`" if key == "env" else "`seeds`" if key == "seed" else "orchestration"
+            raise SpecError(file, f"config.{key}", f"set by {where}, not inside config")
+        if key in blocks:
+            for opt in S.grid_variants(value):
+                try:
+                    blocks[key].model.model_validate(S.representative(opt[1]))
+                except ValidationError as err:
+                    raise pydantic_to_spec_error(err, blocks[key].model, file, prefix=f"config.{key}") from None
+            continue
+        if key not in keys:
+            allowed = sorted(keys) + sorted(blocks)
+            close = difflib.get_close_matches(key, allowed, n=3)
+            hint = f"unknown key for {algo_cls.__name__}{'; did you mean ' + ' or '.join(close) + '?' if close else ''}"
+            raise SpecError(file, f"config.{key}", hint, allowed=f"keys of {type(algo_cls.get_default_config()).__name__} builder methods (e.g. {', '.join(close or sorted(keys)[:5])})")
+
+
+def import_builtin_envs() -> None:
+    """Register the project's envs (dmc/..., bsuite/..., minatar/...) with gymnasium."""
+    try:
+        importlib.import_module("algorithms.envs")
+    except ModuleNotFoundError as e:
+        if e.name != "algorithms.envs":
+            raise
+
+
+def check_env(name: str, file: str | None) -> None:
+    """The env must be a gymnasium id (after imports and our registrations) or a Tune-registered env."""
+    import gymnasium as gym
+
+    import_builtin_envs()
+    if name in gym.registry:
+        return
+    try:
+        from ray.tune.registry import ENV_CREATOR, _global_registry
+
+        if _global_registry.contains(ENV_CREATOR, name):
+            return
+    except Exception:  # noqa: BLE001 - registry unavailable without Ray; fall through
+        pass
+    close = difflib.get_close_matches(name, list(gym.registry), n=3)
+    hint = f"unknown env{'; did you mean ' + ' or '.join(close) + '?' if close else ''}"
+    raise SpecError(file, "env", hint, name, allowed="gymnasium ids (e.g. CartPole-v1, dmc/cartpole-swingup) or envs registered by `imports`")

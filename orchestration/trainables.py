@@ -1,0 +1,331 @@
+"""Tune trainables: RLlib algorithms wrapped for specs, and non-RL tasks.
+
+RLlib algorithms
+    ``trainable_for_algorithm(name)`` returns a subclass of the algorithm (``orchestration.trainables.PPO``
+    for RLlib's PPO) that accepts a spec trial config: flat AlgorithmConfig keys, project config blocks
+    (``network`` ...), ``seed`` and the private ``_orchestra`` block (diagnostics, imports, cpus). It
+    builds the AlgorithmConfig inside the trial, after Tune sampled the search space, and adds the
+    project's result keys (``env/``, ``eval/``, ``learner/``, ``system/``, ``steps``) to each result.
+    The subclass is importable by name through this module's ``__getattr__``, so checkpoints restore
+    with ``Algorithm.from_checkpoint`` in any process.
+
+Tasks
+    ``trainable_for_task(name)`` returns a ``tune.Trainable`` running an ``algorithms.tasks.base.Task``,
+    with checkpoints (task state + diagnostics hook state) and diagnostics hooks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from orchestration.env import set_torch_threads
+from orchestration.spec import ORCHESTRA_KEY, algorithm_config_keys, import_user_modules
+
+_CACHE: dict[str, type] = {}
+STEPS_KEY = "steps"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A learner loss became NaN or infinite: the trial stops with this error."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+# ----------------------------------------------------------------------------------------------
+def _private(config: dict[str, Any]) -> dict[str, Any]:
+    return dict(config.get(ORCHESTRA_KEY) or {})
+
+
+def _prepare_process(orch: dict[str, Any]) -> None:
+    """Imports and threads for this trial process."""
+    from orchestration.spec import import_builtin_envs
+
+    import_builtin_envs()
+    import_user_modules(list(orch.get("imports") or []))
+    set_torch_threads(orch.get("num_cpus") or 1)
+
+
+def _diagnostic_objects(orch: dict[str, Any], kind: str) -> list[Any]:
+    from algorithms import registry as R
+    from algorithms.diagnostics import registry as D
+
+    R.load_builtin_plugins()
+    out = []
+    for name, settings in (orch.get("diagnostics") or {}).items():
+        diag = D.get_diagnostic(name)
+        validated = diag.settings.model_validate(settings or {})
+        factory = diag.rllib_callback if kind == "rllib" else diag.task_hook
+        if factory is None:
+            raise ValueError(f"diagnostic {name!r} does not support {kind}")
+        out.append(factory(validated))
+    return out
+
+
+def _finite_or_raise(metrics: dict[str, Any], keys: list[str], iteration: int) -> None:
+    for k in keys:
+        v = metrics.get(k)
+        if isinstance(v, int | float) and not math.isfinite(v):
+            raise NonFiniteLossError(f"{k} is {v} at training iteration {iteration}: trial stopped")
+
+
+def _scalars(tree: dict[str, Any], skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Numeric leaves of a nested dict as a nested dict, dropping keys containing any of ``skip``."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if any(s in k for s in skip):
+            continue
+        if isinstance(v, dict):
+            sub = _scalars(v, skip)
+            if sub:
+                out[k] = sub
+        elif isinstance(v, bool):
+            out[k] = int(v)
+        elif isinstance(v, int | float) or type(v).__module__ == "numpy":
+            try:
+                out[k] = float(v)
+            except (TypeError, ValueError):
+                continue
+    return out
+
+
+_NOISY = ("connector", "timer", "throughput", "weights_seq_no")
+
+
+def project_result_keys(result: dict[str, Any]) -> dict[str, Any]:
+    """RLlib result -> the project's groups (``env``, ``eval``, ``learner``, ``system``) and ``steps``.
+
+    ``env_runners/X`` -> ``env/X``; ``evaluation/env_runners/X`` -> ``eval/X``;
+    ``learners/<module>/X`` -> ``learner/X`` for a single module, ``learner/<module>/X`` otherwise.
+    Connector timers and throughput internals are left out (they stay in the raw result).
+    ``system/env_steps_per_s`` = env steps sampled this iteration / iteration wall time.
+    """
+    out: dict[str, Any] = {}
+    env = _scalars(result.get("env_runners") or {}, _NOISY)
+    if env:
+        out["env"] = env
+    ev = (result.get("evaluation") or {}).get("env_runners") or {}
+    ev = _scalars(ev, _NOISY)
+    if ev:
+        out["eval"] = ev
+    learners = {k: v for k, v in (result.get("learners") or {}).items() if isinstance(v, dict)}
+    modules = {k: v for k, v in learners.items() if k != "__all_modules__"}
+    learner: dict[str, Any] = {}
+    if len(modules) == 1:
+        learner = _scalars(next(iter(modules.values())), _NOISY)
+    else:
+        learner = {m: _scalars(v, _NOISY) for m, v in modules.items()}
+    allm = learners.get("__all_modules__") or {}
+    for k in ("num_env_steps_trained_lifetime", "num_env_steps_trained"):
+        if isinstance(allm.get(k), int | float):
+            learner[k] = float(allm[k])
+    if learner:
+        out["learner"] = learner
+    steps = result.get("num_env_steps_sampled_lifetime")
+    if steps is None:
+        steps = (result.get("env_runners") or {}).get("num_env_steps_sampled_lifetime", 0)
+    out[STEPS_KEY] = int(steps or 0)
+    dt = result.get("time_this_iter_s") or 0.0
+    system = {"iteration_time_s": float(dt)}
+    sampled = (result.get("env_runners") or {}).get("num_env_steps_sampled")
+    if dt and isinstance(sampled, int | float):
+        system["env_steps_per_s"] = float(sampled) / dt
+    out["system"] = system
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# RLlib algorithms
+# ----------------------------------------------------------------------------------------------
+def build_algorithm_config(algo_cls: type, trial_config: dict[str, Any]) -> Any:
+    """A trial's resolved config dict -> the algorithm's AlgorithmConfig (blocks, diagnostics, seed)."""
+    from algorithms import registry as R
+
+    config = dict(trial_config)
+    orch = _private(config)
+    config.pop(ORCHESTRA_KEY, None)
+    _prepare_process(orch)
+    R.load_builtin_plugins()
+
+    cfg = algo_cls.get_default_config()
+    env = config.pop("env", None)
+    if env is not None:
+        cfg.environment(env=env)
+    seed = config.pop("seed", None)
+    if seed is not None:
+        cfg.debugging(seed=int(seed))
+
+    blocks = R.config_blocks()
+    keys = algorithm_config_keys(algo_cls)
+    deferred = []
+    for key, value in config.items():
+        if key in blocks:
+            block = blocks[key].model.model_validate(value)
+            if hasattr(cfg, key):
+                setattr(cfg, key, block)
+            else:
+                deferred.append((blocks[key], block))
+        elif keys.get(key, "attr") != "attr":
+            getattr(cfg, keys[key])(**{key: value})
+        else:
+            cfg.update_from_dict({key: value})
+    for block_def, block in deferred:
+        block_def.apply(cfg, block)
+
+    diag_callbacks = _diagnostic_objects(orch, "rllib")
+    if diag_callbacks:
+        existing = cfg.callbacks_class if isinstance(cfg.callbacks_class, list) else [cfg.callbacks_class]
+        from ray.rllib.callbacks.callbacks import RLlibCallback
+
+        existing = [c for c in existing if c is not RLlibCallback]
+        cfg.callbacks(callbacks_class=existing + diag_callbacks)
+    if orch.get("checkpoint_replay") and hasattr(cfg, "checkpoint_replay"):
+        cfg.checkpoint_replay = True
+    return cfg
+
+
+class OrchestraAlgorithmMixin:
+    """Mixed in front of an RLlib Algorithm class: spec trial configs in, project result keys out."""
+
+    def __init__(self, config: Any = None, env: Any = None, logger_creator: Any = None, **kwargs: Any):
+        if isinstance(config, dict) and ORCHESTRA_KEY in config:
+            config = build_algorithm_config(self._orchestra_base, config)
+        super().__init__(config=config, env=env, logger_creator=logger_creator, **kwargs)
+
+    def step(self) -> dict[str, Any]:
+        result = super().step()
+        extra = project_result_keys(result)
+        learner = extra.get("learner", {})
+        losses = {f"learner/{k}": v for k, v in learner.items() if isinstance(v, float) and "loss" in k}
+        _finite_or_raise(losses, list(losses), result.get("training_iteration", 0) or self.iteration + 1)
+        for group, values in extra.items():
+            if isinstance(values, dict) and isinstance(result.get(group), dict):
+                result[group].update(values)
+            else:
+                result[group] = values
+        return result
+
+
+def make_gym_env(env_id: str, imports: tuple[str, ...], env_config: Any = None) -> Any:
+    """Env creator registered with Tune for spec envs: imports user modules first, then gym.make.
+
+    Env runners are separate processes; importing there makes envs registered by the spec's
+    ``imports`` (and the project's ``dmc/``, ``bsuite/``, ``minatar/`` ids) available in them.
+    """
+    import gymnasium as gym
+
+    from orchestration.spec import import_builtin_envs
+
+    import_builtin_envs()
+    import_user_modules(list(imports))
+    kwargs = dict(env_config or {})
+    return gym.make(env_id, **kwargs)
+
+
+def _encode(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]", lambda m: f"_x{ord(m.group()):02x}_", name)
+
+
+def _decode(name: str) -> str:
+    return re.sub(r"_x([0-9a-f]{2})_", lambda m: chr(int(m.group(1), 16)), name)
+
+
+def trainable_for_algorithm(name: str) -> type:
+    """The spec-aware subclass of algorithm ``name`` (cached; importable from this module)."""
+    from algorithms import registry as R
+
+    attr = _encode(name)
+    if attr not in _CACHE:
+        R.load_builtin_plugins()
+        base = R.get_algorithm_class(name)
+        cls = type(attr, (OrchestraAlgorithmMixin, base), {"_orchestra_base": base, "__module__": __name__})
+        cls.__qualname__ = attr
+        _CACHE[attr] = cls
+    return _CACHE[attr]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks
+# ----------------------------------------------------------------------------------------------
+class TaskTrainable(tune.Trainable):
+    """Runs a registered Task: one Tune iteration = one ``task.train()`` call."""
+
+    _task_name: str = ""
+
+    def setup(self, config: dict[str, Any]) -> None:
+        import torch
+
+        from algorithms import registry as R
+
+        config = dict(config)
+        orch = _private(config)
+        config.pop(ORCHESTRA_KEY, None)
+        _prepare_process(orch)
+        R.load_builtin_plugins()
+        task_cls = R.get_task_class(self._task_name)
+        seed = int(config.pop("seed", 0))
+        if "__trial_index__" in config:  # Repeater: seed by repetition index
+            idx = int(config.pop("__trial_index__"))
+            seeds = orch.get("seeds") or [seed]
+            seed = int(seeds[idx % len(seeds)])
+        torch.manual_seed(seed)
+        task_config = task_cls.Config.model_validate(config)
+        self.artifact_dir = Path(self.logdir) / "artifacts"
+        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        self.task = task_cls(task_config, seed=seed, artifact_dir=self.artifact_dir)
+        self.hooks = _diagnostic_objects(orch, "task")
+
+    def step(self) -> dict[str, Any]:
+        metrics = dict(self.task.train())
+        for hook in self.hooks:
+            metrics.update(hook.on_iteration(self.task, self.iteration + 1))
+        loss_keys = [k for k in metrics if k.endswith("loss")]
+        _finite_or_raise(metrics, loss_keys, self.iteration + 1)
+        metrics[STEPS_KEY] = int(self.task.steps)
+        return metrics
+
+    def save_checkpoint(self, checkpoint_dir: str) -> dict[str, Any]:
+        import torch
+
+        state = {"task": self.task.state_dict(), "hooks": [h.state_dict() for h in self.hooks]}
+        torch.save(state, os.path.join(checkpoint_dir, "task.pt"))
+        return {"path": checkpoint_dir}
+
+    def load_checkpoint(self, checkpoint: Any) -> None:
+        import torch
+
+        path = checkpoint if isinstance(checkpoint, str) else checkpoint.get("path")
+        state = torch.load(os.path.join(path, "task.pt"), weights_only=False)
+        self.task.load_state_dict(state["task"])
+        for hook, s in zip(self.hooks, state.get("hooks", [])):
+            hook.load_state_dict(s)
+
+
+def trainable_for_task(name: str) -> type:
+    attr = "task__" + _encode(name)
+    if attr not in _CACHE:
+        cls = type(attr, (TaskTrainable,), {"_task_name": name, "__module__": __name__})
+        cls.__qualname__ = attr
+        _CACHE[attr] = cls
+    return _CACHE[attr]
+
+
+def __getattr__(attr: str) -> type:
+    """Resolve wrapped classes by name, so pickles and checkpoints find them in any process."""
+    if attr.startswith("__"):
+        raise AttributeError(attr)
+    imports = [m for m in os.environ.get("ORCHESTRA_IMPORTS", "").split(",") if m]
+    if imports:
+        import_user_modules(imports)
+    try:
+        if attr.startswith("task__"):
+            return trainable_for_task(_decode(attr[len("task__"):]))
+        return trainable_for_algorithm(_decode(attr))
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {attr!r}") from None
+
