@@ -1,0 +1,25 @@
+"""Gymnasium environments: DeepMind Control Suite, bsuite, MinAtar and task sequences for continual RL.
+
+Importing this package registers every id (see `algorithms.envs.registration`) with lazy entry-point
+strings, so it is cheap enough to import in every Ray worker; the simulators load on `gymnasium.make`.
+"""
+
+from algorithms.envs.registration import (
+    all_bsuite_ids,
+    all_dmc_env_ids,
+    all_minatar_env_ids,
+    bsuite_env_id,
+    dmc_env_id,
+    register_all,
+)
+
+register_all()
+
+__all__ = [
+    "all_bsuite_ids",
+    "all_dmc_env_ids",
+    "all_minatar_env_ids",
+    "bsuite_env_id",
+    "dmc_env_id",
+    "register_all",
+]
