@@ -17,42 +17,22 @@ action bounds and reports a termination with non-zero discount as truncation). G
   reward; the episode still ends at the task's limit in control steps (ceil(1000 / k) agent steps).
 - Seeding: `reset(seed=s)` reseeds the task's RandomState, which drives all episode initialisation in
   the suite, so equal seeds give identical trajectories for equal actions.
+- Rendering is not offered. quadruped-escape still needs an OpenGL context at reset (it uploads its
+  terrain); `algorithms.envs._gl` picks headless EGL when no display and no MUJOCO_GL is set.
 """
 
 from __future__ import annotations
 
-import ctypes.util
 import math
-import os
 from typing import Any
 
 import gymnasium
 import numpy as np
 
+from algorithms.envs._gl import import_with_headless_gl
 
-def _import_suite():
-    """Imports dm_control.suite with a working headless OpenGL backend where the user chose none.
-
-    Without a display dm_control's automatic choice is GLFW, which cannot create a context; tasks that
-    upload a heightfield at reset (quadruped-escape) then fail. So with neither MUJOCO_GL nor DISPLAY set
-    we pick EGL when libEGL is present, and rendering off ("disable") otherwise or when EGL cannot
-    initialise (dm_control initialises the EGL display at import). Only quadruped-escape needs it.
-    """
-    chosen = None
-    if "MUJOCO_GL" not in os.environ and "DISPLAY" not in os.environ:
-        egl_ok = ctypes.util.find_library("EGL") and os.environ.get("PYOPENGL_PLATFORM", "egl") == "egl"
-        chosen = os.environ["MUJOCO_GL"] = "egl" if egl_ok else "disable"
-    try:
-        from dm_control import suite
-    except (ImportError, RuntimeError):
-        if chosen != "egl":
-            raise
-        os.environ["MUJOCO_GL"] = "disable"
-        from dm_control import suite
-    return suite
-
-
-suite = _import_suite()
+# dm_control.suite, imported with a headless renderer chosen where the user set none.
+suite = import_with_headless_gl("dm_control.suite")
 
 DEFAULT_INFINITE_TASK_STEPS = 1000
 """Control steps per episode for tasks whose own time limit is infinite (the `lqr` tasks)."""
