@@ -10,3 +10,4 @@ from algorithms.registry import register_task
 register_task("regression_demo", "algorithms.tasks.demo:RegressionDemo")
 
 # Diagnostics: register_diagnostic_lazy(name, "module that calls register_diagnostic() on import").
+register_diagnostic_lazy("plasticity", "algorithms.diagnostics.rllib_plasticity")
