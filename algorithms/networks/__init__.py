@@ -1,0 +1,51 @@
+"""The one place networks are built: MLP/CNN, normalisation, NaP, weight decay, LR schedules.
+
+- ``config``: :class:`NetworkConfig` (the spec's ``config.network`` block; pydantic only, no torch).
+- ``builders``: :func:`build_mlp`, :func:`build_cnn`, :func:`build_network`, :class:`Network`.
+- ``updates``: pieces around any torch optimiser (:class:`NaP`, :class:`DecoupledWeightDecay`,
+  :class:`LRSchedule`, :class:`Chain`, :func:`network_updates`, :func:`nap_project_`).
+- ``rllib``: RLModules for RLlib's PPO/DQN built from the config, and :class:`NetworkLearnerMixin`.
+- ``block``: the ``network`` config block applied to an RLlib AlgorithmConfig.
+
+Names are re-exported lazily so that importing the config does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "NetworkConfig": "config",
+    "WeightDecayConfig": "config",
+    "LRScheduleConfig": "config",
+    "CNNConfig": "config",
+    "Network": "builders",
+    "MLP": "builders",
+    "CNN": "builders",
+    "RMSNorm": "builders",
+    "build_mlp": "builders",
+    "build_cnn": "builders",
+    "build_network": "builders",
+    "trainable_networks": "builders",
+    "named_hidden_activations": "builders",
+    "NaP": "updates",
+    "DecoupledWeightDecay": "updates",
+    "LRSchedule": "updates",
+    "Chain": "updates",
+    "network_updates": "updates",
+    "nap_project_": "updates",
+    "nap_initial_norms": "updates",
+    "nap_groups": "updates",
+    "lr_multiplier": "updates",
+    "warmup_cosine_multiplier": "updates",
+    "decoupled_weight_decay_": "updates",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"algorithms.networks.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'algorithms.networks' has no attribute {name!r}")

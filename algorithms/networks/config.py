@@ -1,0 +1,118 @@
+"""The spec's ``config.network`` block: architecture and the update pieces around the optimiser.
+
+Pure pydantic (no torch import), so registering the block at spec load stays cheap::
+
+    config:
+      network: {hidden: [256, 256], norm: layer, nap: true, weight_decay: {kind: l2, coef: 1e-3}}
+
+Methods (REFERENCE.md): Normalize-and-Project (Lyle et al. 2024, arXiv 2407.01800), LayerNorm + L2 and
+L2-Init (Lyle et al. 2024, arXiv 2402.18762).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Activation = Literal["relu", "tanh", "elu", "gelu", "silu", "leaky_relu"]
+Norm = Literal["none", "layer", "rms"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WeightDecayConfig(_Strict):
+    """Decoupled weight decay applied after each optimiser step (AdamW / Optax convention).
+
+    theta <- theta - lr_t * coef * (theta - theta_ref), theta_ref = 0 (``l2``) or theta_0 (``l2_init``).
+    """
+
+    kind: Literal["none", "l2", "l2_init"] = "none"
+    """none | l2 (towards zero) | l2_init (towards the initial weights)."""
+    coef: float = Field(0.0, ge=0)
+    """lambda: decay per unit learning rate per optimiser step."""
+
+
+class LRScheduleConfig(_Strict):
+    """An explicit learning-rate schedule, a multiplier m(t) in [0, 1] on each optimiser's base rate.
+
+    Steps are optimiser steps in our tasks and env steps sampled (RLlib's own schedule unit) inside
+    RLlib learners. With ``restart_at_task_boundary`` the schedule sees t mod ``task_length``.
+    """
+
+    kind: Literal["constant", "warmup_cosine"] = "constant"
+    """constant | warmup_cosine (linear warm-up, then cosine decay to final_fraction)."""
+    warmup_steps: int = Field(0, ge=0)
+    """W: steps of linear warm-up."""
+    total_steps: int | None = Field(None, ge=1)
+    """T: warm-up plus cosine length; defaults to task_length when restarting at task boundaries."""
+    final_fraction: float = Field(0.0, ge=0, le=1)
+    """f: multiplier reached at the end of the cosine (held afterwards)."""
+    restart_at_task_boundary: bool = False
+    """Restart the schedule at every task boundary (NaP's continual setting)."""
+    task_length: int | None = Field(None, ge=1)
+    """Steps per task. Tasks fill it from their own switch period when left out."""
+
+    @model_validator(mode="after")
+    def _check(self) -> LRScheduleConfig:
+        if self.kind == "warmup_cosine" and self.total_steps is not None and self.total_steps <= self.warmup_steps:
+            raise ValueError(
+                f"lr_schedule.total_steps ({self.total_steps}) must exceed lr_schedule.warmup_steps "
+                f"({self.warmup_steps})"
+            )
+        return self
+
+
+class CNNConfig(_Strict):
+    """Convolutional torso (MinAtar-sized by default: one 3x3 conv with 16 channels, stride 1).
+
+    Inputs are channels-last [H, W, C] as RLlib's encoders and our MinAtar envs provide them.
+    """
+
+    channels: list[int] = Field(default_factory=lambda: [16], min_length=1)
+    """Output channels of each conv layer."""
+    kernel: int | list[int] = 3
+    """Kernel size (one for all layers, or one per layer)."""
+    stride: int | list[int] = 1
+    """Stride (one for all layers, or one per layer)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> CNNConfig:
+        for key in ("kernel", "stride"):
+            v = getattr(self, key)
+            if isinstance(v, list) and len(v) != len(self.channels):
+                raise ValueError(f"cnn.{key} has {len(v)} entries but cnn.channels has {len(self.channels)}")
+            if any(x < 1 for x in (v if isinstance(v, list) else [v])):
+                raise ValueError(f"cnn.{key} must be >= 1, got {v}")
+        return self
+
+    def per_layer(self, key: str) -> list[int]:
+        v = getattr(self, key)
+        return list(v) if isinstance(v, list) else [v] * len(self.channels)
+
+
+class NetworkConfig(_Strict):
+    """Architecture and update pieces of every network built in the project."""
+
+    hidden: list[int] = Field(default_factory=lambda: [256, 256])
+    """Widths of the hidden (fully connected) layers."""
+    activation: Activation = "relu"
+    """relu | tanh | elu | gelu | silu | leaky_relu (nn.Module instances, hookable)."""
+    norm: Norm = "none"
+    """none | layer | rms: normalisation before each nonlinearity; the layer's bias is then removed."""
+    nap: bool = False
+    """Normalize-and-Project: project hidden weights (and norm parameters) to their initial norms."""
+    nap_every: int = Field(1, ge=1)
+    """Project every k optimiser steps."""
+    weight_decay: WeightDecayConfig = Field(default_factory=WeightDecayConfig)
+    lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
+    cnn: CNNConfig | None = None
+    """Conv torso for image observations [H, W, C]; image inputs use the default CNNConfig when unset."""
+
+    @model_validator(mode="after")
+    def _check(self) -> NetworkConfig:
+        if any(w < 1 for w in self.hidden):
+            raise ValueError(f"network.hidden widths must be >= 1, got {self.hidden}")
+        return self
