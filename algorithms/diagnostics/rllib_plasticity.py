@@ -22,7 +22,7 @@ Result keys (``<m>`` a module id / task module name, ``<layer>`` a qualified tor
 Definitions used here (numbers come from the pure functions):
 
 - The probe forward pass of an RLModule is ``module.plasticity_probe_forward(batch)`` if the module
-  defines it, else ``forward_exploration({obs})`` followed by ``compute_values`` for modules with the
+  defines it, else ``forward_inference({obs})`` followed by ``compute_values`` for modules with the
   ValueFunctionAPI. Activation layers reached by neither (e.g. SAC's Q networks, which need actions)
   are not reported.
 - Gradient norms are those of the gradient left on the parameters by the learner's last optimiser
@@ -249,7 +249,7 @@ def _probe_forward(module: Any, obs: Tensor) -> Callable[[], object]:
         custom = getattr(module, "plasticity_probe_forward", None)
         if callable(custom):
             return custom(batch)
-        out = module.forward_exploration(batch)
+        out = module.forward_inference(batch)
         if isinstance(module, ValueFunctionAPI):
             module.compute_values(batch)
         return out
