@@ -6,6 +6,7 @@
     orchestra ls [EXPERIMENT]          experiments and runs with status and best metric
     orchestra ui [--port N]            MLflow UI on 127.0.0.1 for the configured store
     orchestra sync PATH                upload metric batches spooled while MLflow was unreachable
+    orchestra validate-cluster FILE    check a `ray up` config (Ray's validator + our security rules)
 """
 
 from __future__ import annotations
@@ -79,6 +80,15 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate_cluster(args: argparse.Namespace) -> int:
+    from orchestration.cluster import validate_cluster
+
+    cfg = validate_cluster(args.file)
+    types = ", ".join(sorted(cfg.get("available_node_types", {})))
+    print(f"{args.file}: OK (cluster {cfg.get('cluster_name')!r}; node types: {types})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orchestra", description="Run RL and meta-learning experiments from YAML specs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -117,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("path", help="launch or trial folder holding mlflow_spool.jsonl files")
     sy.add_argument("--uri", default=DEFAULT_URI)
     sy.set_defaults(fn=cmd_sync)
+    vc = sub.add_parser("validate-cluster", help="check a `ray up` cluster config (Ray's validator + ours)")
+    vc.add_argument("file")
+    vc.set_defaults(fn=cmd_validate_cluster)
     return p
 
 

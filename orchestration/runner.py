@@ -251,7 +251,12 @@ def _tracking_callback(spec: Spec, launch: Launch, resumed: bool) -> Any:
 def _run_config(spec: Spec, launch: Launch, resumed: bool) -> Any:
     from ray import tune
 
-    callbacks = [_tracking_callback(spec, launch, resumed)] if spec.tracking.enabled else []
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    # Tune's auto loggers are off (TensorBoard files per trial cost time); keep result.json/progress.csv.
+    callbacks: list[Any] = [JsonLoggerCallback(), CSVLoggerCallback()]
+    if spec.tracking.enabled:
+        callbacks.append(_tracking_callback(spec, launch, resumed))
     c = spec.checkpoint
     return tune.RunConfig(
         name=launch.name,

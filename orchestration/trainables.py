@@ -192,10 +192,10 @@ def build_algorithm_config(algo_cls: type, trial_config: dict[str, Any]) -> Any:
 class OrchestraAlgorithmMixin:
     """Mixed in front of an RLlib Algorithm class: spec trial configs in, project result keys out."""
 
-    def __init__(self, config: Any = None, env: Any = None, logger_creator: Any = None, **kwargs: Any):
+    def __init__(self, config: Any = None, env: Any = None, **kwargs: Any):
         if isinstance(config, dict) and ORCHESTRA_KEY in config:
             config = build_algorithm_config(self._orchestra_base, config)
-        super().__init__(config=config, env=env, logger_creator=logger_creator, **kwargs)
+        super().__init__(config=config, env=env, **kwargs)
 
     def step(self) -> dict[str, Any]:
         result = super().step()
@@ -307,7 +307,7 @@ class TaskTrainable(tune.Trainable):
 
 
 def trainable_for_task(name: str) -> type:
-    attr = "task__" + _encode(name)
+    attr = _encode(name)
     if attr not in _CACHE:
         cls = type(attr, (TaskTrainable,), {"_task_name": name, "__module__": __name__})
         cls.__qualname__ = attr
@@ -322,10 +322,14 @@ def __getattr__(attr: str) -> type:
     imports = [m for m in os.environ.get("ORCHESTRA_IMPORTS", "").split(",") if m]
     if imports:
         import_user_modules(imports)
+    from algorithms import registry as R
+
+    R.load_builtin_plugins()
+    name = _decode(attr)
     try:
-        if attr.startswith("task__"):
-            return trainable_for_task(_decode(attr[len("task__"):]))
-        return trainable_for_algorithm(_decode(attr))
+        if name in R.registered_tasks():
+            return trainable_for_task(name)
+        return trainable_for_algorithm(name)
     except KeyError:
         raise AttributeError(f"module {__name__!r} has no attribute {attr!r}") from None
 

@@ -54,7 +54,7 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
         self.uri = f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 240.0) -> None:
         cmd = [
             sys.executable, "-m", "mlflow", "server",
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",

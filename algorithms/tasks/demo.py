@@ -28,6 +28,8 @@ class RegressionDemoConfig(TaskConfig):
     """Label noise standard deviation."""
     fail_at_step: int | None = None
     """Raise an error once this step is reached (for testing failure handling)."""
+    write_weights: bool = False
+    """Write the current weight vector to ``<artifact_dir>/weights.csv`` every iteration."""
 
 
 class RegressionDemo(Task):
@@ -58,6 +60,9 @@ class RegressionDemo(Task):
             self.steps += 1
             total += loss.item()
         mean_loss = total / c.steps_per_iteration
+        if c.write_weights and self.artifact_dir is not None:
+            w = self.model.weight.detach().flatten().tolist()
+            (self.artifact_dir / "weights.csv").write_text(",".join(f"{v:.6g}" for v in w) + "\n")
         return {
             "train/loss": mean_loss,
             "train/excess_loss": mean_loss - 0.5 * c.noise**2,

@@ -1,0 +1,254 @@
+"""End-to-end launches through orchestration.run with real Ray Tune, RLlib and MLflow."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from orchestration.runner import run
+
+ROOT = Path(__file__).resolve().parents[1]
+ORCHESTRA = [sys.executable, "-m", "orchestration.cli"]
+
+
+def tracking(tmp_path: Path, uri: str | None = None) -> dict:
+    return {"uri": uri or f"sqlite:///{tmp_path / 'mlflow.db'}", "artifacts": str(tmp_path / "artifacts"),
+            "storage": str(tmp_path / "runs")}
+
+
+def runs_of(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("orchestra.run_type") == "launch"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def steps_of(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))]
+
+
+def test_ppo_and_task_sweeps_land_in_sqlite_mlflow(ray_local, tmp_path: Path):
+    t = tracking(tmp_path)
+    ppo = run({
+        "name": "e2e_ppo", "algorithm": "PPO", "env": "CartPole-v1",
+        "config": {"lr": {"grid": [1e-3, 3e-4]}, "train_batch_size_per_learner": 200, "minibatch_size": 100,
+                   "num_epochs": 1, "num_env_runners": 0},
+        "seeds": [0], "stop": {"training_iteration": 2}, "tracking": t,
+    })
+    task = run({
+        "name": "e2e_task", "task": "regression_demo", "config": {"write_weights": True},
+        "seeds": [0, 1], "stop": {"training_iteration": 3}, "metric": "train/loss", "mode": "min", "tracking": t,
+    })
+    assert ppo.num_errors == 0 and task.num_errors == 0 and len(ppo.trials) + len(task.trials) == 4
+
+    client, parents, children = runs_of(t["uri"], "e2e_ppo")
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["orchestra.launch_id"] == ppo.launch
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"spec.resolved.yaml", "pip-freeze.txt"}
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED" and child.data.tags["orchestra.algorithm"] == "PPO"
+        assert child.data.params["lr"] in ("0.001", "0.0003") and child.data.params["seed"] == "0"
+        # step = env steps sampled: 200 per iteration
+        assert steps_of(client, child.info.run_id, "env/episode_return_mean") == [200, 400]
+        assert steps_of(client, child.info.run_id, "learner/total_loss") == [200, 400]
+        assert "system/env_steps_per_s" in child.data.metrics
+    assert {c.data.params["lr"] for c in children} == {"0.001", "0.0003"}
+
+    client, parents, children = runs_of(t["uri"], "e2e_task")
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["orchestra.seed"] for c in children} == {"0", "1"}
+    for child in children:
+        assert steps_of(client, child.info.run_id, "train/loss") == [20, 40, 60]
+        history = client.get_metric_history(child.info.run_id, "train/loss")
+        assert history[-1].value < history[0].value  # it learns
+        assert "weights.csv" in {a.path for a in client.list_artifacts(child.info.run_id)}
+
+
+def test_task_sweep_against_real_mlflow_server(ray_local, tmp_path: Path, mlflow_server):
+    t = tracking(tmp_path, uri=mlflow_server.uri)
+    out = run({"name": "e2e_server", "task": "regression_demo", "config": {"lr": {"grid": [0.05, 0.1]}},
+               "seeds": [0, 1], "stop": {"training_iteration": 3}, "tracking": t})
+    assert out.num_errors == 0
+    client, parents, children = runs_of(mlflow_server.uri, "e2e_server")
+    assert len(parents) == 1 and len(children) == 4
+    assert {(c.data.params["lr"], c.data.params["seed"]) for c in children} == {
+        (lr, s) for lr in ("0.05", "0.1") for s in ("0", "1")}
+    for child in children:
+        assert steps_of(client, child.info.run_id, "train/loss") == [20, 40, 60]
+
+
+def test_failures_and_non_finite_losses_are_marked(ray_local, tmp_path: Path):
+    t = tracking(tmp_path)
+    out = run({"name": "e2e_fail", "task": "regression_demo",
+               "config": {"fail_at_step": {"grid": [None, 60]}, "lr": 0.05},
+               "seeds": [0], "stop": {"training_iteration": 4}, "failure": {"max_retries": 1},
+               "checkpoint": {"frequency": 1}, "tracking": t})
+    assert out.num_errors == 1
+    client, _, children = runs_of(t["uri"], "e2e_fail")
+    by_status = {c.info.status: c for c in children}
+    assert set(by_status) == {"FINISHED", "FAILED"}
+    failed = by_status["FAILED"]
+    assert "fail_at_step=60" in failed.data.tags["orchestra.error"]
+    # retried from its checkpoint: the history holds each step once
+    assert steps_of(client, failed.info.run_id, "train/loss") == [20, 40, 60]
+    assert steps_of(client, by_status["FINISHED"].info.run_id, "train/loss") == [20, 40, 60, 80]
+
+    out = run({"name": "e2e_nan", "task": "regression_demo", "config": {"lr": 50.0},
+               "seeds": [0], "stop": {"training_iteration": 20}, "tracking": t})
+    assert out.num_errors == 1 and "trial stopped" in out.trials[0]["error"]
+    client, _, children = runs_of(t["uri"], "e2e_nan")
+    assert children[0].info.status == "FAILED"
+    assert "train/loss is" in children[0].data.tags["orchestra.error"]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _orchestra(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(ORCHESTRA + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True, **kw)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_the_same_runs(tmp_path: Path):
+    spec = _write(tmp_path / "resume.yaml", """
+        name: e2e_resume
+        task: regression_demo
+        config: {steps_per_iteration: 400, batch_size: 256, dim: 64, lr: 0.01}
+        seeds: [0, 1]
+        stop: {training_iteration: 25}
+        checkpoint: {frequency: 1, keep: 2}
+    """)
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    proc = _orchestra(["run", str(spec), "--num-cpus", "2"], cwd=tmp_path)
+
+    def progressed() -> bool:
+        try:
+            client, _, children = runs_of(uri, "e2e_resume")
+        except Exception:  # noqa: BLE001 - the store may not exist yet
+            return False
+        return len(children) == 2 and all(len(steps_of(client, c.info.run_id, "train/loss")) >= 4 for c in children)
+
+    try:
+        _wait_for(progressed, 240, "both trials logged 4 iterations")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+        proc.wait(30)
+    client, parents, children = runs_of(uri, "e2e_resume")
+    assert any(len(steps_of(client, c.info.run_id, "train/loss")) < 25 for c in children), "finished before kill"
+
+    launch = next((tmp_path / "runs").iterdir()).name
+    resumed = _orchestra(["resume", launch, "--num-cpus", "2"], cwd=tmp_path)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-3000:]
+
+    client, parents, children = runs_of(uri, "e2e_resume")
+    assert len(parents) == 1 and len(children) == 2, "resume must reuse the launch's runs"
+    assert "orchestra.resumed" in parents[0].data.tags
+    for child in children:
+        assert child.info.status == "FINISHED"
+        steps = steps_of(client, child.info.run_id, "train/loss")
+        assert steps == [400 * i for i in range(1, 26)], steps  # strictly increasing, gap-free, once each
+
+
+@pytest.mark.slow
+def test_imports_register_user_env_and_diagnostic_in_workers(tmp_path: Path):
+    _write(tmp_path / "userpkg_e2e.py", """
+        import gymnasium as gym
+        import numpy as np
+        from pydantic import BaseModel
+        from ray.rllib.callbacks.callbacks import RLlibCallback
+
+        from algorithms.diagnostics.registry import register_diagnostic
+
+
+        class FiveStepEnv(gym.Env):
+            \"\"\"Reward 1 per step, always 5 steps: every episode returns exactly 5.\"\"\"
+            observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+            action_space = gym.spaces.Discrete(2)
+
+            def reset(self, *, seed=None, options=None):
+                super().reset(seed=seed)
+                self.t = 0
+                return np.zeros(2, np.float32), {}
+
+            def step(self, action):
+                self.t += 1
+                return np.zeros(2, np.float32), 1.0, self.t >= 5, False, {}
+
+
+        gym.register("UserFiveStep-v0", entry_point=FiveStepEnv)
+
+
+        class CountSettings(BaseModel):
+            every: int = 1
+
+
+        def make_callback(settings):
+            class CountCallback(RLlibCallback):
+                calls = 0
+
+                def on_train_result(self, *, algorithm, metrics_logger=None, result, **kwargs):
+                    type(self).calls += 1
+                    if type(self).calls % settings.every == 0:
+                        result.setdefault("convergence", {})["test_diag_calls"] = float(type(self).calls)
+            return CountCallback
+
+
+        register_diagnostic("test_count", CountSettings, rllib_callback=make_callback)
+    """)
+    spec = _write(tmp_path / "user.yaml", """
+        name: e2e_imports
+        algorithm: PPO
+        env: UserFiveStep-v0
+        imports: [userpkg_e2e]
+        config: {num_env_runners: 1, train_batch_size_per_learner: 100, minibatch_size: 50, num_epochs: 1}
+        diagnostics: {test_count: {every: 1}}
+        stop: {training_iteration: 2}
+    """)
+    proc = _orchestra(["run", str(spec), "--num-cpus", "2"], cwd=tmp_path)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    client, _, children = runs_of(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "e2e_imports")
+    (child,) = children
+    returns = client.get_metric_history(child.info.run_id, "env/episode_return_mean")
+    assert returns and all(m.value == 5.0 for m in returns)  # sampled by the remote env runner
+    calls = client.get_metric_history(child.info.run_id, "convergence/test_diag_calls")
+    assert [m.value for m in sorted(calls, key=lambda m: m.step)] == [1.0, 2.0]
+
+
+def test_cli_validate_dry_run_and_errors(tmp_path: Path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run(ORCHESTRA + ["run", str(ROOT / "experiments/quickstart.yaml"), "--dry-run",
+                                     "--set", "seeds=[0, 1, 2]"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "6 trials = 2 grid point(s) x 3 seed(s)" in ok.stdout
+    bad = _write(tmp_path / "bad.yaml", "name: bad\nalgorithm: PPO\nenv: CartPole-v1\nconfig: {lr: {unifrm: [0, 1]}}\n")
+    res = subprocess.run(ORCHESTRA + ["validate", str(bad)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert res.returncode == 2
+    assert str(bad) in res.stderr and "config.lr" in res.stderr
