@@ -242,3 +242,34 @@ def test_task_hook_activation_metrics_drift_and_state():
     again = other.on_iteration(task, 3)
     expected = hook.on_iteration(task, 3)
     assert again["plasticity/model/2/feature_norm"] == pytest.approx(expected["plasticity/model/2/feature_norm"])
+
+
+@pytest.mark.slow
+def test_tune_trial_checkpoint_carries_probe(ray_session, tmp_path):
+    """A real Tune trial: the metrics reach Tune's result and its checkpoint holds the probe set."""
+    import gymnasium as gym
+    from ray import tune
+    from ray.rllib.algorithms.algorithm import Algorithm
+
+    from algorithms.diagnostics.probe import collect_env_probe
+
+    tuner = tune.Tuner(
+        "PPO",
+        param_space=ppo_config({"every": 1, "probe_size": 32}),
+        run_config=tune.RunConfig(
+            storage_path=str(tmp_path), name="plasticity", verbose=0,
+            stop={"training_iteration": 1},
+            checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=True),
+        ),
+    )
+    result = tuner.fit()[0]
+    assert result.error is None
+    assert 0.0 <= result.metrics["plasticity/dormant_ratio"] <= 1.0
+    env = gym.make("CartPole-v1")
+    expected = collect_env_probe(env, 32, seed=0)  # the config's seed
+    env.close()
+    algo = Algorithm.from_checkpoint(result.checkpoint.path)
+    try:
+        assert torch.equal(attached_probe_set(algo).obs, expected.obs)
+    finally:
+        algo.stop()
