@@ -243,6 +243,19 @@ def test_bad_inputs_raise_clear_errors():
         nstep_targets(torch.zeros(3), True, 0.9, 0)
 
 
+def test_tensor_write_path_matches_numpy_write_path():
+    """Non-CPU devices write through torch (one copy per dtype); on CPU that path must store the same."""
+    g = torch.Generator().manual_seed(4)
+    steps = [_random_step(g, 3, t) for t in range(30)]
+    fast = TensorReplay(16, 3, (3,), (2,), n_step=3, seed=1)
+    plain = TensorReplay(16, 3, (3,), (2,), n_step=3, seed=1)
+    plain._storage_np = None  # what a CUDA replay does
+    for step in steps:
+        assert fast.add(*step) == plain.add(*step)
+    for key, value in fast.stored().items():
+        assert torch.equal(value, plain.stored()[key]), key
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_storage_samples_like_cpu():
     g = torch.Generator().manual_seed(3)

@@ -24,6 +24,7 @@ action, reward, next_obs, terminated, truncated) are stored too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,10 @@ ArrayLike = Tensor | np.ndarray | Sequence[Any]
 class TensorReplay:
     """Ring buffer of C transitions in preallocated tensors on ``device``; uniform sampling from a seeded
     CPU ``torch.Generator`` (the same seed gives the same indices on every device).
+
+    The per-env pending windows (n·E steps) live on the CPU, where :meth:`add` does its bookkeeping with
+    numpy; completed transitions are copied to ``device`` with one copy per dtype. ``state_dict()``
+    holds everything, so a restored replay inserts and samples exactly as the original would have.
 
     Args:
         capacity: C, the number of transitions kept (the oldest are overwritten).
@@ -88,24 +93,38 @@ class TensorReplay:
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
 
-        def buf(lead: tuple[int, ...], shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-            return torch.zeros(lead + shape, dtype=dtype, device=self.device)
-
-        shapes = self._field_specs()
-        self.storage = {f: buf((capacity,), s, d) for f, (s, d) in shapes.items()}
-        # pending windows in slot layout [n, E]: env e's newest step sits at slot head[e] - 1 (mod n)
-        self.pending = {f: buf((n_step, num_envs), shapes[f][0], shapes[f][1]) for f in ONE_STEP_FIELDS}
-        self.pending["nstep_return"] = buf((n_step, num_envs), (), reward_dtype)
-        self.head = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
-        self.count = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
+        specs = self._specs = self._field_specs()
+        # Fields of one dtype share one tensor (a field is a column range of it), so an insert or a
+        # sample costs one indexing op per dtype instead of one per field.
+        self._groups, self.storage, self._layout = _packed((capacity,), FIELDS, specs, self.device)
+        # The pending windows are small CPU tensors in slot layout [n, E] (env e's newest step sits at
+        # slot head[e] - 1 mod n), updated through numpy views: per insert this bookkeeping is a few dozen
+        # tiny ops, where numpy's per-op overhead is several times lower than torch's.
+        self._pending_groups, self.pending, pending_layout = _packed((n_step, num_envs), ONE_STEP_FIELDS, specs,
+                                                                     torch.device("cpu"))
+        self.pending_return = torch.zeros(n_step, num_envs, dtype=reward_dtype)
+        self.head = torch.zeros(num_envs, dtype=torch.int64)
+        self.count = torch.zeros(num_envs, dtype=torch.int64)
+        try:
+            self._np = {d: g.numpy() for d, g in self._pending_groups.items()}
+            self._np_return = self.pending_return.numpy()
+        except TypeError as err:  # e.g. bfloat16 has no numpy dtype
+            raise ValueError(f"obs, action and reward dtypes need a numpy equivalent: {err}") from err
+        # on CPU the storage is written through numpy views too (same memory)
+        self._storage_np = {d: g.numpy() for d, g in self._groups.items()} if self.device.type == "cpu" else None
+        self._np_head = self.head.numpy()
+        self._np_count = self.count.numpy()
+        self._np_dtype = {f: torch.empty(0, dtype=d).numpy().dtype for f, (_, d) in specs.items()}
+        self._pending_by_dtype = {d: list(fields) for d, fields in pending_layout.items()}
+        self._nstep_by_dtype = {d: [f for f in NSTEP_FIELDS if specs[f][1] == d] for d in self._groups}
+        self._envs = np.arange(num_envs)
+        self._slots = np.arange(n_step)
+        self._ages_desc = np.arange(n_step - 1, -1, -1)
+        self._gamma_pow = np.array([self.gamma**k for k in range(n_step + 1)], dtype=self._np_dtype["reward"])
         self.ptr = 0
         self.size = 0
         self.num_env_steps = 0
         self.num_transitions = 0
-        self._envs = torch.arange(num_envs, device=self.device)
-        self._slots = torch.arange(n_step, device=self.device)
-        self._gamma_pow = torch.tensor([self.gamma**k for k in range(n_step + 1)], dtype=reward_dtype,
-                                       device=self.device)
 
     def _field_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return {
@@ -124,12 +143,14 @@ class TensorReplay:
     def __len__(self) -> int:
         return self.size
 
-    def _input(self, name: str, value: ArrayLike, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        tensor = torch.as_tensor(value, device=self.device).to(dtype)
+    def _input(self, name: str, value: ArrayLike, shape: tuple[int, ...]) -> np.ndarray:
+        if isinstance(value, Tensor):
+            value = value.detach().cpu().numpy()
+        arr = np.asarray(value).astype(self._np_dtype.get(name, np.bool_), copy=False)
         expected = (self.num_envs,) + shape
-        if tuple(tensor.shape) != expected:
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {expected} (E = num_envs first)")
-        return tensor
+        if arr.shape != expected:
+            raise ValueError(f"{name} has shape {arr.shape}; expected {expected} (E = num_envs first)")
+        return arr
 
     def add(
         self,
@@ -141,76 +162,103 @@ class TensorReplay:
         truncated: ArrayLike,
         valid: ArrayLike | None = None,
     ) -> int:
-        """Insert one step of each of the E envs: (s_t, a_t, r_t, s_{t+1}, terminated, truncated), each [E, ...].
+        """Insert one step of each of the E envs: (s_t, a_t, r_t, s_{t+1}, terminated, truncated), each [E, ...]
+        (tensors on any device, numpy arrays or sequences).
 
         ``next_obs`` must be the true s_{t+1}, i.e. the final observation at an episode's end (not the
         auto-reset one). ``valid`` [E] bool skips envs whose step is not a transition (e.g. the reset step
-        of gymnasium's next-step autoreset). Returns the number of transitions written to the buffer.
+        of gymnasium's next-step autoreset). Returns the number of transitions this step completed.
         """
-        specs = self._field_specs()
-        obs_t = self._input("obs", obs, *specs["obs"])
-        action_t = self._input("action", action, *specs["action"])
-        reward_t = self._input("reward", reward, *specs["reward"])
-        next_obs_t = self._input("next_obs", next_obs, *specs["next_obs"])
-        term_t = self._input("terminated", terminated, (), torch.bool)
-        trunc_t = self._input("truncated", truncated, (), torch.bool)
-        if valid is None:
-            valid_t = torch.ones(self.num_envs, dtype=torch.bool, device=self.device)
-            envs = self._envs
-        else:
-            valid_t = self._input("valid", valid, (), torch.bool)
-            envs = valid_t.nonzero().squeeze(1)
-        n = self.n_step
-        pend = self.pending
+        specs = self._specs
+        step = {
+            name: self._input(name, value, specs[name][0])
+            for name, value in zip(ONE_STEP_FIELDS, (obs, action, reward, next_obs, terminated, truncated))
+        }
+        n, num_envs = self.n_step, self.num_envs
+        head, count, ret = self._np_head, self._np_count, self._np_return
+        reward_a, term_a = step["reward"], step["terminated"]
 
         # 1) the new step enters its env's window at slot head[e]
-        slot = self.head[envs]
-        for name, value in (("obs", obs_t), ("action", action_t), ("reward", reward_t), ("next_obs", next_obs_t),
-                            ("terminated", term_t), ("truncated", trunc_t)):
-            pend[name][slot, envs] = value[envs]
-        pend["nstep_return"][slot, envs] = 0
-        self.count += valid_t.long()
+        if valid is None:
+            valid_a = None
+            envs = self._envs
+            slot = head.copy()
+            for dtype, group in self._np.items():
+                group[slot, envs] = _row(step, self._pending_by_dtype[dtype], num_envs)
+            count += 1
+        else:
+            valid_a = self._input("valid", valid, ())
+            envs = np.flatnonzero(valid_a)
+            slot = head[envs]
+            for dtype, group in self._np.items():
+                group[slot, envs] = _row(step, self._pending_by_dtype[dtype], num_envs)[envs]
+            count += valid_a
+        ret[slot, envs] = 0
 
         # 2) r_t reaches every pending step of its env: the step of age a gets γ^a r_t
-        age = (self.head[None, :] - self._slots[:, None]) % n  # [n, E]; the new step has age 0
-        live = (age < self.count[None, :]) & valid_t[None, :]
-        pend["nstep_return"] += torch.where(live, self._gamma_pow[age] * reward_t[None, :], 0)
+        age = (head[None, :] - self._slots[:, None]) % n  # [n, E]; the new step has age 0
+        live = age < count[None, :]
+        if valid_a is not None:
+            live &= valid_a[None, :]
+        ret += np.where(live, self._gamma_pow[age] * reward_a[None, :], 0)
 
         # 3) complete windows leave: the oldest of a full window, or all of them at an episode's end
-        done = (term_t | trunc_t) & valid_t
-        emit = live & (done[None, :] | (age == n - 1))
-        env_idx, slot_idx = emit.T.nonzero(as_tuple=True)
-        ages = age[slot_idx, env_idx]
-        # chronological order within each env (oldest first), envs in index order
-        order = torch.argsort(env_idx * n + (n - 1 - ages), stable=True)
-        env_idx, slot_idx, ages = env_idx[order], slot_idx[order], ages[order]
-        steps = ages + 1
-        out = {f: pend[f][slot_idx, env_idx] for f in ONE_STEP_FIELDS + ("nstep_return",)}
-        out["bootstrap_obs"] = next_obs_t[env_idx]
-        out["bootstrap_discount"] = self._gamma_pow[steps] * (~term_t[env_idx]).to(self.reward_dtype)
-        out["nstep"] = steps
-        written = self._write(out, int(env_idx.numel()))
+        done = term_a | step["truncated"]
+        if valid_a is not None:
+            done &= valid_a
+        # which steps leave, laid out [E, n] by age from the oldest down, so that nonzero() lists them
+        # env by env in time order: pending (age < count) and (episode over or age = n - 1)
+        ages = self._ages_desc[None, :]
+        emit_desc = (ages < count[:, None]) & (done[:, None] | (ages == n - 1))
+        if valid_a is not None:
+            emit_desc &= valid_a[:, None]
+        env_idx, pos_idx = np.nonzero(emit_desc)
+        slot_desc = (head[:, None] - ages) % n  # [E, n]: the slot holding the step of each age
+        k = len(env_idx)
+        if k > 0:
+            slot_idx = slot_desc[env_idx, pos_idx]
+            steps = self._ages_desc[pos_idx] + 1
+            computed = {
+                "nstep_return": ret[slot_idx, env_idx],
+                "bootstrap_obs": step["next_obs"][env_idx],
+                "bootstrap_discount": self._gamma_pow[steps] * ~term_a[env_idx],
+                "nstep": steps,
+            }
+            rows = {}
+            for dtype in self._groups:
+                parts = [computed[f].reshape(k, -1) for f in self._nstep_by_dtype[dtype]]
+                if dtype in self._np:
+                    parts.insert(0, self._np[dtype][slot_idx, env_idx])
+                rows[dtype] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+            self._write(rows, k)
 
-        self.count -= emit.sum(dim=0)
-        self.head = torch.where(valid_t, (self.head + 1) % n, self.head)
-        self.num_env_steps += int(envs.numel())
-        return written
+        count -= emit_desc.sum(axis=1)
+        if valid_a is None:
+            head += 1
+        else:
+            head += valid_a
+        head %= n
+        self.num_env_steps += len(envs)
+        return k
 
-    def _write(self, values: dict[str, Tensor], k: int) -> int:
-        if k == 0:
-            return 0
+    def _write(self, rows: dict[torch.dtype, np.ndarray], k: int) -> None:
         if k > self.capacity:  # only the newest C survive one oversized insert
-            values = {f: v[k - self.capacity :] for f, v in values.items()}
+            rows = {d: v[k - self.capacity :] for d, v in rows.items()}
             self.ptr = (self.ptr + k - self.capacity) % self.capacity
             self.num_transitions += k - self.capacity
             k = self.capacity
-        pos = (self.ptr + torch.arange(k, device=self.device)) % self.capacity
-        for f, v in values.items():
-            self.storage[f][pos] = v
+        first = min(k, self.capacity - self.ptr)  # contiguous part, then the wrapped rest
+        for dtype, group in self._groups.items():
+            if self._storage_np is not None:
+                target, row = self._storage_np[dtype], rows[dtype]
+            else:
+                target, row = group, torch.from_numpy(rows[dtype]).to(self.device, dtype, non_blocking=True)
+            target[self.ptr : self.ptr + first] = row[:first]
+            if first < k:
+                target[: k - first] = row[first:]
         self.ptr = (self.ptr + k) % self.capacity
         self.size = min(self.size + k, self.capacity)
         self.num_transitions += k
-        return k
 
     def sample(self, batch_size: int) -> dict[str, Tensor]:
         """B transitions drawn uniformly with replacement: every field as [B, ...] plus ``index`` [B]."""
@@ -219,9 +267,14 @@ class TensorReplay:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         index = torch.randint(self.size, (batch_size,), generator=self.generator).to(self.device)
-        batch = {f: t[index] for f, t in self.storage.items()}
-        batch["index"] = index
-        return batch
+        batch: dict[str, Tensor] = {}
+        for dtype, group in self._groups.items():
+            rows = group[index]
+            for f, (start, stop, shape) in self._layout[dtype].items():
+                batch[f] = rows[:, start:stop].view(batch_size, *shape)
+        out = {f: batch[f] for f in FIELDS}
+        out["index"] = index
+        return out
 
     def stored(self) -> dict[str, Tensor]:
         """Views of the filled part of the storage [size, ...] in slot order (oldest first until it wraps)."""
@@ -246,9 +299,10 @@ class TensorReplay:
         return {
             "config": self.config(),
             "storage": {f: t[: self.size].to("cpu", copy=True) for f, t in self.storage.items()},
-            "pending": {f: t.to("cpu", copy=True) for f, t in self.pending.items()},
-            "head": self.head.to("cpu", copy=True),
-            "count": self.count.to("cpu", copy=True),
+            "pending": {f: t.clone() for f, t in self.pending.items()},
+            "pending_return": self.pending_return.clone(),
+            "head": self.head.clone(),
+            "count": self.count.clone(),
             "ptr": self.ptr,
             "size": self.size,
             "num_env_steps": self.num_env_steps,
@@ -264,8 +318,10 @@ class TensorReplay:
         size = int(state["size"])
         for f, t in self.storage.items():
             t[:size] = state["storage"][f].to(self.device)
+        # in place: the numpy views used by add() share this memory
         for f, t in self.pending.items():
             t.copy_(state["pending"][f])
+        self.pending_return.copy_(state["pending_return"])
         self.head.copy_(state["head"])
         self.count.copy_(state["count"])
         self.ptr = int(state["ptr"])
@@ -273,3 +329,31 @@ class TensorReplay:
         self.num_env_steps = int(state["num_env_steps"])
         self.num_transitions = int(state["num_transitions"])
         self.generator.set_state(state["generator"])
+
+
+def _packed(
+    lead: tuple[int, ...],
+    fields: Sequence[str],
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    device: torch.device,
+) -> tuple[dict[torch.dtype, Tensor], dict[str, Tensor], dict[torch.dtype, dict[str, tuple]]]:
+    """One zero tensor [*lead, W_d] per dtype d holding ``fields`` of that dtype side by side (in order),
+    a view [*lead, *shape] of each field into it, and the layout {d: {field: (start, stop, shape)}}."""
+    layout: dict[torch.dtype, dict[str, tuple[int, int, tuple[int, ...]]]] = {}
+    widths: dict[torch.dtype, int] = {}
+    for f in fields:
+        shape, dtype = specs[f]
+        start = widths.get(dtype, 0)
+        widths[dtype] = start + math.prod(shape)
+        layout.setdefault(dtype, {})[f] = (start, widths[dtype], shape)
+    groups = {d: torch.zeros(lead + (w,), dtype=d, device=device) for d, w in widths.items()}
+    views = {
+        f: groups[d][..., a:b].view(*lead, *shape) for d, cols in layout.items() for f, (a, b, shape) in cols.items()
+    }
+    return groups, views, layout
+
+
+def _row(values: dict[str, np.ndarray], fields: list[str], batch: int) -> np.ndarray:
+    """The given fields of one step side by side, [batch, W] (the column layout of :func:`_packed`)."""
+    parts = [values[f].reshape(batch, -1) for f in fields]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
