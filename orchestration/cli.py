@@ -6,6 +6,7 @@
     orchestra ls [EXPERIMENT]          experiments and runs with status and best metric
     orchestra ui [--port N]            MLflow UI on 127.0.0.1 for the configured store
     orchestra sync PATH                upload metric batches spooled while MLflow was unreachable
+    orchestra report NAME [--html] [--parquet DIR]   seed aggregates, plots, HTML report
     orchestra validate-cluster FILE    check a `ray up` config (Ray's validator + our security rules)
 """
 
@@ -36,7 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(out)
         return 0
     print(out.summary())
-    return 1 if out.num_errors else 0
+    return 130 if out.interrupted else (1 if out.num_errors else 0)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -44,7 +45,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     out = resume(args.name, storage=args.storage, address=args.address, num_cpus=args.num_cpus)
     print(out.summary())
-    return 1 if out.num_errors else 0
+    return 130 if out.interrupted else (1 if out.num_errors else 0)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -89,6 +90,24 @@ def cmd_validate_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from orchestration import report as rep
+
+    uri = _abs_uri(args.uri)
+    data = rep.load_experiment(uri, args.name, launch=args.launch)
+    metric = args.metric or data.metric or "env/episode_return_mean"
+    if args.parquet:
+        for p in rep.write_parquet(data, args.parquet):
+            print(f"wrote {p}")
+    if args.html:
+        out = args.out or str(Path("reports") / args.name)
+        index = rep.write_report(uri, args.name, out, metric=metric, launch=args.launch)
+        print(f"wrote {index} (also attached to the launch's MLflow run under report/)")
+    else:
+        print(rep.summary_table(rep.aggregate_final(data, metric), metric))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orchestra", description="Run RL and meta-learning experiments from YAML specs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -127,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("path", help="launch or trial folder holding mlflow_spool.jsonl files")
     sy.add_argument("--uri", default=DEFAULT_URI)
     sy.set_defaults(fn=cmd_sync)
+    rp = sub.add_parser("report", help="aggregate seeds, plot, write an HTML report (or print a summary table)")
+    rp.add_argument("name", help="MLflow experiment (the spec's name)")
+    rp.add_argument("--uri", default=DEFAULT_URI)
+    rp.add_argument("--metric", default=None, help="default: the spec's metric")
+    rp.add_argument("--launch", default=None, help="only this launch")
+    rp.add_argument("--html", action="store_true", help="write plots and index.html")
+    rp.add_argument("--out", default=None, help="report folder (default reports/NAME)")
+    rp.add_argument("--parquet", default=None, metavar="DIR", help="export runs and histories as Parquet")
+    rp.set_defaults(fn=cmd_report)
+
     vc = sub.add_parser("validate-cluster", help="check a `ray up` cluster config (Ray's validator + ours)")
     vc.add_argument("file")
     vc.set_defaults(fn=cmd_validate_cluster)

@@ -250,7 +250,6 @@ def _tracking_callback(spec: Spec, launch: Launch, resumed: bool) -> Any:
 
 def _run_config(spec: Spec, launch: Launch, resumed: bool) -> Any:
     from ray import tune
-
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     # Tune's auto loggers are off (TensorBoard files per trial cost time); keep result.json/progress.csv.
@@ -280,9 +279,11 @@ class RunResult:
     result_grid: Any = None
     num_errors: int = 0
     trials: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
 
     def summary(self) -> str:
-        lines = [f"launch {self.launch}: {len(self.trials)} trials, {self.num_errors} errors",
+        lines = [f"launch {self.launch}: {len(self.trials)} trials, {self.num_errors} errors"
+                 + (f" -- INTERRUPTED: continue with `orchestra resume {self.launch}`" if self.interrupted else ""),
                  f"  trial folders: {self.path}",
                  f"  MLflow: {self.tracking_uri} (experiment {self.experiment!r})",
                  f"  see it:  orchestra ui --uri '{self.tracking_uri}'   |   orchestra ls {self.experiment}"]
@@ -326,7 +327,10 @@ def _collect(result_grid: Any, launch: Launch, spec: Spec) -> RunResult:
         trials.append({"config": {k: v for k, v in (r.config or {}).items() if k != ORCHESTRA_KEY},
                        "metrics": {k: v for k, v in (r.metrics or {}).items() if not isinstance(v, dict)},
                        "error": str(err) if err else None, "path": r.path})
-    return RunResult(launch.name, launch.path, spec.tracking.uri, spec.experiment_name, result_grid, errors, trials)
+    statuses = [t.status for t in getattr(getattr(result_grid, "_experiment_analysis", None), "trials", [])]
+    interrupted = any(st not in ("TERMINATED", "ERROR") for st in statuses)
+    return RunResult(launch.name, launch.path, spec.tracking.uri, spec.experiment_name, result_grid, errors, trials,
+                     interrupted)
 
 
 def run(

@@ -131,7 +131,7 @@ def project_result_keys(result: dict[str, Any]) -> dict[str, Any]:
         steps = (result.get("env_runners") or {}).get("num_env_steps_sampled_lifetime", 0)
     out[STEPS_KEY] = int(steps or 0)
     dt = result.get("time_this_iter_s") or 0.0
-    system = {"iteration_time_s": float(dt)}
+    system = {"iteration_time_s": float(dt), "training_iteration": float(result.get("training_iteration") or 0)}
     sampled = (result.get("env_runners") or {}).get("num_env_steps_sampled")
     if dt and isinstance(sampled, int | float):
         system["env_steps_per_s"] = float(sampled) / dt
@@ -287,6 +287,7 @@ class TaskTrainable(tune.Trainable):
         loss_keys = [k for k in metrics if k.endswith("loss")]
         _finite_or_raise(metrics, loss_keys, self.iteration + 1)
         metrics[STEPS_KEY] = int(self.task.steps)
+        metrics["system/training_iteration"] = float(self.iteration + 1)
         return metrics
 
     def save_checkpoint(self, checkpoint_dir: str) -> dict[str, Any]:

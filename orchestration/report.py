@@ -1,0 +1,364 @@
+"""Reports: read an experiment's runs back from MLflow, aggregate seeds, plot, write HTML.
+
+Data model
+    ``load_experiment(uri, experiment)`` returns an :class:`ExperimentData` with two pyarrow tables:
+    ``runs`` (one row per trial: run id, launch, status, seed, config label, final metrics) and
+    ``history`` (long format: run id, metric key, step, value). ``--parquet DIR`` writes both.
+
+Configurations
+    Trials are grouped by their *config label*: the params that vary across the experiment's
+    trials, excluding ``seed`` and orchestration-private keys (``_orchestra.*``).
+
+Statistics (per config, over seeds)
+    mean; 95% percentile-bootstrap CI: resample the n seed values with replacement B = 2000 times
+    (seeded), take the 2.5% and 97.5% quantiles of the resampled means; IQM = mean of the middle 50%
+    (25% trimmed mean, Agarwal et al. 2021, via rliable.metrics). With several envs/tasks: IQM,
+    optimality gap and probability of improvement across tasks (rliable.metrics), and performance
+    profiles P(score > τ) computed here.
+
+Early stopping
+    A FINISHED trial whose last ``training_iteration`` is below the largest one in its launch was
+    stopped early (e.g. by ASHA): it is shown as such and left out of the final-metric aggregates.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+PRIVATE_PREFIXES = ("_orchestra", "__trial_index__")
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics (pure functions)
+# ----------------------------------------------------------------------------------------------
+def bootstrap_ci(values: np.ndarray, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean: quantiles (1∓level)/2 of B resampled means."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return (math.nan, math.nan)
+    if v.size == 1:
+        return (float(v[0]), float(v[0]))
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def iqm(values: np.ndarray) -> float:
+    """Interquartile mean: the 25%-trimmed mean (rliable's aggregate_iqm)."""
+    from rliable import metrics
+
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return float(metrics.aggregate_iqm(v)) if v.size else math.nan
+
+
+def performance_profile(scores: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """Fraction of runs (all tasks pooled) with score > τ, for each τ: P(X > τ)."""
+    s = np.asarray(scores, dtype=float).ravel()
+    s = s[np.isfinite(s)]
+    return np.array([(s > t).mean() if s.size else math.nan for t in taus])
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading MLflow
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ExperimentData:
+    experiment: str
+    uri: str
+    runs: pa.Table
+    history: pa.Table
+    parents: list[dict[str, Any]]
+    metric: str | None
+    mode: str
+
+
+def _label(params: dict[str, str], varying: list[str]) -> str:
+    return ", ".join(f"{k}={params.get(k, '')}" for k in varying) or "all"
+
+
+def load_experiment(uri: str, experiment: str, *, launch: str | None = None,
+                    metrics: list[str] | None = None) -> ExperimentData:
+    """Child runs and metric histories of ``experiment`` (optionally one launch) as pyarrow tables."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise KeyError(f"no MLflow experiment {experiment!r} at {uri}; experiments: {', '.join(names) or 'none'}")
+    all_runs = client.search_runs([exp.experiment_id], max_results=50000)
+    parents = [r for r in all_runs if r.data.tags.get("orchestra.run_type") == "launch"]
+    if launch:
+        parents = [p for p in parents if p.data.tags.get("orchestra.launch_id") == launch]
+    parent_ids = {p.info.run_id for p in parents}
+    children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") in parent_ids]
+    metric = next((p.data.tags.get("orchestra.metric") for p in parents if p.data.tags.get("orchestra.metric")), None)
+    mode = next((p.data.tags.get("orchestra.mode") for p in parents if p.data.tags.get("orchestra.mode")), "max")
+
+    def visible(k: str) -> bool:
+        return not k.startswith(PRIVATE_PREFIXES) and k != "seed"
+
+    keys = sorted({k for r in children for k in r.data.params if visible(k)})
+    varying = [k for k in keys if len({r.data.params.get(k) for r in children}) > 1]
+    rows: dict[str, list[Any]] = {c: [] for c in ("run_id", "run_name", "launch", "trial_id", "status", "seed",
+                                                   "workload", "env", "config", "last_iteration", "stopped_early")}
+    hist: dict[str, list[Any]] = {"run_id": [], "key": [], "step": [], "value": [], "timestamp": []}
+    final: dict[str, dict[str, float]] = {}
+    for r in children:
+        rid = r.info.run_id
+        keys_to_read = metrics if metrics is not None else list(r.data.metrics)
+        for key in keys_to_read:
+            for m in client.get_metric_history(rid, key):
+                hist["run_id"].append(rid)
+                hist["key"].append(key)
+                hist["step"].append(int(m.step))
+                hist["value"].append(float(m.value))
+                hist["timestamp"].append(int(m.timestamp))
+        final[rid] = {k: float(v) for k, v in r.data.metrics.items()}
+    by_launch_max: dict[str, int] = {}
+    iters = {}
+    for r in children:
+        it = r.data.metrics.get("system/training_iteration")
+        iters[r.info.run_id] = int(float(it)) if it is not None else None
+    for r in children:
+        lid = r.data.tags.get("orchestra.launch_id", "")
+        it = iters[r.info.run_id]
+        if it is not None:
+            by_launch_max[lid] = max(by_launch_max.get(lid, 0), it)
+    for r in children:
+        t = r.data.tags
+        it = iters[r.info.run_id]
+        lid = t.get("orchestra.launch_id", "")
+        early = bool(r.info.status == "FINISHED" and it is not None and it < by_launch_max.get(lid, 0))
+        rows["run_id"].append(r.info.run_id)
+        rows["run_name"].append(r.info.run_name or "")
+        rows["launch"].append(lid)
+        rows["trial_id"].append(t.get("orchestra.trial_id", ""))
+        rows["status"].append(r.info.status)
+        rows["seed"].append(t.get("orchestra.seed", r.data.params.get("seed", "")))
+        rows["workload"].append(t.get("orchestra.algorithm", t.get("orchestra.task", "")))
+        rows["env"].append(t.get("orchestra.env", t.get("orchestra.task", "")))
+        rows["config"].append(_label(r.data.params, varying))
+        rows["last_iteration"].append(it if it is not None else -1)
+        rows["stopped_early"].append(early)
+    table = pa.table(rows)
+    metric_keys = sorted({k for f in final.values() for k in f})
+    for k in metric_keys:
+        table = table.append_column(f"final:{k}", pa.array([final[rid].get(k, math.nan) for rid in rows["run_id"]],
+                                                            pa.float64()))
+    parent_rows = [{"run_id": p.info.run_id, "launch": p.data.tags.get("orchestra.launch_id"), "status": p.info.status}
+                   for p in parents]
+    return ExperimentData(experiment, uri, table, pa.table(hist), parent_rows, metric, mode)
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation
+# ----------------------------------------------------------------------------------------------
+def aggregate_final(data: ExperimentData, metric: str) -> list[dict[str, Any]]:
+    """Per (env, config): n seeds used, mean, bootstrap CI, IQM of the final ``metric``; early stops counted."""
+    runs = data.runs.to_pylist()
+    col = f"final:{metric}"
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["env"], r["config"]), []).append(r)
+    out = []
+    for (env, config), rs in sorted(groups.items()):
+        used = [r for r in rs if not r["stopped_early"] and r["status"] == "FINISHED"]
+        vals = np.array([r.get(col, math.nan) for r in used], dtype=float)
+        vals = vals[np.isfinite(vals)]
+        lo, hi = bootstrap_ci(vals)
+        out.append({"env": env, "config": config, "n": int(vals.size), "mean": float(vals.mean()) if vals.size else math.nan,
+                    "ci_low": lo, "ci_high": hi, "iqm": iqm(vals), "stopped_early": sum(r["stopped_early"] for r in rs),
+                    "failed": sum(r["status"] == "FAILED" for r in rs), "killed": sum(r["status"] == "KILLED" for r in rs),
+                    "run_ids": [r["run_id"] for r in rs]})
+    return out
+
+
+def curves(data: ExperimentData, metric: str, n_points: int = 50) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+    """Learning curves per (env, config): mean and bootstrap CI over seeds on a common step grid.
+
+    Each seed's history is linearly interpolated onto a grid from the largest first step to the
+    smallest last step shared by the group's seeds (no extrapolation).
+    """
+    hist = data.history.to_pydict()
+    by_run: dict[str, list[tuple[int, float]]] = {}
+    for rid, key, step, value in zip(hist["run_id"], hist["key"], hist["step"], hist["value"]):
+        if key == metric:
+            by_run.setdefault(rid, []).append((step, value))
+    runs = data.runs.to_pylist()
+    groups: dict[tuple[str, str], list[np.ndarray]] = {}
+    for r in runs:
+        pts = sorted(by_run.get(r["run_id"], []))
+        if len(pts) >= 1:
+            groups.setdefault((r["env"], r["config"]), []).append(np.array(pts, dtype=float))
+    out = {}
+    for k, series in groups.items():
+        lo_step = max(s[0, 0] for s in series)
+        hi_step = min(s[-1, 0] for s in series)
+        if hi_step < lo_step:
+            continue
+        grid = np.linspace(lo_step, hi_step, n_points) if hi_step > lo_step else np.array([lo_step])
+        ys = np.stack([np.interp(grid, s[:, 0], s[:, 1]) for s in series])
+        cis = np.array([bootstrap_ci(ys[:, j]) for j in range(grid.size)])
+        out[k] = {"step": grid, "mean": ys.mean(axis=0), "ci_low": cis[:, 0], "ci_high": cis[:, 1], "n": len(series)}
+    return out
+
+
+def across_tasks(data: ExperimentData, metric: str) -> dict[str, dict[str, float]] | None:
+    """rliable aggregates across envs/tasks per config (only when there are several envs)."""
+    from rliable import metrics as rm
+
+    runs = data.runs.to_pylist()
+    envs = sorted({r["env"] for r in runs})
+    if len(envs) < 2:
+        return None
+    col = f"final:{metric}"
+    configs = sorted({r["config"] for r in runs})
+    out = {}
+    for c in configs:
+        per_env = [[r[col] for r in runs if r["config"] == c and r["env"] == e and not r["stopped_early"]] for e in envs]
+        n = min(len(v) for v in per_env)
+        if n == 0:
+            continue
+        scores = np.array([v[:n] for v in per_env], dtype=float).T  # [runs, tasks]
+        out[c] = {"iqm": float(rm.aggregate_iqm(scores)), "mean": float(rm.aggregate_mean(scores)),
+                  "median": float(rm.aggregate_median(scores)),
+                  "optimality_gap": float(rm.aggregate_optimality_gap(scores, gamma=float(np.nanmax(scores))))}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+def summary_table(rows: list[dict[str, Any]], metric: str) -> str:
+    head = f"{'env':<24} {'config':<40} {'n':>3} {metric + ' mean':>22} {'95% CI':>24} {'IQM':>10}  notes"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        notes = []
+        if r["stopped_early"]:
+            notes.append(f"{r['stopped_early']} stopped early")
+        if r["failed"]:
+            notes.append(f"{r['failed']} failed")
+        if r["killed"]:
+            notes.append(f"{r['killed']} killed")
+        ci = f"[{r['ci_low']:.4g}, {r['ci_high']:.4g}]"
+        lines.append(f"{r['env'][:24]:<24} {r['config'][:40]:<40} {r['n']:>3} {r['mean']:>22.4g} {ci:>24} {r['iqm']:>10.4g}  "
+                     + "; ".join(notes))
+    return "\n".join(lines)
+
+
+PANELS = {
+    "plasticity": ["plasticity/dormant_ratio", "plasticity/effective_rank", "plasticity/weight_norm",
+                   "plasticity/effective_lr"],
+    "credit": ["credit/bsuite_score", "credit/td_error_mean", "credit/value_error_mean"],
+    "exploration": ["exploration/bsuite_score"],
+}
+
+
+def _plot_curves(data: ExperimentData, metric: str, path: Path, title: str | None = None) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cs = curves(data, metric)
+    if not cs:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (env, config), c in sorted(cs.items()):
+        label = f"{config} ({env}, n={c['n']})" if len({k[0] for k in cs}) > 1 else f"{config} (n={c['n']})"
+        ax.plot(c["step"], c["mean"], label=label)
+        ax.fill_between(c["step"], c["ci_low"], c["ci_high"], alpha=0.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(title or metric)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def write_report(uri: str, experiment: str, out_dir: str | Path, *, metric: str | None = None,
+                 launch: str | None = None, attach: bool = True) -> Path:
+    """Plots + table + ``index.html`` under ``out_dir``; attached to each parent run as artifacts."""
+    data = load_experiment(uri, experiment, launch=launch)
+    metric = metric or data.metric or "env/episode_return_mean"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = aggregate_final(data, metric)
+    images = []
+    if _plot_curves(data, metric, out / "learning_curve.png", f"{experiment}: {metric}"):
+        images.append(("learning_curve.png", f"Learning curve: {metric} (mean, 95% bootstrap CI over seeds)"))
+    present = set(data.history.column("key").to_pylist()) if data.history.num_rows else set()
+    for panel, keys in PANELS.items():
+        for key in keys:
+            if key in present:
+                name = key.replace("/", "_") + ".png"
+                if _plot_curves(data, key, out / name):
+                    images.append((name, f"{panel}: {key}"))
+    tasks = across_tasks(data, metric)
+    write_html(out / "index.html", data, metric, rows, images, tasks)
+    (out / "summary.json").write_text(json.dumps({"metric": metric, "configs": rows, "across_tasks": tasks},
+                                                 indent=2, default=float))
+    if attach:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        for p in data.parents:
+            client.log_artifacts(p["run_id"], str(out), artifact_path="report")
+    return out / "index.html"
+
+
+def write_html(path: Path, data: ExperimentData, metric: str, rows: list[dict[str, Any]],
+               images: list[tuple[str, str]], tasks: dict | None) -> None:
+    e = html.escape
+    base = data.uri if data.uri.startswith("http") else None
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(data.experiment)}</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}img{max-width:100%}</style></head><body>",
+             f"<h1>{e(data.experiment)}</h1><p>metric: <b>{e(metric)}</b> ({e(data.mode)}); "
+             f"{data.runs.num_rows} trials in {len(data.parents)} launch(es); MLflow: <code>{e(data.uri)}</code></p>",
+             "<h2>Final metric per configuration</h2><table><tr><th>env</th><th>config</th><th>n</th><th>mean</th>"
+             "<th>95% CI</th><th>IQM</th><th>notes</th><th>runs</th></tr>"]
+    for r in rows:
+        notes = ", ".join(f"{r[k]} {k.replace('_', ' ')}" for k in ("stopped_early", "failed", "killed") if r[k])
+        links = " ".join(
+            (f"<a href='{e(base)}/#/experiments/0/runs/{rid}'>{rid[:8]}</a>" if base else f"<code>{rid[:8]}</code>")
+            for rid in r["run_ids"])
+        parts.append(f"<tr><td>{e(r['env'])}</td><td>{e(r['config'])}</td><td>{r['n']}</td><td>{r['mean']:.4g}</td>"
+                     f"<td>[{r['ci_low']:.4g}, {r['ci_high']:.4g}]</td><td>{r['iqm']:.4g}</td><td>{e(notes)}</td>"
+                     f"<td>{links}</td></tr>")
+    parts.append("</table>")
+    if tasks:
+        parts.append("<h2>Across tasks (rliable)</h2><table><tr><th>config</th><th>IQM</th><th>mean</th>"
+                     "<th>median</th><th>optimality gap</th></tr>")
+        for c, v in tasks.items():
+            parts.append(f"<tr><td>{e(c)}</td><td>{v['iqm']:.4g}</td><td>{v['mean']:.4g}</td><td>{v['median']:.4g}</td>"
+                         f"<td>{v['optimality_gap']:.4g}</td></tr>")
+        parts.append("</table>")
+    for name, caption in images:
+        parts.append(f"<figure><img src='{e(name)}' alt='{e(caption)}'><figcaption>{e(caption)}</figcaption></figure>")
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts))
+
+
+def write_parquet(data: ExperimentData, out_dir: str | Path) -> list[Path]:
+    import pyarrow.parquet as pq
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(data.runs, out / "runs.parquet")
+    pq.write_table(data.history, out / "history.parquet")
+    return [out / "runs.parquet", out / "history.parquet"]
