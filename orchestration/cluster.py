@@ -26,7 +26,7 @@ ANY_ADDRESS = ".".join(["0"] * 4)  # the wildcard bind address, spelled so greps
 
 def _rules(config: dict[str, Any]) -> list[dict[str, Any]]:
     rules = list(((config.get("provider") or {}).get("security_group") or {}).get("IpPermissions") or [])
-    for name, node in (config.get("available_node_types") or {}).items():
+    for node in (config.get("available_node_types") or {}).values():
         for sg in (node.get("node_config") or {}).get("SecurityGroupIds") or []:
             if isinstance(sg, dict):
                 rules.extend(sg.get("IpPermissions") or [])
