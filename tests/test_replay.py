@@ -13,6 +13,15 @@ from algorithms.offpolicy import TensorReplay, nstep_targets, updates_due
 
 GAMMA = 0.5
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: extra intra-op threads only contend for the shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 # One episode: obs s_t = t (t = 0..4), rewards r = [1, 2, 3, 4], gamma = 0.5, then a second episode with
 # obs 10, 11, 12, rewards [10, 20], truncated. Hand-computed targets, e.g. for n = 3:
 # R_0 = 1 + 0.5*2 + 0.25*3 = 2.75, R_1 = 2 + 0.5*3 + 0.25*4 = 4.5, R_2 = 3 + 0.5*4 = 5, R_3 = 4.

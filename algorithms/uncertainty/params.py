@@ -33,17 +33,22 @@ def module_params(module: nn.Module) -> dict[str, Tensor]:
     return params
 
 
-def module_fn(module: nn.Module) -> QueryFn:
+def module_fn(module: nn.Module, indexed: bool = False) -> QueryFn:
     """``fn(params, x) = module(x)`` for one unbatched input ``x``, evaluated with ``params``.
 
     The module sees a batch of one (``x.unsqueeze(0)``) and the batch dim is removed from the output,
-    so modules that expect a batch dimension work; buffers are the module's own.
+    so modules that expect a batch dimension work; buffers are the module's own. With ``indexed=True``
+    the function is ``fn(params, x, i) = module(x)[i]`` for an integer tensor ``i`` (e.g. Q(s, a) from a
+    network with one output per action), selected with ``gather`` so that it works under vmap.
     """
 
     def fn(params: Params, x: Tensor) -> Tensor:
         return torch.func.functional_call(module, dict(params), (x.unsqueeze(0),)).squeeze(0)
 
-    return fn
+    def fn_indexed(params: Params, x: Tensor, i: Tensor) -> Tensor:
+        return fn(params, x).gather(0, i.reshape(1)).squeeze(0)
+
+    return fn_indexed if indexed else fn
 
 
 def num_params(params: Params) -> int:
