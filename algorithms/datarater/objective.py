@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from algorithms.meta.engines import InnerLoss, Meta, OuterLoss
+from algorithms.meta.engines import MeanOuterLoss, Meta, WeightedInnerLoss
 from algorithms.meta.optimizers import Params
 
 
@@ -35,22 +35,23 @@ def make_inner_loss(
     model_fn: Callable[[Params, Tensor], Tensor],
     rater_fn: Callable[[Meta, Tensor], Tensor],
     per_example_loss: Callable[[Tensor, Tensor], Tensor],
-) -> InnerLoss:
+    microbatch: int | None = None,
+) -> WeightedInnerLoss:
     """L_in(θ, η; b) = Σ_i σ_b(φ_η(r))_i ℓ(f_θ(x_i), y_i)."""
 
-    def inner_loss(params: Params, meta: Meta, batch: Batch) -> Tensor:
-        w = batch_softmax_weights(rater_fn(meta, batch.r))
-        return (w * per_example_loss(model_fn(params, batch.x), batch.y)).sum()
+    def losses(params: Params, batch: Batch) -> Tensor:
+        return per_example_loss(model_fn(params, batch.x), batch.y)
 
-    return inner_loss
+    def weights(meta: Meta, batch: Batch) -> Tensor:
+        return batch_softmax_weights(rater_fn(meta, batch.r))
+
+    return WeightedInnerLoss(losses, weights, microbatch)
 
 
 def make_outer_loss(
-    model_fn: Callable[[Params, Tensor], Tensor], per_example_loss: Callable[[Tensor, Tensor], Tensor]
-) -> OuterLoss:
+    model_fn: Callable[[Params, Tensor], Tensor],
+    per_example_loss: Callable[[Tensor, Tensor], Tensor],
+    microbatch: int | None = None,
+) -> MeanOuterLoss:
     """L_out(θ; b') = mean_i ℓ(f_θ(x_i), y_i)."""
-
-    def outer_loss(params: Params, batch: Batch) -> Tensor:
-        return per_example_loss(model_fn(params, batch.x), batch.y).mean()
-
-    return outer_loss
+    return MeanOuterLoss(lambda params, batch: per_example_loss(model_fn(params, batch.x), batch.y), microbatch)

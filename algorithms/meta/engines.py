@@ -61,6 +61,76 @@ def check_engine(engine: str) -> str:
     return engine
 
 
+# --- losses with per-example structure (lets MixFlow-MG work in microbatches) -------------------
+
+
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """The examples [start, stop) of a batch that is a tensor or a (named) tuple of tensors [B, ...]."""
+    if isinstance(batch, Tensor):
+        return batch[start:stop]
+    if isinstance(batch, tuple):
+        parts = [slice_batch(b, start, stop) for b in batch]
+        return type(batch)(*parts) if hasattr(batch, "_fields") else tuple(parts)
+    raise TypeError(f"cannot split a batch of type {type(batch).__name__} into microbatches")
+
+
+def batch_size(batch: Any) -> int:
+    return batch.shape[0] if isinstance(batch, Tensor) else batch_size(batch[0])
+
+
+def _chunks(n: int, microbatch: int | None) -> list[tuple[int, int]]:
+    step = n if not microbatch else microbatch
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+@dataclass(frozen=True)
+class WeightedInnerLoss:
+    """L_in(θ, η; b) = Σ_i w_i(η; b) · ℓ_i(θ; b)   (per-example weights times per-example losses).
+
+    Called as a function it is an ordinary :data:`InnerLoss` (all engines accept it). The MixFlow
+    engines use the structure: the inner gradient g(θ, w) = Σ_i w_i ∇_θℓ_i(θ) is wrapped with w as
+    its meta input (the map η ↦ w is differentiated by ordinary autograd), and because g is a sum over
+    examples, its forward and its JVP backward run ``microbatch`` examples at a time:
+
+        vᵀ∂g/∂θ = Σ_c Σ_{i∈c} w_i ∇²ℓ_i v,     vᵀ∂g/∂w_i = ∇ℓ_i · v  (the JVP of ℓ_i in direction v),
+
+    which bounds the transient memory of the JVP by one microbatch.
+    """
+
+    per_example_loss: Callable[[Params, Any], Tensor]
+    """ℓ(θ; b) -> [B]."""
+    weights: Callable[[Meta, Any], Tensor]
+    """w(η; b) -> [B]."""
+    microbatch: int | None = None
+    """Examples per chunk in the MixFlow forward and backward (None: the whole batch)."""
+
+    def __call__(self, params: Params, meta: Meta, batch: Any) -> Tensor:
+        return (self.weights(meta, batch) * self.per_example_loss(params, batch)).sum()
+
+
+@dataclass(frozen=True)
+class MeanOuterLoss:
+    """L_out(θ; b) = 1/|b| Σ_i ℓ_i(θ; b); its gradient is accumulated ``microbatch`` examples at a time."""
+
+    per_example_loss: Callable[[Params, Any], Tensor]
+    microbatch: int | None = None
+
+    def __call__(self, params: Params, batch: Any) -> Tensor:
+        return self.per_example_loss(params, batch).mean()
+
+    def value_and_grad(self, params: Params, batch: Any) -> tuple[Tensor, Params]:
+        n = batch_size(batch)
+        total, grads = torch.zeros(()), None
+        for a, b in _chunks(n, self.microbatch):
+            p = tuple(t.detach().requires_grad_() for t in params)
+            with torch.enable_grad():
+                loss = self.per_example_loss(p, slice_batch(batch, a, b)).sum() / n
+                g = torch.autograd.grad(loss, p, materialize_grads=True)
+            total = total + loss.detach()
+            grads = g if grads is None else tuple(x + y for x, y in zip(grads, g, strict=True))
+        return total, grads
+
+
 # --- one inner step, two ways of getting g_t ---------------------------------------------------
 
 
@@ -120,11 +190,57 @@ def mixflow_inner_grad(inner_loss: InnerLoss, params: Params, meta: Meta, batch:
     return _MixFlowGrad.apply(inner_loss, batch, len(params), *params, *meta)
 
 
+class _MixFlowWeightedGrad(torch.autograd.Function):
+    """g = Σ_i w_i ∇_θℓ_i(θ) in microbatches; backward: JVP of θ ↦ (Σ_{i∈c} w_i ∇ℓ_i, ℓ_c) per chunk c."""
+
+    @staticmethod
+    def forward(ctx, loss: WeightedInnerLoss, batch: Any, n_params: int, *tensors: Tensor):
+        params, w = tensors[:n_params], tensors[n_params]
+        grads = None
+        for a, b in _chunks(w.shape[0], loss.microbatch):
+            with torch.enable_grad():
+                p = tuple(t.detach().requires_grad_() for t in params)
+                lc = (w[a:b].detach() * loss.per_example_loss(p, slice_batch(batch, a, b))).sum()
+                g = torch.autograd.grad(lc, p, materialize_grads=True)
+            grads = g if grads is None else tuple(x + y for x, y in zip(grads, g, strict=True))
+        ctx.save_for_backward(*tensors)
+        ctx.loss, ctx.batch, ctx.n_params = loss, batch, n_params
+        return grads
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *cotangents: Tensor):
+        saved = ctx.saved_tensors
+        n, loss, batch = ctx.n_params, ctx.loss, ctx.batch
+        params, w = tuple(saved[:n]), saved[n]
+        hv, dw = None, []
+        for a, b in _chunks(w.shape[0], loss.microbatch):
+            chunk, w_c = slice_batch(batch, a, b), w[a:b]
+
+            def weighted(p: Params, chunk=chunk, w_c=w_c) -> tuple[Tensor, Tensor]:
+                losses = loss.per_example_loss(p, chunk)
+                return (w_c * losses).sum(), losses
+
+            def grad_map(p: Params, weighted=weighted) -> tuple[Params, Tensor]:
+                return torch.func.grad(weighted, has_aux=True)(p)
+
+            _, (hv_c, dl_c) = torch.func.jvp(grad_map, (params,), (tuple(cotangents),))
+            hv = hv_c if hv is None else tuple(x + y for x, y in zip(hv, hv_c, strict=True))
+            dw.append(dl_c)
+        if not any(ctx.needs_input_grad[3 : 3 + n]):
+            hv = (None,) * n
+        return (None, None, None, *hv, torch.cat(dw))
+
+
 def _mixflow_step(
     inner_loss: InnerLoss, opt: InnerOptimizer, params: Params, state: State, meta: Meta, batch: Any,
     create_graph: bool,
 ) -> tuple[Params, State]:
-    grads = mixflow_inner_grad(inner_loss, params, meta, batch)
+    if isinstance(inner_loss, WeightedInnerLoss):
+        w = inner_loss.weights(meta, batch)
+        grads = _MixFlowWeightedGrad.apply(inner_loss, batch, len(params), *params, w)
+    else:
+        grads = mixflow_inner_grad(inner_loss, params, meta, batch)
     return opt.update(params, grads, state)
 
 
@@ -227,11 +343,27 @@ def meta_gradient(
     outer_batch: Any,
     engine: str = "mixflow",
 ) -> MetaGradient:
-    """dL_out(θ_T(η))/dη through T = len(inner_batches) inner steps with the given engine."""
+    """dL_out(θ_T(η))/dη through T = len(inner_batches) inner steps with the given engine.
+
+    ``inner_loss`` may be a :class:`WeightedInnerLoss` and ``outer_loss`` a :class:`MeanOuterLoss`
+    (both enable microbatching); any callables with the :data:`InnerLoss` / :data:`OuterLoss`
+    signatures work with every engine.
+    """
     meta_leaves = tuple(m.detach().requires_grad_() for m in meta)
+    if not inner_batches:
+        raise ValueError("meta_gradient needs at least one inner batch (T >= 1)")
     p_T, s_T = unroll(inner_loss, optimizer, params, opt_state, meta_leaves, inner_batches, engine)
-    loss = outer_loss(p_T, outer_batch)
-    grads = torch.autograd.grad(loss, meta_leaves, materialize_grads=True)
+    # The outer gradient g_T = ∇_θ L_out(θ_T) is taken first on a detached copy of θ_T, so the outer
+    # model's activations are freed before the unroll's backward starts; then dL/dη = g_Tᵀ dθ_T/dη.
+    p_det = tuple(t.detach() for t in p_T)
+    if isinstance(outer_loss, MeanOuterLoss):
+        loss, g_T = outer_loss.value_and_grad(p_det, outer_batch)
+    else:
+        p_det = tuple(t.requires_grad_() for t in p_det)
+        with torch.enable_grad():
+            loss = outer_loss(p_det, outer_batch)
+            g_T = torch.autograd.grad(loss, p_det, materialize_grads=True)
+    grads = torch.autograd.grad(p_T, meta_leaves, g_T, materialize_grads=True, allow_unused=True)
     return MetaGradient(
         outer_loss=loss.detach(),
         grads=tuple(g.detach() for g in grads),

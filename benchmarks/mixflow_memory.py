@@ -1,0 +1,181 @@
+"""Peak memory and wall time of one meta-gradient step for each engine (reverse, reverse_remat, mixflow,
+mixflow_remat), each measurement in its own subprocess.
+
+    python benchmarks/mixflow_memory.py                       # the full grid, skipping measured rows
+    python benchmarks/mixflow_memory.py --models lm --T 8     # a subset
+    python benchmarks/mixflow_memory.py --one '{"model": "lm", "T": 8, "engine": "mixflow"}'
+
+Problem: the DataRater objective (algorithms/datarater/objective.py): an inner model trained for T
+steps on batches weighted by softmax(rater scores) over the batch, outer loss on a held-out batch,
+meta-gradient w.r.t. the rater parameters. float32, CPU, inner optimiser SGD (``--opt adam`` too).
+
+Models (moderate sizes for a shared 2-core machine):
+- ``mlp``: 3x512 tanh MLP on 64 inputs, 10 classes, batch 512; rater MLP 74->64->1.
+- ``lm``: byte-level causal transformer, d_model 128, 4 heads, 2 layers, d_ff 512, sequence 64,
+  batch 16; rater: non-causal byte transformer d_model 32, 1 layer, mean-pooled score.
+
+Memory: ``peak_live_bytes`` is the peak of the allocator's live bytes during the meta-gradient step,
+relative to the live bytes just before it (inputs, parameters and batches already allocated are the
+baseline). It is computed from torch.profiler's allocation events (``profile_memory=True``: one
+``[memory]`` event per c10 CPU allocation (+bytes) and free (−bytes)), as the maximum of their
+running sum in time order. This sees the bytes tensors actually hold, unlike process RSS, which keeps
+freed pages (``rss_delta_bytes``, from ru_maxrss, is reported too for comparison). Time: wall time of
+one step without the profiler (min over ``reps`` runs after one warm-up step).
+
+One JSON line per (model, T, engine, opt) is printed as it is measured and appended to
+benchmarks/results/mixflow_memory.jsonl; configurations already in that file are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "mixflow_memory.jsonl"
+ENGINES = ("reverse", "reverse_remat", "mixflow", "mixflow_remat")
+
+
+def build_problem(model: str, seed: int = 0, microbatch: int | None = None):
+    import torch
+    from torch import nn
+
+    from algorithms.datarater.models import (
+        MLP,
+        ByteTransformer,
+        classification_per_example_loss,
+        lm_per_example_loss,
+    )
+    from algorithms.datarater.objective import Batch, make_inner_loss, make_outer_loss
+    from algorithms.meta import param_tuple
+    from algorithms.meta.functional import functional
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    if model == "mlp":
+        net, rater = MLP(64, (512, 512, 512), 10, "tanh"), MLP(74, (64,), 1, "tanh")
+        f_net, f_rater = functional(net), functional(rater)
+
+        def batch():
+            x = torch.randn(512, 64, generator=g)
+            y = torch.randint(0, 10, (512,), generator=g)
+            return Batch(x, y, torch.cat([x, nn.functional.one_hot(y, 10).float()], 1))
+
+        inner = make_inner_loss(f_net, lambda m, r: f_rater(m, r).squeeze(-1), classification_per_example_loss,
+                                microbatch)
+        outer = make_outer_loss(f_net, classification_per_example_loss, microbatch)
+    elif model == "lm":
+        net = ByteTransformer(d_model=128, n_heads=4, n_layers=2, d_ff=512, max_len=64)
+        rater = ByteTransformer(d_model=32, n_heads=2, n_layers=1, d_ff=64, max_len=64, causal=False,
+                                pooled_score=True)
+
+        def batch():
+            t = torch.randint(0, 256, (16, 64), generator=g)
+            return Batch(t, t, t)
+
+        inner = make_inner_loss(functional(net), functional(rater), lm_per_example_loss, microbatch)
+        outer = make_outer_loss(functional(net), lm_per_example_loss, microbatch)
+    else:
+        raise ValueError(f"model={model!r}: allowed values are 'mlp', 'lm'")
+    return inner, outer, param_tuple(net), param_tuple(rater), batch
+
+
+def peak_from_profile(prof) -> int:
+    """max over time of Σ (allocated − freed) bytes, from the profiler's [memory] events."""
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def measure_one(cfg: dict) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from algorithms.meta import make_inner_optimizer, meta_gradient
+    from algorithms.meta.functional import tensor_bytes
+
+    torch.set_num_threads(cfg.get("threads", 1))
+    inner, outer, theta, eta, batch = build_problem(cfg["model"])
+    opt = make_inner_optimizer(cfg["opt"], 0.1 if cfg["opt"] == "sgd" else 1e-3)
+    T = cfg["T"]
+    batches, out_batch = [batch() for _ in range(T)], batch()
+    state = opt.init(theta)
+
+    def step(bs):
+        return meta_gradient(inner, outer, opt, theta, state, eta, bs, out_batch, cfg["engine"])
+
+    step(batches[:1])  # warm-up: first-call costs (dispatcher, torch.func setup) out of the timing
+    times = []
+    for _ in range(cfg.get("reps", 1)):
+        t0 = time.perf_counter()
+        r = step(batches)
+        times.append(time.perf_counter() - t0)
+    del r
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(batches)
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        **cfg,
+        "peak_live_bytes": peak_from_profile(prof),
+        "rss_delta_bytes": (rss1 - rss0) * 1024,
+        "time_s": min(times),
+        "param_bytes": tensor_bytes(theta),
+        "rater_param_bytes": tensor_bytes(eta),
+        "torch": torch.__version__,
+    }
+
+
+def key(cfg: dict) -> tuple:
+    return (cfg["model"], cfg["T"], cfg["engine"], cfg["opt"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--one", help="measure one JSON config in this process and print its result")
+    ap.add_argument("--models", nargs="+", default=["mlp", "lm"])
+    ap.add_argument("--T", nargs="+", type=int, default=[2, 4, 8, 32])
+    ap.add_argument("--engines", nargs="+", default=list(ENGINES))
+    ap.add_argument("--opt", nargs="+", default=["sgd"])
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure_one(json.loads(args.one))), flush=True)
+        return
+    done = set()
+    if args.out.exists():
+        done = {key(json.loads(line)) for line in args.out.read_text().splitlines() if line.strip()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for model in args.models:
+        for T in args.T:
+            for opt in args.opt:
+                for engine in args.engines:
+                    cfg = {"model": model, "T": T, "engine": engine, "opt": opt, "reps": args.reps}
+                    if key(cfg) in done:
+                        continue
+                    proc = subprocess.run(
+                        [sys.executable, __file__, "--one", json.dumps(cfg)], cwd=ROOT, capture_output=True,
+                        text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                    )
+                    if proc.returncode != 0:
+                        print(json.dumps({**cfg, "error": proc.stderr.strip().splitlines()[-1:]}), flush=True)
+                        continue
+                    line = proc.stdout.strip().splitlines()[-1]
+                    print(line, flush=True)
+                    with args.out.open("a") as f:
+                        f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
