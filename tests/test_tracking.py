@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pickle
@@ -253,6 +254,9 @@ class ServerOutage(tune.Callback):
         self.window: list[float] = []
         self.thread: threading.Thread | None = None
 
+    def __getstate__(self) -> dict:  # Tune pickles callbacks into tuner.pkl; the server stays here
+        return {}
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.arrivals.append(time.monotonic())
         if self.thread is None and len(self.arrivals) >= 2:
@@ -268,10 +272,41 @@ class ServerOutage(tune.Callback):
             self.thread.start()
 
 
-def test_server_outage_does_not_block_trials_and_loses_nothing(ray_local, mlflow_server, tmp_path):
+class TimedTracking(MLflowTracking):
+    """Records how long the driver spends in each per-result hook."""
+
+    hook_seconds: list[float]
+
+    def on_trial_result(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        super().on_trial_result(*args, **kwargs)
+        self.__dict__.setdefault("hook_seconds", []).append(time.perf_counter() - t0)
+
+    def on_checkpoint(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        super().on_checkpoint(*args, **kwargs)
+        self.__dict__.setdefault("hook_seconds", []).append(time.perf_counter() - t0)
+
+
+@pytest.fixture
+def patient_mlflow_server(tmp_path):
+    """conftest's MlflowServer, allowed 5 minutes to start: on 2 shared, busy cores `mlflow server`
+    takes over a minute to import and migrate its store."""
+    import conftest
+
+    server = conftest.MlflowServer(tmp_path)
+    server.start(timeout=300)
+    server.start = functools.partial(conftest.MlflowServer.start, server, timeout=300)
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+def test_server_outage_does_not_block_trials_and_loses_nothing(ray_local, patient_mlflow_server, tmp_path):
+    mlflow_server = patient_mlflow_server
     spec = tmp_path / "spec.yaml"
     spec.write_text("name: exp\n")
-    cb = MLflowTracking(mlflow_server.uri, "toy-server", "launch-2", launch_artifacts={"spec.yaml": str(spec)},
+    cb = TimedTracking(mlflow_server.uri, "toy-server", "launch-2", launch_artifacts={"spec.yaml": str(spec)},
                         flush_interval_s=0.3, retry_timeout_s=90, **LAUNCH_KW)
     outage = ServerOutage(mlflow_server, down_s=4.0)
     configs = [{"idx": 0, "sleep": 0.5}, {"idx": 1, "sleep": 0.5}, {"idx": 2, "fail_at": 3, "sleep": 0.5}]
@@ -281,8 +316,8 @@ def test_server_outage_does_not_block_trials_and_loses_nothing(ray_local, mlflow
     during = [t for t in outage.arrivals if stop < t < restart]
     # trials kept reporting while the server was away: the driver loop was never held by MLflow
     assert len(during) >= 3, (outage.arrivals, outage.window)
-    gaps = [b - a for a, b in zip(outage.arrivals, outage.arrivals[1:]) if stop < a < restart]
-    assert max(gaps) < 3.0
+    # and each of our hooks returned at once, also while every MLflow call was failing
+    assert cb.hook_seconds and max(cb.hook_seconds) < 0.5, sorted(cb.hook_seconds)[-5:]
     check_launch(mlflow_server.uri, "toy-server", "launch-2", 2, {2})
 
 
@@ -327,7 +362,7 @@ def test_resume_reuses_runs_and_never_logs_a_step_twice(ray_local, sqlite_uri, t
     assert child.info.status == "FAILED"
     assert history(client, child.info.run_id, "train/score") == [(10 * i, value(0, i, 0)) for i in (1, 2, 3)]
     # A driver killed before sending step 40 leaves it only in the journal: it must be replayed.
-    trial_dir = next(p.parent for p in (tmp_path / "runs" / "resume").rglob("params.json"))
+    trial_dir = next(p for p in (tmp_path / "runs" / "resume").glob("flat_trainable_*") if p.is_dir())
     with open(trial_dir / SPOOL_NAME, "w") as f:
         f.write(json.dumps({"type": "metrics", "trial_id": child.data.tags["orchestra.trial_id"],
                             "step": 40, "ts": 1, "metrics": {"train/score": -40.0}}) + "\n")
