@@ -2,8 +2,10 @@
 
 Importing this package registers every id (see `algorithms.envs.registration`) with lazy entry-point
 strings, so it is cheap enough to import in every Ray worker; the simulators load on `gymnasium.make`.
+It also picks a headless OpenGL backend for dm_control when none is set (see `algorithms.envs._gl`).
 """
 
+from algorithms.envs._gl import select_headless_mujoco_gl
 from algorithms.envs.registration import (
     all_bsuite_ids,
     all_dmc_env_ids,
@@ -13,6 +15,7 @@ from algorithms.envs.registration import (
     register_all,
 )
 
+select_headless_mujoco_gl()
 register_all()
 
 __all__ = [
