@@ -11,3 +11,20 @@ register_task("regression_demo", "algorithms.tasks.demo:RegressionDemo")
 
 # Diagnostics: register_diagnostic_lazy(name, "module that calls register_diagnostic() on import").
 register_diagnostic_lazy("plasticity", "algorithms.diagnostics.rllib_plasticity")
+
+# Issue 3, networks: the spec's `config.network` block (pydantic model imported here; RLlib only on apply).
+from algorithms.networks.block import apply_network_block  # noqa: E402
+from algorithms.networks.config import NetworkConfig  # noqa: E402
+from algorithms.registry import register_config_block  # noqa: E402
+
+register_config_block("network", NetworkConfig, apply_network_block)
+
+# Issue 3, nonstationary supervised benchmarks on scikit-learn's digits.
+register_task("digits_random_labels", "algorithms.tasks.digits:DigitsRandomLabels")
+register_task("digits_permuted", "algorithms.tasks.digits:DigitsPermuted")
+register_task("digits_shifting_regression", "algorithms.tasks.digits:DigitsShiftingRegression")
+
+# Algorithms on the off-policy core (issue 4).
+from algorithms.registry import register_algorithm  # noqa: E402
+
+register_algorithm("WPO", "algorithms.wpo.algorithm:WPO")

@@ -35,6 +35,8 @@ _EXPORTS = {
     "Chain": "updates",
     "network_updates": "updates",
     "nap_project_": "updates",
+    "project_to_norm_": "updates",
+    "group_norm": "updates",
     "nap_initial_norms": "updates",
     "nap_groups": "updates",
     "lr_multiplier": "updates",

@@ -72,6 +72,14 @@ def nap_initial_norms(module: nn.Module) -> dict[str, float]:
 
 
 @torch.no_grad()
+def project_to_norm_(params: Sequence[torch.Tensor], target_norm: float) -> None:
+    """In place: P <- target · P / ||P|| for the group P = (p_1, ..., p_n) (joint Frobenius norm)."""
+    scale = target_norm / group_norm(params).clamp_min(1e-12)
+    for p in params:
+        p.mul_(scale)
+
+
+@torch.no_grad()
 def nap_project_(module: nn.Module, init_norms: dict[str, float]) -> None:
     """In place: W <- ||W0|| · W / ||W|| for every NaP group (joint norm for norm scale/offset).
 
@@ -82,9 +90,7 @@ def nap_project_(module: nn.Module, init_norms: dict[str, float]) -> None:
     for name, params in nap_groups(module).items():
         if name not in init_norms:
             raise KeyError(f"nap_project_: no initial norm for parameter group {name!r}")
-        scale = init_norms[name] / group_norm(params).clamp_min(1e-12)
-        for p in params:
-            p.mul_(scale)
+        project_to_norm_(params, init_norms[name])
 
 
 class NaP:

@@ -21,10 +21,11 @@ after the iteration's steps:
 - ``train/loss``, ``train/fresh_loss``: mean training loss over the iteration's minibatches
   (cross-entropy, or mean squared error for regression).
 - classification: ``train/accuracy``, ``train/fresh_accuracy``: accuracy on the task's data set.
-- regression: ``train/r2``, ``train/fresh_r2``: 1 − MSE / Var(y) on the task's data set.
+- regression: ``train/mse`` and ``train/r2`` = 1 − MSE / Var(y) on the task's data set (and fresh_).
 - at the last iteration of each task (T is a multiple of steps_per_iteration):
-  ``train/task_final_<score>``, ``train/task_final_fresh_<score>`` and
-  ``train/task_final_<score>_ratio`` = continuing / fresh (the trainability ratio; 1 = no loss).
+  ``train/task_final_<score>`` and ``train/task_final_fresh_<score>`` for each score above, and the
+  trainability ratio continuing / fresh: ``train/task_final_accuracy_ratio`` (1 = no loss of
+  plasticity, lower is worse) or, for regression, ``train/task_final_mse_ratio`` (higher is worse).
 - ``plasticity/effective_rank``, ``plasticity/dormant_ratio``, ``plasticity/weight_norm`` (and
   ``.../fresh``) every ``plasticity_every`` iterations, from :mod:`algorithms.diagnostics.plasticity`
   on ``probe_size`` inputs of the current task: effective rank of the last hidden layer's features,
@@ -137,7 +138,7 @@ class _DigitsSequence(Task):
 
     Config: ClassVar[type[TaskConfig]] = DigitsSequenceConfig
     out_dim: ClassVar[int] = 10
-    score_name: ClassVar[str] = "accuracy"
+    ratio_name: ClassVar[str] = "accuracy"
 
     def __init__(self, config: DigitsSequenceConfig, seed: int, artifact_dir=None):
         super().__init__(config, seed, artifact_dir)
@@ -168,8 +169,9 @@ class _DigitsSequence(Task):
         return nn.functional.cross_entropy(out, y)
 
     @torch.no_grad()
-    def _score(self, net: nn.Module) -> float:
-        return float((net(self._inputs()).argmax(-1) == self._targets()).float().mean())
+    def _evaluate(self, net: nn.Module) -> dict[str, float]:
+        """accuracy = mean_i [argmax f(x_i) = y_i] on the task's data set."""
+        return {"accuracy": float((net(self._inputs()).argmax(-1) == self._targets()).float().mean())}
 
     # -- loop --------------------------------------------------------------------------------------
     def _init_seed(self, which: str, task: int) -> int:
@@ -198,20 +200,19 @@ class _DigitsSequence(Task):
                 fresh_losses.append(self.fresh.step(self._loss, x, y, step_in_task))
             self.steps += 1
 
-        s = self.score_name
-        out: dict[str, Any] = {
-            "train/task_id": self.task_id,
-            "train/loss": float(np.mean(losses)),
-            f"train/{s}": self._score(self.continuing.net),
-        }
+        out: dict[str, Any] = {"train/task_id": self.task_id, "train/loss": float(np.mean(losses))}
+        scores = self._evaluate(self.continuing.net)
+        out.update({f"train/{k}": v for k, v in scores.items()})
         if self.fresh is not None:
+            fresh_scores = self._evaluate(self.fresh.net)
             out["train/fresh_loss"] = float(np.mean(fresh_losses))
-            out[f"train/fresh_{s}"] = self._score(self.fresh.net)
+            out.update({f"train/fresh_{k}": v for k, v in fresh_scores.items()})
         if self.steps % c.task_steps == 0:
-            out[f"train/task_final_{s}"] = out[f"train/{s}"]
+            out.update({f"train/task_final_{k}": v for k, v in scores.items()})
             if self.fresh is not None:
-                out[f"train/task_final_fresh_{s}"] = out[f"train/fresh_{s}"]
-                out[f"train/task_final_{s}_ratio"] = out[f"train/{s}"] / max(out[f"train/fresh_{s}"], 1e-8)
+                out.update({f"train/task_final_fresh_{k}": v for k, v in fresh_scores.items()})
+                r = self.ratio_name
+                out[f"train/task_final_{r}_ratio"] = scores[r] / max(fresh_scores[r], 1e-12)
         iteration = self.steps // c.steps_per_iteration
         if c.plasticity_every and iteration % c.plasticity_every == 0:
             out.update(self._plasticity(self.continuing.net, ""))
@@ -300,7 +301,7 @@ class DigitsShiftingRegression(_DigitsSequence):
 
     Config = DigitsRegressionConfig
     out_dim = 1
-    score_name = "r2"
+    ratio_name = "mse"
 
     def _draw_task(self) -> dict[str, torch.Tensor]:
         c: DigitsRegressionConfig = self.config
@@ -315,7 +316,8 @@ class DigitsShiftingRegression(_DigitsSequence):
         return nn.functional.mse_loss(out, y)
 
     @torch.no_grad()
-    def _score(self, net: nn.Module) -> float:
-        """R² = 1 − mean((ŷ − y)²) / Var(y) on the task's data set."""
+    def _evaluate(self, net: nn.Module) -> dict[str, float]:
+        """mse = mean_i (f(x_i) − y_i)², r2 = 1 − mse / Var(y), on the task's data set."""
         y = self._targets()
-        return float(1 - (net(self._inputs()) - y).pow(2).mean() / y.var(unbiased=False))
+        mse = float((net(self._inputs()) - y).pow(2).mean())
+        return {"mse": mse, "r2": 1.0 - mse / float(y.var(unbiased=False))}
