@@ -122,6 +122,11 @@ class OffPolicyConfig(AlgorithmConfig):
         _check(self.framework_str == "torch", "framework", self.framework_str, "torch")
 
     @property
+    def _model_config_auto_includes(self) -> dict[str, Any]:
+        # the network block reaches the RLModule as model_config["network"] (a plain dict)
+        return {"network": self.network.model_dump() if self.network is not None else None}
+
+    @property
     def replay_config(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~algorithms.offpolicy.replay.TensorReplay` from this config."""
         return {"capacity": int(self.replay_capacity), "n_step": int(self.n_step), "gamma": float(self.gamma)}

@@ -1,0 +1,155 @@
+"""OffPolicyAlgorithm: RLlib Algorithm whose training_step samples vectorised env steps, inserts them
+into the learner's replay and runs updates at the configured samples-per-insert ratio.
+
+One ``training_step`` is one iteration (it runs until ``min_sample_timesteps_per_iteration`` env steps
+were sampled, so iteration sizes do not depend on wall time). Per chunk:
+
+1. sample ``rollout_fragment_length`` vector steps on every sampling env runner (the local one, or
+   all remote ones in parallel) as numpy arrays [T, E, ...];
+2. one learner call (``LearnerGroup.foreach_learner``): ``insert`` the chunk, then ``run_updates`` with
+   the number due, ``updates_due(S, B, spi, U, learning_starts)`` (at most ``max_updates_per_call`` per
+   call; more calls if more are due);
+3. sync the new weights to the env runners (``EnvRunnerGroup.sync_weights``, inference-only state).
+
+Results: ``learners/<module>/...`` (losses and statistics, means over the iteration's updates),
+``env_runners/...`` (episode_return_mean, num_env_steps_sampled_lifetime, ...),
+``system/{env_steps_per_s, updates_per_s}`` for this iteration, and top-level
+``num_env_steps_sampled_lifetime``.
+
+Checkpoints: RLlib's (learner state with modules, optimisers, network-update state; the local env
+runner), plus this algorithm's counters and the remote env runners' sampler states (so sampling
+continues exactly); the replay when ``config.checkpoint_replay``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from ray.rllib.algorithms.algorithm import Algorithm
+from ray.rllib.core import COMPONENT_RL_MODULE
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    LEARNER_RESULTS,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+)
+
+from algorithms.offpolicy.ratio import updates_due
+
+CORE_STATE = "offpolicy_core"
+SYSTEM = "system"
+
+
+def _concat_envs(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Runner chunks [T, E_r, ...] -> one chunk [T, sum E_r, ...] (runner order = env slot order)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    return {k: np.concatenate([c[k] for c in chunks], axis=1) for k in chunks[0]}
+
+
+class OffPolicyAlgorithm(Algorithm):
+    """Base Algorithm of the off-policy core; subclasses give ``get_default_config``."""
+
+    def setup(self, config: Any) -> None:
+        super().setup(config)
+        self.env_steps_inserted = 0
+        self.updates_done = 0
+        # Our runners keep no connector states, so RLlib's setup did not broadcast the weights.
+        self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+
+    @property
+    def _remote(self) -> bool:
+        return self.env_runner_group.num_remote_env_runners() > 0
+
+    def _sample(self) -> tuple[dict[str, np.ndarray], list[dict]]:
+        if self._remote:
+            results = self.env_runner_group.foreach_env_runner(
+                lambda r: r.sample_and_metrics(), local_env_runner=False)
+            return _concat_envs([r[0] for r in results]), [r[1] for r in results]
+        return self.env_runner.sample(), []
+
+    def _learner_call(self, data: dict[str, np.ndarray] | None, num_updates: int) -> None:
+        timesteps = {NUM_ENV_STEPS_SAMPLED_LIFETIME: self.env_steps_inserted}
+
+        def call(learner, data=data, k=num_updates, ts=timesteps):
+            if data is not None:
+                learner.insert(data)
+            return learner.run_updates(k, ts)
+
+        results = self.learner_group.foreach_learner(call)
+        for r in results:
+            if not r.ok:
+                raise r.get()
+        self.updates_done += num_updates
+
+    def training_step(self) -> None:
+        cfg = self.config
+        t0 = time.perf_counter()
+        sampled, updates_before, runner_metrics = 0, self.updates_done, []
+        target = max(1, int(cfg.min_sample_timesteps_per_iteration))
+        batch = int(cfg.train_batch_size_per_learner)
+        while sampled < target:
+            data, metrics = self._sample()
+            runner_metrics += metrics
+            n = int(data["reward"].size)
+            sampled += n
+            self.env_steps_inserted += n
+            due = updates_due(self.env_steps_inserted, batch, float(cfg.samples_per_insert), self.updates_done,
+                              int(cfg.learning_starts))
+            first = min(due, int(cfg.max_updates_per_call))
+            self._learner_call(data, first)
+            due -= first
+            while due > 0:
+                k = min(due, int(cfg.max_updates_per_call))
+                self._learner_call(None, k)
+                due -= k
+            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group,
+                                               inference_only=True)
+        updates = self.updates_done - updates_before
+        if not self._remote:
+            runner_metrics = [self.env_runner.get_metrics()]
+        self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
+        learner_results = [r.get() for r in self.learner_group.foreach_learner(lambda learner: learner.reduce_stats())]
+        self.metrics.aggregate(learner_results, key=LEARNER_RESULTS)
+        dt = max(time.perf_counter() - t0, 1e-9)
+        self.metrics.log_value((SYSTEM, "env_steps_per_s"), sampled / dt, window=1)
+        self.metrics.log_value((SYSTEM, "updates_per_s"), updates / dt, window=1)
+        self.metrics.log_value((SYSTEM, "samples_per_insert"),
+                               self.updates_done * batch / max(1, self.env_steps_inserted - cfg.learning_starts),
+                               window=1)
+        self.metrics.log_value((SYSTEM, "num_updates_lifetime"), self.updates_done, window=1)
+
+    def _compile_iteration_results(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        results = super()._compile_iteration_results(*args, **kwargs)
+        results.setdefault(NUM_ENV_STEPS_SAMPLED_LIFETIME, int(
+            (results.get(ENV_RUNNER_RESULTS) or {}).get(NUM_ENV_STEPS_SAMPLED_LIFETIME, self.env_steps_inserted)))
+        return results
+
+    # -- state -------------------------------------------------------------------------------------
+    def get_state(self, components: Any = None, *, not_components: Any = None, **kwargs: Any) -> dict[str, Any]:
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        if self._check_component(CORE_STATE, components, not_components):
+            core = {"env_steps_inserted": self.env_steps_inserted, "updates_done": self.updates_done}
+            if self._remote:
+                core["remote_env_runners"] = self.env_runner_group.foreach_env_runner(
+                    lambda r: r.get_state(not_components=[COMPONENT_RL_MODULE]), local_env_runner=False)
+            state[CORE_STATE] = core
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        core = state.get(CORE_STATE)
+        if core is None:
+            return
+        self.env_steps_inserted = int(core["env_steps_inserted"])
+        self.updates_done = int(core["updates_done"])
+        remote_states = core.get("remote_env_runners") or []
+        if remote_states and self._remote:
+            ids = self.env_runner_group.healthy_worker_ids()
+            if len(ids) != len(remote_states):
+                raise ValueError(f"checkpoint has {len(remote_states)} env runner states; this algorithm has "
+                                 f"{len(ids)} remote env runners (num_env_runners must match to restore)")
+            for wid, s in zip(sorted(ids), remote_states):
+                self.env_runner_group.foreach_env_runner(
+                    lambda r, s=s: r.set_state(s), local_env_runner=False, remote_worker_ids=[wid])

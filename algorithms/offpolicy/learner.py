@@ -1,0 +1,184 @@
+"""OffPolicyLearner: a TorchLearner that owns the tensor replay and runs K updates per call.
+
+The replay lives on the learner (on its device: a GPU learner samples on the GPU and nothing but new
+transitions crosses the process boundary). The algorithm calls, through
+``LearnerGroup.foreach_learner`` (a direct call for a local learner, a Ray call for a remote one):
+
+- ``insert(data)``: add T vector env steps {obs, action, reward, next_obs, terminated, truncated}
+  [T, E, ...] (numpy or tensors) to the replay, n-step returns computed on insert;
+- ``run_updates(num_updates, timesteps)``: ``num_updates`` gradient steps, each on a fresh batch of
+  ``train_batch_size_per_learner`` transitions sampled uniformly from the replay;
+- ``reduce_stats()``: once per iteration, the mean of every recorded statistic over the iteration's
+  updates, logged under ``(module_id, name)`` and returned as ``metrics.reduce()``.
+
+One update is RLlib's own sequence: ``module.forward_train(batch)`` -> ``compute_losses`` ->
+``compute_gradients`` -> ``postprocess_gradients`` (global-norm clipping per optimiser, ``grad_clip``)
+-> ``apply_gradients`` (optimiser steps; the network mixin's weight decay and NaP run after them),
+then the target networks are updated every ``target_update_period`` updates with
+``target_update_tau``. ``before/after_gradient_based_update`` run once per call (LR schedules, NaP
+statistics). Gradients stay on the parameters after the step (the plasticity diagnostic reads them).
+
+Subclasses implement ``compute_loss_for_module(module_id=, config=, batch=, fwd_out=)`` and call
+``self.record(module_id, name=tensor, ...)`` for statistics (detached scalars; averaged on the device,
+no host sync per update). Randomness inside losses should come from ``self.generator`` (seeded
+from the config's seed; saved in the learner state).
+
+Batch keys are the replay's fields (:data:`algorithms.offpolicy.replay.FIELDS`): ``obs, action,
+reward, next_obs, terminated, truncated, nstep_return, bootstrap_obs, bootstrap_discount, nstep``
+plus ``index``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import torch
+from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.core.rl_module.apis import TargetNetworkAPI
+from torch import Tensor
+
+from algorithms.networks.rllib import NetworkLearnerMixin
+from algorithms.offpolicy.module import update_target_networks
+from algorithms.offpolicy.replay import ONE_STEP_FIELDS, TensorReplay
+
+REPLAY_STATE = "replay"
+CORE_STATE = "offpolicy"
+
+
+class OffPolicyLearner(NetworkLearnerMixin, TorchLearner):
+    """Replay + K updates per call; see the module docstring."""
+
+    def build(self) -> None:
+        super().build()
+        if list(self.module.keys()) != [DEFAULT_MODULE_ID]:
+            raise ValueError(f"the off-policy core trains one module ({DEFAULT_MODULE_ID!r}); got {list(self.module.keys())}")
+        self.module.foreach_module(
+            lambda mid, mod: mod.make_target_networks() if isinstance(mod, TargetNetworkAPI) else None
+        )
+        self.module.foreach_module(lambda mid, mod: mod.to(self._device))
+        seed = int(self.config.seed or 0)
+        self.generator = torch.Generator(device=self._device).manual_seed(seed + 7919)
+        self.replay = self._make_replay(seed)
+        self.num_updates = 0
+        self._stats: dict[str, dict[str, Tensor]] = defaultdict(dict)
+        self._stat_counts: dict[str, int] = defaultdict(int)
+
+    def _make_replay(self, seed: int) -> TensorReplay:
+        cfg = self.config
+        module = self.module[DEFAULT_MODULE_ID].unwrapped()
+        obs_space, act_space = module.observation_space, module.action_space
+        discrete = act_space.shape == () or act_space.shape is None
+        num_envs = max(1, int(cfg.num_env_runners)) * int(cfg.num_envs_per_env_runner)
+        obs_dtype = torch.uint8 if obs_space.dtype == np.uint8 else torch.float32
+        return TensorReplay(
+            num_envs=num_envs,
+            obs_shape=obs_space.shape,
+            action_shape=() if discrete else act_space.shape,
+            action_dtype=torch.int64 if discrete else torch.float32,
+            obs_dtype=obs_dtype,
+            device=cfg.replay_device or self._device,
+            seed=seed,
+            **cfg.replay_config,
+        )
+
+    # -- statistics --------------------------------------------------------------------------------
+    def record(self, module_id: str, **stats: Tensor | float) -> None:
+        """Add one update's statistics (scalars) to the running sums of this iteration."""
+        sums = self._stats[module_id]
+        for name, value in stats.items():
+            v = value.detach().float() if isinstance(value, Tensor) else torch.tensor(float(value))
+            sums[name] = sums[name] + v if name in sums else v.clone()
+
+    def reduce_stats(self) -> dict[str, Any]:
+        """Log this iteration's mean of every recorded statistic, then return ``metrics.reduce()``."""
+        for module_id, sums in self._stats.items():
+            n = max(1, self._stat_counts[module_id])
+            for name, total in sums.items():
+                self.metrics.log_value((module_id, name), float(total) / n, window=1)
+            self.metrics.log_value((module_id, "num_updates_lifetime"), self.num_updates, window=1)
+            self.metrics.log_value((module_id, "replay_size"), len(self.replay), window=1)
+        self._stats.clear()
+        self._stat_counts.clear()
+        return self.metrics.reduce()
+
+    # -- data and updates ------------------------------------------------------------------------
+    def insert(self, data: dict[str, Any]) -> int:
+        """Add T vector steps [T, E, ...] to the replay; returns the transitions written."""
+        written = 0
+        steps = int(np.shape(data["reward"])[0])
+        tensors = {k: torch.as_tensor(np.asarray(data[k]) if not isinstance(data[k], Tensor) else data[k])
+                   for k in ONE_STEP_FIELDS}
+        for t in range(steps):
+            written += self.replay.add(*(tensors[k][t] for k in ONE_STEP_FIELDS))
+        return written
+
+    def run_updates(self, num_updates: int, timesteps: dict[str, Any]) -> int:
+        """``num_updates`` gradient steps on fresh replay batches; returns the updates done in total."""
+        if num_updates <= 0:
+            return self.num_updates
+        if len(self.replay) == 0:
+            raise RuntimeError("run_updates called on an empty replay: raise learning_starts")
+        self.before_gradient_based_update(timesteps=timesteps)
+        cfg = self.config
+        batch_size = int(cfg.train_batch_size_per_learner)
+        pairs = self.module[DEFAULT_MODULE_ID].unwrapped().get_target_network_pairs()
+        for _ in range(num_updates):
+            batch = {DEFAULT_MODULE_ID: self.replay.sample(batch_size)}
+            fwd_out = self.module.forward_train(batch)
+            loss_per_module = self.compute_losses(fwd_out=fwd_out, batch=batch)
+            gradients = self.compute_gradients(loss_per_module)
+            gradients = self.postprocess_gradients(gradients)
+            self.apply_gradients(gradients)
+            self.num_updates += 1
+            self._stat_counts[DEFAULT_MODULE_ID] += 1
+            self.record(DEFAULT_MODULE_ID, total_loss=loss_per_module[DEFAULT_MODULE_ID])
+            if self.num_updates % int(cfg.target_update_period) == 0:
+                update_target_networks(pairs, float(cfg.target_update_tau))
+        self.after_gradient_based_update(timesteps=timesteps)
+        return self.num_updates
+
+    def postprocess_gradients_for_module(self, *, module_id: str, config: Any = None,
+                                         module_gradients_dict: dict) -> dict:
+        """Clip each optimiser's gradients to global norm ``grad_clip`` and record the norm before clipping."""
+        if config.grad_clip is None:
+            return module_gradients_dict
+        for name, optimizer in self.get_optimizers_for_module(module_id):
+            grads = list(self.filter_param_dict_for_optimizer(module_gradients_dict, optimizer).values())
+            if grads:
+                norm = _clip_(grads, float(config.grad_clip))
+                self.record(module_id, **{f"{name}_grad_norm": norm})
+        return module_gradients_dict
+
+    # -- state -----------------------------------------------------------------------------------
+    def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        if self._check_component(CORE_STATE, components, not_components):
+            state[CORE_STATE] = {"num_updates": self.num_updates, "generator": self.generator.get_state()}
+            if not self.config.checkpoint_replay:
+                # Without the replay only its counters, so the ratio bookkeeping stays consistent.
+                state[CORE_STATE]["replay_counters"] = {
+                    "num_env_steps": self.replay.num_env_steps, "num_transitions": self.replay.num_transitions}
+        if self.config.checkpoint_replay and self._check_component(REPLAY_STATE, components, not_components):
+            state[REPLAY_STATE] = self.replay.state_dict()
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        core = state.get(CORE_STATE)
+        if core is not None:
+            self.num_updates = int(core["num_updates"])
+            self.generator.set_state(core["generator"])
+        if REPLAY_STATE in state:
+            self.replay.load_state_dict(state[REPLAY_STATE])
+
+
+def _clip_(grads: list[Tensor], max_norm: float) -> Tensor:
+    """In place: g ← g · min(1, c / ‖g‖) over the joint (global) norm ‖g‖ of ``grads``; returns ‖g‖."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(scale)
+    return norm

@@ -1,0 +1,137 @@
+"""WPOConfig: Wasserstein Policy Optimization on the off-policy core.
+
+Defaults follow the reference configuration in REFERENCE.md (Acme's WPO config: samples per insert 32,
+N = 20 action samples, Adam lr 1e-4, batch 256, γ 0.99, 5-step returns, grad-norm clip 40, hard target
+update every 100 learner steps, replay 1M, learning starts at 1000, Gaussian init scale 0.5, decoupled
+KL with fixed α: ε_μ 0.0025, ε_σ 1e-6, log α_μ 0, log α_σ 10 000).
+
+Networks: with ``network`` unset, REFERENCE.md's architecture (policy and critic MLPs 256-256-256 with
+LayerNorm + tanh after the first layer, then ELU). A spec ``network`` block replaces it for both
+networks (hidden widths, norm, activation, NaP, weight decay, LR schedule all apply).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.rllib.algorithms.algorithm_config import NotProvided
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+from algorithms.offpolicy.config import OffPolicyConfig, _check
+
+
+class WPOConfig(OffPolicyConfig):
+    """WPO hyperparameters; see the module docstring for their sources."""
+
+    def __init__(self, algo_class: type | None = None):
+        from algorithms.wpo.algorithm import WPO
+
+        super().__init__(algo_class=algo_class or WPO)
+        self.samples_per_insert = 32.0
+        self.lr = 1e-4
+        self.train_batch_size_per_learner = 256
+        self.gamma = 0.99
+        self.n_step = 5
+        self.grad_clip = 40.0
+        self.target_update_period = 100
+        self.target_update_tau = 1.0
+        self.replay_capacity = 1_000_000
+        self.learning_starts = 1000
+        self.num_action_samples: int = 20
+        """N: actions sampled per state for the policy loss."""
+        self.num_target_action_samples: int = 20
+        """M: target-policy actions averaged in the expected-SARSA critic target."""
+        self.policy_lr: float | None = None
+        """Policy Adam learning rate (None: ``lr``)."""
+        self.critic_lr: float | None = None
+        """Critic Adam learning rate (None: ``lr``)."""
+        self.init_scale: float = 0.5
+        """Policy std at a zero pre-activation: std = softplus(x)·init_scale/softplus(0) + 1e-6."""
+        self.epsilon_mean: float = 0.0025
+        """ε_μ: KL bound of the mean (used by the dual loss and reported as kl_mean_rel)."""
+        self.epsilon_stddev: float = 1e-6
+        """ε_σ: KL bound of the std."""
+        self.init_log_alpha_mean: float = 0.0
+        """Initial log α_μ (α = softplus(log α) + 1e-8)."""
+        self.init_log_alpha_stddev: float = 10_000.0
+        """Initial log α_σ."""
+        self.dual_learning: bool = False
+        """Learn α with the MPO dual loss (the reference keeps α fixed)."""
+        self.dual_lr: float = 1e-2
+        """Adam learning rate of log α when dual_learning."""
+        self.squash_grad_q: str = "none"
+        """none | cube_root: squashing of ∇_a Q in the policy loss."""
+        self.policy_hidden: list[int] = [256, 256, 256]
+        """Policy widths of the reference architecture (ignored when ``network`` is set)."""
+        self.critic_hidden: list[int] = [256, 256, 256]
+        """Critic widths of the reference architecture (ignored when ``network`` is set)."""
+
+    def training(
+        self,
+        *,
+        num_action_samples: int | None = NotProvided,
+        num_target_action_samples: int | None = NotProvided,
+        policy_lr: float | None = NotProvided,
+        critic_lr: float | None = NotProvided,
+        init_scale: float | None = NotProvided,
+        epsilon_mean: float | None = NotProvided,
+        epsilon_stddev: float | None = NotProvided,
+        init_log_alpha_mean: float | None = NotProvided,
+        init_log_alpha_stddev: float | None = NotProvided,
+        dual_learning: bool | None = NotProvided,
+        dual_lr: float | None = NotProvided,
+        squash_grad_q: str | None = NotProvided,
+        policy_hidden: list[int] | None = NotProvided,
+        critic_hidden: list[int] | None = NotProvided,
+        **kwargs: Any,
+    ) -> WPOConfig:
+        """WPO's settings (plus the off-policy core's and AlgorithmConfig.training's)."""
+        given = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")}
+        super().training(**kwargs)
+        for key, value in given.items():
+            if value is not NotProvided:
+                setattr(self, key, value)
+        return self
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("num_action_samples", "num_target_action_samples"):
+            v = getattr(self, key)
+            _check(isinstance(v, int) and v >= 1, key, v, "an int >= 1")
+        for key in ("init_scale", "epsilon_mean", "epsilon_stddev", "dual_lr"):
+            v = getattr(self, key)
+            _check(isinstance(v, int | float) and v > 0, key, v, "a number > 0")
+        for key in ("policy_lr", "critic_lr"):
+            v = getattr(self, key)
+            _check(v is None or (isinstance(v, int | float) and v > 0), key, v, "None or a number > 0")
+        _check(self.squash_grad_q in ("none", "cube_root"), "squash_grad_q", self.squash_grad_q,
+               "none, cube_root")
+        for key in ("policy_hidden", "critic_hidden"):
+            v = getattr(self, key)
+            _check(isinstance(v, list | tuple) and len(v) >= 1 and all(isinstance(w, int) and w >= 1 for w in v),
+                   key, v, "a non-empty list of ints >= 1")
+        import gymnasium as gym
+
+        space = self.action_space
+        if space is not None:
+            _check(isinstance(space, gym.spaces.Box), "action_space", space, "a Box (WPO is for continuous actions)")
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        from algorithms.wpo.module import WPOModule
+
+        return RLModuleSpec(module_class=WPOModule)
+
+    def get_default_learner_class(self) -> type:
+        from algorithms.wpo.learner import WPOLearner
+
+        return WPOLearner
+
+    @property
+    def _model_config_auto_includes(self) -> dict[str, Any]:
+        return super()._model_config_auto_includes | {
+            "init_scale": float(self.init_scale),
+            "policy_hidden": list(self.policy_hidden),
+            "critic_hidden": list(self.critic_hidden),
+            "init_log_alpha_mean": float(self.init_log_alpha_mean),
+            "init_log_alpha_stddev": float(self.init_log_alpha_stddev),
+        }

@@ -1,0 +1,131 @@
+"""WPO losses as pure functions (Pfau et al., "Wasserstein Policy Optimization", ICML 2025, arXiv 2505.00663).
+
+Shape letters: B batch of states, N sampled actions per state, D action dimensions. Every function
+takes tensors (network outputs, samples) and returns tensors; no networks, no RLlib.
+
+The WPO update for policy parameters θ is (paper, eq. 6 with the Fisher preconditioner)
+
+    Δθ = F⁻¹ · E_{s, a~π}[ ∇_θ ∇_a log π_θ(a|s) · ∇_a Q(s, a) ].
+
+For a diagonal Gaussian π = N(μ, diag σ²) the Fisher over (μ, σ) per dimension is diag(1/σ², 2/σ²), so
+F⁻¹ scales the gradient reaching μ by σ² and the one reaching σ by σ²/2 (:func:`fisher_preconditioned`
+does this without changing forward values). Per dimension the update is then
+
+    Δμ ∝ E[∇_a Q],    Δσ ∝ E[((a − μ)/σ) · ∇_a Q].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def fisher_preconditioned(mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
+    """(μ', σ') equal to (μ, σ) in value whose gradients reach (μ, σ) scaled by (σ², σ²/2) (REFERENCE.md, WPO):
+
+        μ' = sg(σ²)·μ + sg((1 − σ²)·μ),    σ' = sg(σ²/2)·σ + sg((1 − σ²/2)·σ)      (sg = stop-gradient)
+
+    Args: mean, std: [..., D]. Returns (μ', σ') of the same shape.
+    """
+    var = std.detach().square()
+    mean_p = var * mean + ((1.0 - var) * mean).detach()
+    std_p = 0.5 * var * std + ((1.0 - 0.5 * var) * std).detach()
+    return mean_p, std_p
+
+
+def gaussian_grad_log_prob(actions: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """∇_a log N(a; μ, diag σ²) = −(a − μ)/σ², with a graph to (μ, σ) and ``actions`` held constant.
+
+    Args: actions [N, B, D]; mean, std [B, D]. Returns [N, B, D].
+    """
+    return -(actions.detach() - mean.unsqueeze(0)) / std.unsqueeze(0).square()
+
+
+def cube_root(x: Tensor) -> Tensor:
+    """sign(x)·|x|^(1/3): optional squashing of ∇_a Q (the paper's variant for large action gradients)."""
+    return torch.sign(x) * x.abs().pow(1.0 / 3.0)
+
+
+def wpo_policy_loss(grad_log_prob: Tensor, grad_q: Tensor, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """−mean_b Σ_n Σ_d ∇_a log π(a_n|s_b) · ∇_a Q(s_b, a_n)   (Pfau et al. 2025, eq. 6; REFERENCE.md).
+
+    Args:
+        grad_log_prob: [N, B, D] ∇_a log π at the sampled actions, with a graph to the policy (use
+            :func:`gaussian_grad_log_prob` on :func:`fisher_preconditioned` parameters for WPO's update).
+        grad_q: [N, B, D] ∇_a Q(s, a_n) from the online critic; detached here.
+        mask: [B] 1 for states that get a policy update, 0 for masked (terminal) states; default all 1.
+            The mean is over the unmasked states.
+
+    Returns the scalar loss and statistics (``grad_q_abs_mean``, ``grad_q_norm``).
+    """
+    grad_q = grad_q.detach()
+    per_state = (grad_log_prob * grad_q).sum(dim=(0, 2))  # [B]
+    if mask is None:
+        loss = -per_state.mean()
+    else:
+        mask = mask.to(per_state.dtype)
+        loss = -(per_state * mask).sum() / mask.sum().clamp_min(1.0)
+    stats = {"grad_q_abs_mean": grad_q.abs().mean(), "grad_q_norm": grad_q.norm(dim=-1).mean()}
+    return loss, stats
+
+
+def decoupled_gaussian_kl(
+    target_mean: Tensor, target_std: Tensor, mean: Tensor, std: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-dimension decoupled KLs from the target policy (MPO style; Abdolmaleki et al. 2018):
+
+        KL_μ = KL(N(μ_t, σ_t) ‖ N(μ, σ_t)) = (μ − μ_t)² / (2 σ_t²)
+        KL_σ = KL(N(μ_t, σ_t) ‖ N(μ_t, σ)) = log(σ/σ_t) + σ_t² / (2 σ²) − 1/2
+
+    Args: [B, D] each (target ones are detached). Returns (KL_μ, KL_σ), each [B, D].
+    """
+    target_mean, target_std = target_mean.detach(), target_std.detach()
+    kl_mean = (mean - target_mean).square() / (2.0 * target_std.square())
+    kl_std = torch.log(std / target_std) + target_std.square() / (2.0 * std.square()) - 0.5
+    return kl_mean, kl_std
+
+
+def alpha_from_log(log_alpha: Tensor) -> Tensor:
+    """α = softplus(log α) + 1e-8 (REFERENCE.md: the KL penalty weights)."""
+    return F.softplus(log_alpha) + 1e-8
+
+
+def kl_penalty(
+    kl_mean: Tensor, kl_std: Tensor, log_alpha_mean: Tensor, log_alpha_std: Tensor,
+    epsilon_mean: float, epsilon_std: float,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Penalty α_μ·Σ_d mean_b KL_μ + α_σ·Σ_d mean_b KL_σ (α held constant) and the MPO dual loss
+    α_μ·Σ_d(ε_μ − sg(mean_b KL_μ)) + α_σ·Σ_d(ε_σ − sg(mean_b KL_σ)) that learns α when its log α
+    require gradients (REFERENCE.md: the reference keeps α fixed).
+
+    Args: kl_mean, kl_std [B, D]; log_alpha_mean, log_alpha_std scalars or [D].
+    Returns (penalty, dual_loss, statistics).
+    """
+    kl_m, kl_s = kl_mean.mean(0), kl_std.mean(0)  # [D]
+    alpha_m, alpha_s = alpha_from_log(log_alpha_mean), alpha_from_log(log_alpha_std)
+    penalty = (alpha_m.detach() * kl_m).sum() + (alpha_s.detach() * kl_s).sum()
+    dual = (alpha_m * (epsilon_mean - kl_m.detach())).sum() + (alpha_s * (epsilon_std - kl_s.detach())).sum()
+    stats = {
+        "kl_mean": kl_m.sum(), "kl_std": kl_s.sum(),
+        "kl_mean_rel": kl_m.mean() / epsilon_mean, "kl_std_rel": kl_s.mean() / epsilon_std,
+        "alpha_mean": alpha_m.detach().mean(), "alpha_std": alpha_s.detach().mean(),
+    }
+    return penalty, dual, stats
+
+
+def expected_sarsa_targets(nstep_return: Tensor, bootstrap_discount: Tensor, target_q: Tensor) -> Tensor:
+    """y = R_t^(n) + γ^{n'}·(1 − terminal)·mean_m Q_targ(s_{t+n'}, a'_m),  a'_m ~ π_targ(·|s_{t+n'}).
+
+    Args: nstep_return [B], bootstrap_discount [B] (γ^{n'}·(1 − terminated), from the replay),
+    target_q [M, B] target critic at M target-policy actions. Returns [B] (no gradient).
+    """
+    return (nstep_return + bootstrap_discount * target_q.mean(0)).detach()
+
+
+def critic_loss(q: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """0.5·mean_b (y_b − Q(s_b, a_b))² (REFERENCE.md: plain scalar critic). Args: q, targets [B]."""
+    td = targets.detach() - q
+    loss = 0.5 * td.square().mean()
+    return loss, {"q_mean": q.detach().mean(), "q_min": q.detach().min(), "q_max": q.detach().max(),
+                  "target_q_mean": targets.mean(), "td_error_abs_mean": td.detach().abs().mean()}

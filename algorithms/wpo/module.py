@@ -1,0 +1,106 @@
+"""WPOModule: diagonal Gaussian policy and scalar Q critic, built by algorithms.networks.
+
+Reference architecture (REFERENCE.md, WPO; used when the config's ``network`` block is unset):
+- policy: obs -> Linear(256) -> LayerNorm -> tanh -> [Linear(256) -> ELU] x 2 -> Linear(2D);
+  mean = first D outputs, std = softplus(x)·init_scale/softplus(0) + 1e-6 (no tanh squashing);
+- critic: concat(obs, action) -> the same torso -> Linear(1).
+With a ``network`` block both torsos are ``build_mlp(in, out, block)``.
+
+Targets (``target_policy``, ``target_critic``) are frozen copies made by the learner. Env runners
+build the module with ``inference_only=True``: the policy only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from ray.rllib.core.columns import Columns
+from torch import Tensor, nn
+
+from algorithms.networks.builders import build_mlp
+from algorithms.networks.config import NetworkConfig
+from algorithms.offpolicy.module import OffPolicyRLModule
+
+_SOFTPLUS_0 = math.log(2.0)
+
+
+def reference_mlp(in_dim: int, hidden: list[int], out_dim: int) -> nn.Sequential:
+    """Acme's LayerNorm MLP through our builders: Linear -> LayerNorm -> tanh, then Linear -> ELU blocks, then out."""
+    first = build_mlp(in_dim, None, NetworkConfig(hidden=hidden[:1], norm="layer", activation="tanh"))
+    rest = build_mlp(hidden[0], out_dim, NetworkConfig(hidden=list(hidden[1:]), activation="elu"))
+    return nn.Sequential(first, rest)
+
+
+def make_mlp(in_dim: int, out_dim: int, block: NetworkConfig | None, hidden: list[int]) -> nn.Module:
+    return build_mlp(in_dim, out_dim, block) if block is not None else reference_mlp(in_dim, hidden, out_dim)
+
+
+class GaussianPolicy(nn.Module):
+    """obs [..., O] -> (mean [..., D], std [..., D]); std = softplus(x)·init_scale/softplus(0) + 1e-6."""
+
+    def __init__(self, net: nn.Module, action_dim: int, init_scale: float):
+        super().__init__()
+        self.net = net
+        self.action_dim = action_dim
+        self.init_scale = init_scale
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.net(obs)
+        mean, pre_std = out[..., : self.action_dim], out[..., self.action_dim :]
+        std = F.softplus(pre_std) * (self.init_scale / _SOFTPLUS_0) + 1e-6
+        return mean, std
+
+
+class QCritic(nn.Module):
+    """(obs [..., O], action [..., D]) -> Q [...]."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, obs: Tensor, action: Tensor) -> Tensor:
+        return self.net(torch.cat([obs, action], dim=-1)).squeeze(-1)
+
+
+class WPOModule(OffPolicyRLModule):
+    """Policy (``policy``), critic (``critic``, learner only) and the KL weights' log α (learner only)."""
+
+    TARGET_NETWORKS = ("policy", "critic")
+    LEARNER_ONLY = ("critic", "log_alpha_mean", "log_alpha_stddev")
+
+    def setup(self) -> None:
+        mc: dict[str, Any] = dict(self.model_config or {})
+        obs_dim = int(self.observation_space.shape[0])
+        act_dim = int(self.action_space.shape[0])
+        if len(self.observation_space.shape) != 1:
+            raise ValueError(f"WPO: observations must be flat vectors [D], got shape {self.observation_space.shape}")
+        block = self.network_config
+        self.policy = GaussianPolicy(make_mlp(obs_dim, 2 * act_dim, block, list(mc.get("policy_hidden", [256] * 3))),
+                                     act_dim, float(mc.get("init_scale", 0.5)))
+        if not self.inference_only:
+            self.critic = QCritic(make_mlp(obs_dim + act_dim, 1, block, list(mc.get("critic_hidden", [256] * 3))))
+            self.log_alpha_mean = nn.Parameter(torch.tensor(float(mc.get("init_log_alpha_mean", 0.0))))
+            self.log_alpha_stddev = nn.Parameter(torch.tensor(float(mc.get("init_log_alpha_stddev", 10_000.0))))
+
+    def act(self, obs: Tensor, *, explore: bool, generator: torch.Generator | None) -> Tensor:
+        mean, std = self.policy(obs.float())
+        if not explore:
+            return mean
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + std * noise
+
+    def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        mean, std = self.policy(batch[Columns.OBS].float())
+        return {Columns.ACTION_DIST_INPUTS: torch.cat([mean, std.log()], dim=-1)}
+
+    def _forward_train(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return {}  # the learner calls the networks it needs (several forwards per loss)
+
+    def plasticity_probe_forward(self, batch: dict[str, Any]) -> Tensor:
+        """Probe forward for the plasticity diagnostic: policy on obs, critic at the policy mean."""
+        obs = batch[Columns.OBS].float()
+        mean, _ = self.policy(obs)
+        return self.critic(obs, mean) if hasattr(self, "critic") else mean
