@@ -28,8 +28,3 @@ register_task("digits_shifting_regression", "algorithms.tasks.digits:DigitsShift
 from algorithms.registry import register_algorithm  # noqa: E402
 
 register_algorithm("WPO", "algorithms.wpo.algorithm:WPO")
-
-# Algorithms on the off-policy core (issue 4).
-from algorithms.registry import register_algorithm  # noqa: E402
-
-register_algorithm("WPO", "algorithms.wpo.algorithm:WPO")
