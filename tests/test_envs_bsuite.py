@@ -122,3 +122,26 @@ def test_every_bsuite_id_loads_and_steps(experiment):
         assert obs.dtype == np.float32 and obs.ndim == 1 and env.observation_space.contains(obs)
         obs, reward, *_ = env.step(env.action_space.sample())
         assert obs.shape == env.observation_space.shape and np.isfinite(reward)
+
+
+def test_scoring_info_survives_rllib_env_runner_and_feeds_the_log():
+    """What an RLlib callback sees: info["bsuite"] on each episode's last step, from vectorised copies."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
+
+    from algorithms.diagnostics.bsuite_scoring import BsuiteEpisodeLog
+
+    runner = SingleAgentEnvRunner(
+        config=PPOConfig().environment("bsuite/deep_sea-0").env_runners(num_envs_per_env_runner=2)
+    )
+    try:
+        episodes = runner.sample(num_episodes=6, random_actions=True)
+        log = BsuiteEpisodeLog(grid="every")
+        for episode in episodes:
+            assert episode.is_done and len(episode) == 10
+            log.add_info("deep_sea/0", episode.get_infos(-1))
+        assert log.num_episodes("deep_sea/0") == 6
+        bad = log.metrics()["exploration/deep_sea/bad_fraction/size_10"]
+        assert bad in {k / 6 for k in range(7)}
+    finally:
+        runner.stop()
