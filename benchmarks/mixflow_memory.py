@@ -10,9 +10,9 @@ steps on batches weighted by softmax(rater scores) over the batch, outer loss on
 meta-gradient w.r.t. the rater parameters. float32, CPU, inner optimiser SGD (``--opt adam`` too).
 
 Models (moderate sizes for a shared 2-core machine):
-- ``mlp``: 3x512 tanh MLP on 64 inputs, 10 classes, batch 512; rater MLP 74->64->1.
+- ``mlp``: 3x512 tanh MLP on 64 inputs, 10 classes, batch 256; rater MLP 74->64->1.
 - ``lm``: byte-level causal transformer, d_model 128, 4 heads, 2 layers, d_ff 512, sequence 64,
-  batch 16; rater: non-causal byte transformer d_model 32, 1 layer, mean-pooled score.
+  batch 8; rater: non-causal byte transformer d_model 32, 1 layer, mean-pooled score.
 
 Memory: ``peak_live_bytes`` is the peak of the allocator's live bytes during the meta-gradient step,
 relative to the live bytes just before it (inputs, parameters and batches already allocated are the
@@ -20,7 +20,12 @@ baseline). It is computed from torch.profiler's allocation events (``profile_mem
 ``[memory]`` event per c10 CPU allocation (+bytes) and free (−bytes)), as the maximum of their
 running sum in time order. This sees the bytes tensors actually hold, unlike process RSS, which keeps
 freed pages (``rss_delta_bytes``, from ru_maxrss, is reported too for comparison). Time: wall time of
-one step without the profiler (min over ``reps`` runs after one warm-up step).
+one step without the profiler (min over ``reps`` runs after one warm-up step), and the process CPU
+time of the same step (``cpu_time_s``; all runs use one torch thread), which is less disturbed by
+other load on a shared machine than wall time.
+
+``microbatch``: examples per chunk in the MixFlow engines' gradient and JVP and in every engine's
+outer gradient (0: whole batch; the grid measures MixFlow both ways).
 
 One JSON line per (model, T, engine, opt) is printed as it is measured and appended to
 benchmarks/results/mixflow_memory.jsonl; configurations already in that file are skipped.
@@ -63,8 +68,8 @@ def build_problem(model: str, seed: int = 0, microbatch: int | None = None):
         f_net, f_rater = functional(net), functional(rater)
 
         def batch():
-            x = torch.randn(512, 64, generator=g)
-            y = torch.randint(0, 10, (512,), generator=g)
+            x = torch.randn(256, 64, generator=g)
+            y = torch.randint(0, 10, (256,), generator=g)
             return Batch(x, y, torch.cat([x, nn.functional.one_hot(y, 10).float()], 1))
 
         inner = make_inner_loss(f_net, lambda m, r: f_rater(m, r).squeeze(-1), classification_per_example_loss,
@@ -76,7 +81,7 @@ def build_problem(model: str, seed: int = 0, microbatch: int | None = None):
                                 pooled_score=True)
 
         def batch():
-            t = torch.randint(0, 256, (16, 64), generator=g)
+            t = torch.randint(0, 256, (8, 64), generator=g)
             return Batch(t, t, t)
 
         inner = make_inner_loss(functional(net), functional(rater), lm_per_example_loss, microbatch)
@@ -105,7 +110,7 @@ def measure_one(cfg: dict) -> dict:
     from algorithms.meta.functional import tensor_bytes
 
     torch.set_num_threads(cfg.get("threads", 1))
-    inner, outer, theta, eta, batch = build_problem(cfg["model"])
+    inner, outer, theta, eta, batch = build_problem(cfg["model"], microbatch=cfg.get("microbatch") or None)
     opt = make_inner_optimizer(cfg["opt"], 0.1 if cfg["opt"] == "sgd" else 1e-3)
     T = cfg["T"]
     batches, out_batch = [batch() for _ in range(T)], batch()
@@ -115,11 +120,12 @@ def measure_one(cfg: dict) -> dict:
         return meta_gradient(inner, outer, opt, theta, state, eta, bs, out_batch, cfg["engine"])
 
     step(batches[:1])  # warm-up: first-call costs (dispatcher, torch.func setup) out of the timing
-    times = []
+    times, cpu_times = [], []
     for _ in range(cfg.get("reps", 1)):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r = step(batches)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     del r
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -130,24 +136,31 @@ def measure_one(cfg: dict) -> dict:
         "peak_live_bytes": peak_from_profile(prof),
         "rss_delta_bytes": (rss1 - rss0) * 1024,
         "time_s": min(times),
+        "cpu_time_s": min(cpu_times),
         "param_bytes": tensor_bytes(theta),
         "rater_param_bytes": tensor_bytes(eta),
         "torch": torch.__version__,
     }
 
 
+MICROBATCH = {"mlp": 64, "lm": 2}
+"""Examples per chunk for the MixFlow JVP and the outer gradient (0 = whole batch)."""
+
+
 def key(cfg: dict) -> tuple:
-    return (cfg["model"], cfg["T"], cfg["engine"], cfg["opt"])
+    return (cfg["model"], cfg["T"], cfg["engine"], cfg["opt"], cfg["microbatch"])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--one", help="measure one JSON config in this process and print its result")
-    ap.add_argument("--models", nargs="+", default=["mlp", "lm"])
+    ap.add_argument("--models", nargs="+", default=["lm", "mlp"])
     ap.add_argument("--T", nargs="+", type=int, default=[2, 4, 8, 32])
     ap.add_argument("--engines", nargs="+", default=list(ENGINES))
     ap.add_argument("--opt", nargs="+", default=["sgd"])
     ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--whole-batch-T", nargs="*", type=int, default=[8],
+                    help="T values at which MixFlow is also measured without microbatching")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if args.one:
@@ -160,8 +173,13 @@ def main() -> None:
     for model in args.models:
         for T in args.T:
             for opt in args.opt:
-                for engine in args.engines:
-                    cfg = {"model": model, "T": T, "engine": engine, "opt": opt, "reps": args.reps}
+                runs = [(e, MICROBATCH[model]) for e in args.engines]
+                # MixFlow on the whole batch too, to show what microbatching the JVP buys.
+                if T in args.whole_batch_T:
+                    runs += [(e, 0) for e in args.engines if e.startswith("mixflow")]
+                for engine, microbatch in runs:
+                    cfg = {"model": model, "T": T, "engine": engine, "opt": opt, "microbatch": microbatch,
+                           "reps": args.reps}
                     if key(cfg) in done:
                         continue
                     proc = subprocess.run(
