@@ -17,6 +17,7 @@ from algorithms.uncertainty import (
     fisher_full,
     flatten_params,
     full_posterior_covariance,
+    mean_sq_grad_fast,
     module_fn,
     module_params,
     per_example_jacobian,
@@ -303,6 +304,37 @@ def test_running_fisher_state_dict_roundtrip_continues_identically():
     other = RunningDiagonalFisher({"w": torch.zeros(3)}, damping=1.0)
     with pytest.raises(ValueError, match="names"):
         other.load_state_dict(est.state_dict())
+
+
+def test_fast_diagonal_matches_per_example_gradients_for_mlp_with_layernorm():
+    torch.manual_seed(6)
+    net = nn.Sequential(
+        nn.Linear(3, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)
+    ).to(F64)
+    params = module_params(net)
+    s = torch.randn(10, 3, dtype=F64)
+    a = torch.randint(0, 4, (10,))
+    # vector output (K = 4, one backward per output) and Q(s, a)
+    expected = fisher_diagonal(module_fn(net), params, s)
+    torch.testing.assert_close(mean_sq_grad_fast(net, lambda m: m(s)), expected, rtol=1e-10, atol=1e-14)
+    expected_sa = fisher_diagonal(module_fn(net, indexed=True), params, (s, a))
+    got_sa = mean_sq_grad_fast(net, lambda m: m(s).gather(1, a[:, None])[:, 0])
+    torch.testing.assert_close(got_sa, expected_sa, rtol=1e-10, atol=1e-14)
+
+    slow = RunningDiagonalFisher(params, damping=1e-2, mode="ema", decay=0.9, noise_var=0.5)
+    fast = RunningDiagonalFisher(params, damping=1e-2, mode="ema", decay=0.9, noise_var=0.5)
+    for _ in range(2):
+        slow.update_from(module_fn(net, indexed=True), params, (s, a))
+        fast.update_from_module(net, lambda m: m(s).gather(1, a[:, None])[:, 0])
+    torch.testing.assert_close(fast.fisher, slow.fisher, rtol=1e-10, atol=1e-14)
+    assert fast.count == slow.count == 20
+
+    conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(2, 1))
+    with pytest.raises(ValueError, match=r"'0.weight' belongs to Conv1d"):
+        mean_sq_grad_fast(conv, lambda m: m(torch.randn(4, 1, 3))[:, 0])
+    shared = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="must run once"):
+        mean_sq_grad_fast(shared, lambda m: m(m(torch.randn(4, 2))).sum(1))
 
 
 # ---------------------------------------------------------------- posterior sampling

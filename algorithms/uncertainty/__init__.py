@@ -1,7 +1,8 @@
 """Delta Variances and Fisher estimates for any torch module (REFERENCE.md: EVE, Delta Variances).
 
 - :func:`delta_variance`: Var[u_θ(z)] ≈ ∇_θuᵀ Σ ∇_θu for any differentiable quantity of interest.
-- :func:`fisher_full`, :func:`fisher_diagonal`, :class:`RunningDiagonalFisher`: F = E[∇_θu ∇_θuᵀ]/σ².
+- :func:`fisher_full`, :func:`fisher_diagonal`, :class:`RunningDiagonalFisher`: F = E[∇_θu ∇_θuᵀ]/σ²;
+  :func:`mean_sq_grad_fast` gives diag F for MLPs without per-example gradients.
 - :func:`diagonal_posterior_covariance`, :func:`full_posterior_covariance`: Σ = (N·F + λ)⁻¹.
 - :func:`sample_posterior`: θ̃ = θ̂ + (N·diag F + λ)^{-1/2} ε (EVE's Thompson sample).
 """
@@ -13,7 +14,12 @@ from algorithms.uncertainty.delta import (
     diagonal_posterior_covariance,
     full_posterior_covariance,
 )
-from algorithms.uncertainty.fisher import RunningDiagonalFisher, fisher_diagonal, fisher_full
+from algorithms.uncertainty.fisher import (
+    RunningDiagonalFisher,
+    fisher_diagonal,
+    fisher_full,
+    mean_sq_grad_fast,
+)
 from algorithms.uncertainty.jacobian import per_example_jacobian
 from algorithms.uncertainty.params import (
     Params,
@@ -36,6 +42,7 @@ __all__ = [
     "fisher_full",
     "flatten_params",
     "full_posterior_covariance",
+    "mean_sq_grad_fast",
     "module_fn",
     "module_params",
     "num_params",
