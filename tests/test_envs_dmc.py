@@ -183,3 +183,15 @@ def test_rllib_remote_env_runner_builds_dmc_env_by_name(ray_local):
         assert spaces == [((5,), (1,))]
     finally:
         algo.stop()
+
+
+def test_module_prefixed_id_registers_in_a_fresh_process():
+    """`algorithms.envs:dmc/...` works where nobody imported algorithms.envs (gymnasium imports it)."""
+    import subprocess
+    import sys
+
+    code = ("import gymnasium, sys; assert 'algorithms' not in sys.modules; "
+            "e = gymnasium.make('algorithms.envs:dmc/cartpole-swingup'); print(e.reset(seed=0)[0].shape)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(5,)"
