@@ -95,6 +95,15 @@ def test_time_limit_is_truncation_and_action_repeat_shortens_episode():
             assert truncated == (t == expected_len), (repeat, t)
 
 
+def test_time_limit_override_in_seconds():
+    env = gymnasium.make("dmc/cartpole-balance", time_limit=0.5)  # control timestep 0.01 s -> 50 steps
+    env.reset(seed=0)
+    flags = [env.step(np.zeros(1, np.float32))[2:4] for _ in range(50)]
+    assert flags == [(False, False)] * 49 + [(False, True)]
+    with pytest.raises(ValueError, match="time_limit"):
+        gymnasium.make("dmc/cartpole-balance", time_limit=0)
+
+
 def test_action_repeat_sums_rewards():
     actions = np.random.default_rng(1).uniform(-1, 1, size=(20, 1)).astype(np.float32)
     single = gymnasium.make("dmc/cartpole-swingup")
