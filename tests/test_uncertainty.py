@@ -12,6 +12,7 @@ from torch import nn
 from algorithms.uncertainty import (
     RunningDiagonalFisher,
     delta_variance,
+    delta_variance_fast,
     diagonal_posterior_covariance,
     fisher_diagonal,
     fisher_full,
@@ -328,6 +329,17 @@ def test_fast_diagonal_matches_per_example_gradients_for_mlp_with_layernorm():
         fast.update_from_module(net, lambda m: m(s).gather(1, a[:, None])[:, 0])
     torch.testing.assert_close(fast.fisher, slow.fisher, rtol=1e-10, atol=1e-14)
     assert fast.count == slow.count == 20
+
+    # Delta Variance with a diagonal Σ, scalar and vector outputs, flat or by name
+    d = torch.rand(sum(p.numel() for p in params.values()), dtype=F64) + 0.1
+    torch.testing.assert_close(
+        delta_variance_fast(net, lambda m: m(s).gather(1, a[:, None])[:, 0], d),
+        delta_variance(module_fn(net, indexed=True), params, (s, a), d), rtol=1e-10, atol=1e-14,
+    )
+    torch.testing.assert_close(
+        delta_variance_fast(net, lambda m: m(s), unflatten_like(d, params)),
+        delta_variance(module_fn(net), params, s, d, output_covariance=False), rtol=1e-10, atol=1e-14,
+    )
 
     conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(2, 1))
     with pytest.raises(ValueError, match=r"'0.weight' belongs to Conv1d"):

@@ -2,7 +2,8 @@
 
 - :func:`delta_variance`: Var[u_θ(z)] ≈ ∇_θuᵀ Σ ∇_θu for any differentiable quantity of interest.
 - :func:`fisher_full`, :func:`fisher_diagonal`, :class:`RunningDiagonalFisher`: F = E[∇_θu ∇_θuᵀ]/σ²;
-  :func:`mean_sq_grad_fast` gives diag F for MLPs without per-example gradients.
+  :func:`mean_sq_grad_fast` / :func:`delta_variance_fast` do the diagonal cases for MLPs without
+  per-example gradients.
 - :func:`diagonal_posterior_covariance`, :func:`full_posterior_covariance`: Σ = (N·F + λ)⁻¹.
 - :func:`sample_posterior`: θ̃ = θ̂ + (N·diag F + λ)^{-1/2} ε (EVE's Thompson sample).
 """
@@ -14,12 +15,8 @@ from algorithms.uncertainty.delta import (
     diagonal_posterior_covariance,
     full_posterior_covariance,
 )
-from algorithms.uncertainty.fisher import (
-    RunningDiagonalFisher,
-    fisher_diagonal,
-    fisher_full,
-    mean_sq_grad_fast,
-)
+from algorithms.uncertainty.fast import delta_variance_fast, mean_sq_grad_fast
+from algorithms.uncertainty.fisher import RunningDiagonalFisher, fisher_diagonal, fisher_full
 from algorithms.uncertainty.jacobian import per_example_jacobian
 from algorithms.uncertainty.params import (
     Params,
@@ -37,6 +34,7 @@ __all__ = [
     "RunningDiagonalFisher",
     "apply_covariance",
     "delta_variance",
+    "delta_variance_fast",
     "diagonal_posterior_covariance",
     "fisher_diagonal",
     "fisher_full",

@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from algorithms.uncertainty.fast import mean_sq_grad_fast_with_batch
 from algorithms.uncertainty.jacobian import per_example_jacobian
 from algorithms.uncertainty.params import Params, QueryFn, num_params
 
@@ -57,84 +57,6 @@ def fisher_diagonal(
     _check_positive("noise_var", noise_var)
     jac, _ = per_example_jacobian(fn, params, inputs)
     return jac.square().sum(dim=(0, 1)) / (jac.shape[0] * noise_var)
-
-
-FAST_LAYERS = (nn.Linear, nn.LayerNorm)
-
-
-def mean_sq_grad_fast(module: nn.Module, forward: Callable[[nn.Module], Tensor]) -> Tensor:
-    """(1/B) Σ_b Σ_k (∂u_bk/∂θ)² [P] without materialising per-example gradients (MLPs: Linear, LayerNorm).
-
-    ``forward(module)`` evaluates the module on a batch and returns u [B] or [B, K] whose row b depends on
-    example b only (no batch statistics), e.g. ``lambda m: m(obs).gather(1, actions[:, None])[:, 0]`` for
-    Q(s, a). Every trainable parameter must belong to an ``nn.Linear`` or ``nn.LayerNorm`` applied once
-    to a [B, D] input. With x_b a layer's input, x̂_b its normalised input and g_b = ∂u_bk/∂y_b the
-    gradient reaching its output (Dangel et al. 2020, BackPACK, "sum of squared gradients"):
-
-        Linear      y = x Wᵀ + c :   Σ_b (∂u_bk/∂W)² = (g ⊙ g)ᵀ (x ⊙ x),   Σ_b (∂u_bk/∂c)² = Σ_b g_b ⊙ g_b
-        LayerNorm   y = x̂ ⊙ γ + β:   Σ_b (∂u_bk/∂γ)² = Σ_b (g_b ⊙ x̂_b)²,   Σ_b (∂u_bk/∂β)² = Σ_b g_b ⊙ g_b
-
-    One backward pass per output k. Equals ``jac.square().sum((0, 1)) / B`` of
-    :func:`algorithms.uncertainty.jacobian.per_example_jacobian`, in the order of ``module.named_parameters()``
-    (the layout of :func:`algorithms.uncertainty.params.module_params`). Use :func:`fisher_diagonal` for
-    other layers.
-    """
-    return _mean_sq_grad_fast(module, forward)[0]
-
-
-def _mean_sq_grad_fast(module: nn.Module, forward: Callable[[nn.Module], Tensor]) -> tuple[Tensor, int]:
-    """:func:`mean_sq_grad_fast` and the batch size B."""
-    owners: dict[str, nn.Module] = dict(module.named_modules())
-    params = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"module {type(module).__name__} has no trainable parameters")
-    layers: dict[str, nn.Module] = {}
-    for name, _ in params:
-        owner_name, _, leaf = name.rpartition(".")
-        owner = owners[owner_name]
-        if not isinstance(owner, FAST_LAYERS) or leaf not in ("weight", "bias"):
-            raise ValueError(
-                f"parameter {name!r} belongs to {type(owner).__name__}; mean_sq_grad_fast supports "
-                f"{[c.__name__ for c in FAST_LAYERS]} only (use fisher_diagonal for any module)"
-            )
-        layers[owner_name] = owner
-    captured: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in layers}
-    handles = [
-        layer.register_forward_hook(lambda _m, inp, out, n=n: captured[n].append((inp[0].detach(), out)))
-        for n, layer in layers.items()
-    ]
-    try:
-        with torch.enable_grad():
-            u = forward(module)
-    finally:
-        for h in handles:
-            h.remove()
-    for n, calls in captured.items():
-        if len(calls) != 1 or calls[0][0].dim() != 2:
-            shapes = [tuple(x.shape) for x, _ in calls]
-            raise ValueError(f"layer {n!r} must run once on a [B, D] input; it ran with input shapes {shapes}")
-    if u.dim() not in (1, 2):
-        raise ValueError(f"forward must return u of shape [B] or [B, K], got {tuple(u.shape)}")
-    outputs = u.unsqueeze(1) if u.dim() == 1 else u
-    batch = outputs.shape[0]
-    names = list(layers)
-    sums = {n: {leaf: torch.zeros_like(p) for leaf, p in layers[n].named_parameters(recurse=False)} for n in names}
-    for k in range(outputs.shape[1]):
-        grads = torch.autograd.grad(outputs[:, k].sum(), [captured[n][0][1] for n in names],
-                                    retain_graph=k + 1 < outputs.shape[1], allow_unused=True)
-        for n, g in zip(names, grads, strict=True):
-            if g is None:  # this output does not depend on the layer
-                continue
-            x, layer, g2 = captured[n][0][0], layers[n], g.detach().square()
-            if isinstance(layer, nn.Linear):
-                sums[n]["weight"] += g2.T @ x.square()
-            else:
-                xhat = F.layer_norm(x, layer.normalized_shape, None, None, layer.eps)
-                sums[n]["weight"] += (g2 * xhat.square()).sum(0)
-            if "bias" in sums[n]:
-                sums[n]["bias"] += g2.sum(0)
-    flat = [sums[name.rpartition(".")[0]][name.rpartition(".")[2]].reshape(-1) for name, _ in params]
-    return torch.cat(flat) / batch, batch
 
 
 class RunningDiagonalFisher:
@@ -226,11 +148,11 @@ class RunningDiagonalFisher:
         return self.fisher
 
     def update_from_module(self, module: nn.Module, forward: Callable[[nn.Module], Tensor]) -> Tensor:
-        """:meth:`update` for MLPs via :func:`mean_sq_grad_fast` (no per-example gradients materialised)."""
+        """:meth:`update` for MLPs via :func:`algorithms.uncertainty.fast.mean_sq_grad_fast` (no per-example gradients materialised)."""
         names = [n for n, p in module.named_parameters() if p.requires_grad]
         if names != self.names:
             raise ValueError(f"module parameters are {names}; this estimate was built for {self.names}")
-        return self.update_mean_sq_grad(*_mean_sq_grad_fast(module, forward))
+        return self.update_mean_sq_grad(*mean_sq_grad_fast_with_batch(module, forward))
 
     def update_from(self, fn: QueryFn, params: Params, inputs: Tensor | Sequence[Tensor]) -> Tensor:
         """:meth:`update` with the Jacobians of ``fn(params, *z)`` on a batch of inputs (torch.func)."""

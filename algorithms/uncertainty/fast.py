@@ -1,0 +1,152 @@
+"""Diagonal Fisher and diagonal-Σ Delta Variances for MLPs without materialising per-example gradients.
+
+Shape letters: B examples, K outputs per example, P parameters (the order of ``module.named_parameters()``,
+i.e. the layout of :func:`algorithms.uncertainty.params.module_params`).
+
+The per-example Jacobian J [B, K, P] costs B·K·P memory; for the two quantities EVE needs every step
+with a diagonal Σ it factorises per layer (Dangel et al. 2020, BackPACK). For a layer with input x_b,
+normalised input x̂_b and output gradient g_b = ∂u_bk/∂y_b (row b of u depends on example b only):
+
+    Linear     y = x Wᵀ + c :  ∂u_bk/∂W_ij = g_bi x_bj,   ∂u_bk/∂c_i = g_bi
+    LayerNorm  y = x̂ ⊙ γ + β:  ∂u_bk/∂γ_i  = g_bi x̂_bi,  ∂u_bk/∂β_i = g_bi
+
+so Σ_b (∂u_bk/∂W)² = (g ⊙ g)ᵀ (x ⊙ x) and Σ_ij (∂u_bk/∂W_ij)² d_ij = Σ_j [(g_b ⊙ g_b) D]_j x_bj², one
+matrix product each, after one backward pass per output k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from algorithms.uncertainty.params import Params, as_flat
+
+FAST_LAYERS = (nn.Linear, nn.LayerNorm)
+Forward = Callable[[nn.Module], Tensor]
+"""``forward(module) -> u`` [B] or [B, K] on a batch, row b depending on example b only, e.g.
+``lambda m: m(obs).gather(1, actions[:, None])[:, 0]`` for Q(s, a)."""
+
+
+def _layer_terms(module: nn.Module, forward: Forward) -> tuple[list[str], int, bool, Iterator]:
+    """Runs ``forward`` with hooks; returns the trainable parameter names, B, whether u is [B] (scalar per
+    example) and an iterator over the K outputs of {param name: (kind, g [B, out], x or x̂ [B, in])}, kind
+    one of "weight_linear", "weight_norm", "bias"."""
+    owners = dict(module.named_modules())
+    names = [name for name, p in module.named_parameters() if p.requires_grad]
+    if not names:
+        raise ValueError(f"module {type(module).__name__} has no trainable parameters")
+    layers: dict[str, nn.Module] = {}
+    for name in names:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = owners[owner_name]
+        if not isinstance(owner, FAST_LAYERS) or leaf not in ("weight", "bias"):
+            raise ValueError(
+                f"parameter {name!r} belongs to {type(owner).__name__}; the fast path supports "
+                f"{[c.__name__ for c in FAST_LAYERS]} only (use the torch.func functions for any module)"
+            )
+        layers[owner_name] = owner
+    captured: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in layers}
+    handles = [
+        layer.register_forward_hook(lambda _m, inp, out, n=n: captured[n].append((inp[0].detach(), out)))
+        for n, layer in layers.items()
+    ]
+    try:
+        with torch.enable_grad():
+            u = forward(module)
+    finally:
+        for h in handles:
+            h.remove()
+    for n, calls in captured.items():
+        if len(calls) != 1 or calls[0][0].dim() != 2:
+            shapes = [tuple(x.shape) for x, _ in calls]
+            raise ValueError(f"layer {n!r} must run once on a [B, D] input; it ran with input shapes {shapes}")
+    if u.dim() not in (1, 2):
+        raise ValueError(f"forward must return u of shape [B] or [B, K], got {tuple(u.shape)}")
+    outputs = u.unsqueeze(1) if u.dim() == 1 else u
+    layer_names = list(layers)
+    inputs = {}
+    for n in layer_names:
+        x, layer = captured[n][0][0], layers[n]
+        inputs[n] = x if isinstance(layer, nn.Linear) else F.layer_norm(x, layer.normalized_shape, None, None, layer.eps)
+
+    def per_output() -> Iterator[dict[str, tuple[str, Tensor, Tensor]]]:
+        num_out = outputs.shape[1]
+        for k in range(num_out):
+            grads = torch.autograd.grad(outputs[:, k].sum(), [captured[n][0][1] for n in layer_names],
+                                        retain_graph=k + 1 < num_out, allow_unused=True)
+            by_layer = {}
+            for n, g in zip(layer_names, grads, strict=True):
+                g = torch.zeros_like(captured[n][0][1]) if g is None else g.detach()
+                by_layer[n] = g
+            terms = {}
+            for name in names:
+                owner_name, _, leaf = name.rpartition(".")
+                kind = "bias" if leaf == "bias" else (
+                    "weight_linear" if isinstance(layers[owner_name], nn.Linear) else "weight_norm")
+                terms[name] = (kind, by_layer[owner_name], inputs[owner_name])
+            yield terms
+
+    return names, outputs.shape[0], u.dim() == 1, per_output()
+
+
+def mean_sq_grad_fast_with_batch(module: nn.Module, forward: Forward) -> tuple[Tensor, int]:
+    """:func:`mean_sq_grad_fast` and the batch size B."""
+    names, batch, _, per_output = _layer_terms(module, forward)
+    params = dict(module.named_parameters())
+    sums = {name: torch.zeros_like(params[name]) for name in names}
+    for terms in per_output:
+        for name, (kind, g, x) in terms.items():
+            g2 = g.square()
+            if kind == "weight_linear":
+                sums[name] += g2.T @ x.square()
+            elif kind == "weight_norm":
+                sums[name] += (g2 * x.square()).sum(0)
+            else:
+                sums[name] += g2.sum(0)
+    return torch.cat([sums[name].reshape(-1) for name in names]) / batch, batch
+
+
+def mean_sq_grad_fast(module: nn.Module, forward: Forward) -> Tensor:
+    """(1/B) Σ_b Σ_k (∂u_bk/∂θ)² [P], the numerator of the diagonal Fisher, for MLPs (Linear, LayerNorm).
+
+    Equals ``per_example_jacobian(...)[0].square().sum((0, 1)) / B`` (module docstring for the identity)
+    at the cost of K backward passes. Every trainable parameter must belong to an ``nn.Linear`` or
+    ``nn.LayerNorm`` applied once to a [B, D] input; other modules raise (use ``fisher_diagonal``).
+    """
+    return mean_sq_grad_fast_with_batch(module, forward)[0]
+
+
+def delta_variance_fast(module: nn.Module, forward: Forward, covariance: Tensor | Params) -> Tensor:
+    """Delta Variance with a diagonal Σ = diag(d) for MLPs, Var[u_bk] ≈ Σ_p (∂u_bk/∂θ_p)² d_p, without
+    per-example gradients (Schmitt et al. 2025; module docstring for the per-layer identity).
+
+    ``covariance`` is d as a [P] vector or a dict by parameter name (order of ``named_parameters()``).
+    Returns [B] for u [B] and the variances [B, K] for u [B, K] (no cross-covariances).
+    """
+    names, _, scalar, per_output = _layer_terms(module, forward)
+    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    diag = as_flat(covariance, params, "covariance")
+    d = {}
+    start = 0
+    for name in names:
+        d[name] = diag[start : start + params[name].numel()].reshape(params[name].shape)
+        start += params[name].numel()
+    columns = []
+    for terms in per_output:
+        var = None
+        for name, (kind, g, x) in terms.items():
+            g2 = g.square()
+            dn = d[name].to(g2)
+            if kind == "weight_linear":
+                term = ((g2 @ dn) * x.square()).sum(1)
+            elif kind == "weight_norm":
+                term = (g2 * x.square()) @ dn
+            else:
+                term = g2 @ dn
+            var = term if var is None else var + term
+        columns.append(var)
+    out = torch.stack(columns, dim=1)
+    return out[:, 0] if scalar else out
