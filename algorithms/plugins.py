@@ -28,3 +28,9 @@ register_task("digits_shifting_regression", "algorithms.tasks.digits:DigitsShift
 from algorithms.registry import register_algorithm  # noqa: E402
 
 register_algorithm("WPO", "algorithms.wpo.algorithm:WPO")
+register_algorithm("EVE", "algorithms.eve.algorithm:EVE")
+register_diagnostic_lazy("bsuite", "algorithms.diagnostics.rllib_bsuite")
+
+# DataRater (issue 6)
+register_task("datarater_digits", "algorithms.tasks.datarater_digits:DigitsDataRater")
+register_task("datarater_text", "algorithms.tasks.datarater_text:TextDataRater")
