@@ -724,7 +724,7 @@ class MLflowTracking(Callback):
                         if self._stop and not self._flush_now:
                             return
                         self._cond.wait(timeout=backoff)
-                    backoff = min(2 * backoff, 10.0)
+                    backoff = min(2 * backoff, max(5.0, self.flush_interval_s))
                     continue
                 logger.warning("MLflow rejected %s: %s (dropped)", work[done][0][0], e)
                 done += 1

@@ -307,7 +307,7 @@ def test_server_outage_does_not_block_trials_and_loses_nothing(ray_local, patien
     spec = tmp_path / "spec.yaml"
     spec.write_text("name: exp\n")
     cb = TimedTracking(mlflow_server.uri, "toy-server", "launch-2", launch_artifacts={"spec.yaml": str(spec)},
-                        flush_interval_s=0.3, retry_timeout_s=90, **LAUNCH_KW)
+                        flush_interval_s=0.3, retry_timeout_s=300, **LAUNCH_KW)
     outage = ServerOutage(mlflow_server, down_s=4.0)
     configs = [{"idx": 0, "sleep": 0.5}, {"idx": 1, "sleep": 0.5}, {"idx": 2, "fail_at": 3, "sleep": 0.5}]
     make_tuner(tmp_path, cb, configs, extra_callbacks=[outage]).fit()
@@ -381,3 +381,32 @@ def test_resume_reuses_runs_and_never_logs_a_step_twice(ray_local, sqlite_uri, t
         [(10 * i, value(0, i, 0)) for i in (1, 2, 3)] + [(40, -40.0)]
         + [(10 * i, value(0, i, 1)) for i in (5, 6)])
     assert [s for s, _ in history(client, child.info.run_id, "learner/loss")] == [10, 20, 30, 50, 60]
+
+
+def pbt_trainable(config: dict) -> None:
+    toy_trainable({**config["cfg"], "seed": 0})
+
+
+def test_pbt_mutations_are_logged_as_hparam_metrics(ray_local, sqlite_uri, tmp_path):
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    cb = MLflowTracking(sqlite_uri, "toy-pbt", "launch-5", flush_interval_s=0.3)
+    pbt = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=2,
+                                  hyperparam_mutations={"lr": tune.uniform(0.01, 1.0)}, quantile_fraction=0.5)
+    grid = tune.Tuner(
+        pbt_trainable,
+        param_space={"cfg": tune.grid_search([{"idx": 0}, {"idx": 1}]), "lr": tune.uniform(0.01, 1.0)},
+        tune_config=tune.TuneConfig(scheduler=pbt, metric="train/score", mode="max"),
+        run_config=tune.RunConfig(name="pbt", storage_path=str(tmp_path / "runs"), callbacks=[cb], verbose=0),
+    ).fit()
+    client = MlflowClient(sqlite_uri)
+    kids = children_by_idx(client, find_parent_run(sqlite_uri, "toy-pbt", "launch-5"))
+    final_lr = {r.config["cfg"]["idx"]: r.config["lr"] for r in grid}
+    mutated = [i for i, run in kids.items() if float(run.data.params["lr"]) != final_lr[i]]
+    # two trials, quantile 0.5: the worse one exploits the better one and perturbs lr (x0.8 or x1.2)
+    assert mutated, (final_lr, {i: r.data.params["lr"] for i, r in kids.items()})
+    for i in mutated:
+        hist = history(client, kids[i].info.run_id, "hparam/lr")
+        assert hist and hist[-1][1] == pytest.approx(final_lr[i])
+        steps = [s for s, _ in history(client, kids[i].info.run_id, "train/score")]
+        assert steps == sorted(set(steps)), "steps strictly increasing even after exploit"
