@@ -62,8 +62,8 @@ def test_result_keys_and_task_boundaries():
     assert task.steps == 40
     for r in results:
         for key in ("train/loss", "train/accuracy", "train/fresh_loss", "train/fresh_accuracy",
-                    "plasticity/effective_rank", "plasticity/dormant_ratio", "plasticity/weight_norm",
-                    "plasticity/effective_rank/fresh"):  # fmt: skip
+                    "plasticity/continuing/effective_rank", "plasticity/continuing/dormant_ratio",
+                    "plasticity/continuing/weight_norm", "plasticity/fresh/effective_rank"):  # fmt: skip
             assert key in r and isinstance(r[key], float), key
         assert 0.0 <= r["train/accuracy"] <= 1.0
     ends = [i for i, r in enumerate(results) if "train/task_final_accuracy" in r]
@@ -136,8 +136,9 @@ def test_tasks_are_registered():
 
 # --- the papers' ordering, short form -------------------------------------------------------------
 # Random-label memorisation of 512 digits, 6 tasks of 200 Adam steps (lr 5e-3), MLP 128-128.
-# Measured over seeds 0-3 (see the issue-3 report): plain MLP ends at 0.48-0.57 of the fresh net's
-# accuracy with its effective rank down to ~35 (fresh ~60); LN+L2 and NaP stay within ~5% of fresh.
+# Measured on seeds 0-4 (issue-3 report): at the last task the plain MLP reaches 0.47-0.65 of the fresh
+# net's accuracy, its effective rank (mean over hidden layers) 0.83-0.86 of fresh and its dormant ratio
+# ~0.3 (fresh ~0.03); LN+L2 and NaP stay at 0.99-1.03 of fresh in accuracy and effective rank.
 
 SHORT = {
     "task_steps": 200,
@@ -165,8 +166,12 @@ def _final(variant: str, seed: int = 0) -> dict[str, float]:
 def test_plain_mlp_loses_trainability_while_ln_l2_and_nap_stay_near_fresh():
     final = {v: _final(v) for v in VARIANTS}
     ratio = {v: r["train/task_final_accuracy_ratio"] for v, r in final.items()}
-    rank_ratio = {v: r["plasticity/effective_rank"] / r["plasticity/effective_rank/fresh"] for v, r in final.items()}
+    rank_ratio = {
+        v: r["plasticity/continuing/effective_rank"] / r["plasticity/fresh/effective_rank"] for v, r in final.items()
+    }
     assert ratio["plain"] < 0.8, ratio
     assert ratio["ln_l2"] > 0.93 and ratio["nap"] > 0.93, ratio
-    assert rank_ratio["plain"] < 0.8 * min(rank_ratio["ln_l2"], rank_ratio["nap"]), rank_ratio
-    assert final["plain"]["plasticity/dormant_ratio"] > final["plain"]["plasticity/dormant_ratio/fresh"] + 0.1
+    assert rank_ratio["plain"] < min(rank_ratio["ln_l2"], rank_ratio["nap"]) - 0.08, rank_ratio
+    assert min(rank_ratio["ln_l2"], rank_ratio["nap"]) > 0.95, rank_ratio
+    plain = final["plain"]
+    assert plain["plasticity/continuing/dormant_ratio"] > plain["plasticity/fresh/dormant_ratio"] + 0.1

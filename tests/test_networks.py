@@ -323,7 +323,7 @@ def _check_learner(algo, train_iterations: int):
     moved = 0.0
     for name, ps in nap_groups(module).items():
         assert float(group_norm(ps)) == pytest.approx(nap.init_norms[name], rel=1e-5), name
-        moved += float(sum((a - b).norm() for a, b in zip(ps, before[name])))
+        moved += float(sum((a.detach() - b).norm() for a, b in zip(ps, before[name])))
     assert moved > 0  # weights were trained, then projected
     assert result["learners"]["default_policy"]["network_nap_max_norm_deviation"] < 1e-5
     return module
@@ -341,7 +341,9 @@ def test_rllib_ppo_with_network_block(ray_local):
         .env_runners(num_env_runners=0)
         .training(train_batch_size_per_learner=128, minibatch_size=64, num_epochs=2)
     )
-    apply_network_block(cfg, NetworkConfig(hidden=[32, 32], norm="layer", nap=True))
+    schedule = {"kind": "warmup_cosine", "warmup_steps": 1000, "total_steps": 5000}
+    block = NetworkConfig(hidden=[32, 32], norm="layer", nap=True, lr_schedule=schedule)
+    apply_network_block(cfg, block)
     algo = cfg.build_algo()
     try:
         module = _check_learner(algo, train_iterations=2)
@@ -349,6 +351,22 @@ def test_rllib_ppo_with_network_block(ray_local):
         assert module.encoder.critic_encoder is not None  # vf_share_layers=False: separate torsos
         env_module = algo.env_runner.module
         assert isinstance(env_module, NetworkPPOTorchRLModule)
+        # The schedule runs on env steps sampled: the 2nd update (after 256 steps) used lr·m(256).
+        learner = algo.learner_group._learner
+        (_, opt), = learner.get_optimizers_for_module("default_policy")
+        assert opt.param_groups[0]["lr"] == pytest.approx(cfg.lr * lr_multiplier(256, block.lr_schedule))
+        assert lr_multiplier(256, block.lr_schedule) == pytest.approx(257 / 1000)
+        # The pieces' state travels with the learner state (restores keep the ORIGINAL initial norms).
+        from algorithms.networks.rllib import NETWORK_UPDATES_STATE
+
+        state = learner.get_state()
+        saved = state[NETWORK_UPDATES_STATE]["default_policy"]
+        nap = learner.network_updates_for("default_policy").find(NaP)
+        assert saved["chain"]["pieces"][-1]["init_norms"] == nap.init_norms and saved["steps"] > 0
+        changed = {k: 2 * v for k, v in nap.init_norms.items()}
+        saved["chain"]["pieces"][-1]["init_norms"] = changed
+        learner.set_state({NETWORK_UPDATES_STATE: state[NETWORK_UPDATES_STATE]})
+        assert nap.init_norms == changed
     finally:
         algo.stop()
 

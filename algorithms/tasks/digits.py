@@ -26,10 +26,13 @@ after the iteration's steps:
   ``train/task_final_<score>`` and ``train/task_final_fresh_<score>`` for each score above, and the
   trainability ratio continuing / fresh: ``train/task_final_accuracy_ratio`` (1 = no loss of
   plasticity, lower is worse) or, for regression, ``train/task_final_mse_ratio`` (higher is worse).
-- ``plasticity/effective_rank``, ``plasticity/dormant_ratio``, ``plasticity/weight_norm`` (and
-  ``.../fresh``) every ``plasticity_every`` iterations, from :mod:`algorithms.diagnostics.plasticity`
-  on ``probe_size`` inputs of the current task: effective rank of the last hidden layer's features,
-  dormant ratio (τ = ``dormant_tau``) pooled over hidden units, ‖θ‖ of the hidden weights.
+- ``plasticity/<m>/effective_rank``, ``plasticity/<m>/dormant_ratio``, ``plasticity/<m>/weight_norm``
+  for m = ``continuing`` and ``fresh``, every ``plasticity_every`` iterations, on the first
+  ``probe_size`` inputs of the current task, computed with :mod:`algorithms.diagnostics.plasticity`
+  exactly as the ``plasticity`` diagnostic aggregates a module (same keys, same definitions):
+  effective rank averaged over the hidden (activation) layers, dormant ratio (τ = ``dormant_tau``)
+  pooled over all hidden units, ‖θ‖ = sqrt of the summed squares of all weight matrices. Enabling the
+  diagnostic as well adds its per-layer keys (its probe is the first task's inputs; its values win).
 - ``done`` is True on the last iteration of the last task; calling :meth:`train` again is an error.
 """
 
@@ -215,23 +218,29 @@ class _DigitsSequence(Task):
                 out[f"train/task_final_{r}_ratio"] = scores[r] / max(fresh_scores[r], 1e-12)
         iteration = self.steps // c.steps_per_iteration
         if c.plasticity_every and iteration % c.plasticity_every == 0:
-            out.update(self._plasticity(self.continuing.net, ""))
+            out.update(self._plasticity(self.continuing.net, "continuing"))
             if self.fresh is not None:
-                out.update(self._plasticity(self.fresh.net, "/fresh"))
+                out.update(self._plasticity(self.fresh.net, "fresh"))
         out["done"] = self.steps >= c.task_steps * c.num_tasks
         return out
 
     @torch.no_grad()
-    def _plasticity(self, net: Network, suffix: str) -> dict[str, float]:
-        from algorithms.diagnostics.plasticity import capture_activations, dormant_ratio, effective_rank
+    def _plasticity(self, net: Network, name: str) -> dict[str, float]:
+        """Per-module aggregates with the definitions of the ``plasticity`` diagnostic (same keys)."""
+        from algorithms.diagnostics.plasticity import (
+            capture_activations,
+            dormant_ratio,
+            effective_rank,
+            weight_layers,
+        )
 
         probe = self.probe_inputs(self.config.probe_size)
         acts = list(capture_activations(net, lambda: net(probe)).values())
-        weight_norm = torch.sqrt(sum(w.weight.detach().double().pow(2).sum() for w in net.hidden_layers()))
+        weights = weight_layers(net).values()
         return {
-            f"plasticity/effective_rank{suffix}": effective_rank(acts[-1]),
-            f"plasticity/dormant_ratio{suffix}": dormant_ratio(acts, self.config.dormant_tau),
-            f"plasticity/weight_norm{suffix}": float(weight_norm),
+            f"plasticity/{name}/effective_rank": float(np.mean([effective_rank(h) for h in acts])),
+            f"plasticity/{name}/dormant_ratio": dormant_ratio(acts, self.config.dormant_tau),
+            f"plasticity/{name}/weight_norm": float(torch.sqrt(sum(w.detach().double().pow(2).sum() for w in weights))),
         }
 
     # -- interface for diagnostics and checkpoints ---------------------------------------------------
