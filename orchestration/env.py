@@ -17,8 +17,13 @@ LOCAL_RAY_ENV = {
 
 
 def set_local_ray_env() -> None:
+    """Loopback Ray settings, and a headless MuJoCo GL backend chosen before anything imports
+    dm_control (RLlib does on import); Ray workers inherit both from this process."""
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)
+    from algorithms.envs._gl import select_headless_mujoco_gl
+
+    select_headless_mujoco_gl()
 
 
 def set_torch_threads(num_cpus: float | int | None) -> int:

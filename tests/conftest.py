@@ -19,6 +19,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
+from orchestration.env import set_local_ray_env  # noqa: E402 - after the variables above
+
+set_local_ray_env()
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,9 +35,9 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray cluster on 127.0.0.1 for the whole session (2 CPUs)."""
-    from orchestration.runner import init_ray
-
     import ray
+
+    from orchestration.runner import init_ray
 
     init_ray(num_cpus=2)
     yield ray

@@ -1,0 +1,116 @@
+"""Reports: numbers equal an independent recomputation from MLflow; the HTML renders in Chromium."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from orchestration import report as rep
+from orchestration.runner import run
+
+
+def test_bootstrap_ci_and_iqm_closed_forms():
+    # One value: the CI collapses onto it. Constant values: CI is that constant.
+    assert rep.bootstrap_ci(np.array([3.0])) == (3.0, 3.0)
+    assert rep.bootstrap_ci(np.array([2.0, 2.0, 2.0])) == (2.0, 2.0)
+    # Two values a < b: every resampled mean is a, (a+b)/2 or b; the 95% interval spans [a, b].
+    lo, hi = rep.bootstrap_ci(np.array([0.0, 1.0]))
+    assert lo == 0.0 and hi == 1.0
+    # IQM of 1..8: trim 2 from each end -> mean(3, 4, 5, 6) = 4.5
+    assert rep.iqm(np.arange(1, 9, dtype=float)) == pytest.approx(4.5)
+    prof = rep.performance_profile(np.array([0.1, 0.5, 0.9, 1.0]), np.array([0.0, 0.5, 0.95]))
+    assert prof.tolist() == [1.0, 0.5, 0.25]
+
+
+@pytest.fixture(scope="module")
+def launch(ray_local, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    out = run({"name": "report_study", "task": "regression_demo", "config": {"lr": {"grid": [0.02, 0.1]}},
+               "seeds": [0, 1, 2], "stop": {"training_iteration": 4}, "metric": "train/loss", "mode": "min",
+               "tracking": {"uri": uri, "storage": str(tmp / "runs"), "artifacts": str(tmp / "art")}})
+    assert out.num_errors == 0
+    return uri, tmp
+
+
+def test_report_numbers_equal_independent_recomputation(launch):
+    uri, tmp = launch
+    data = rep.load_experiment(uri, "report_study")
+    rows = {r["config"]: r for r in rep.aggregate_final(data, "train/loss")}
+    assert set(rows) == {"lr=0.02", "lr=0.1"}
+
+    # Independent: straight from MLflow, last point of each child's history, grouped by the lr param.
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("report_study")
+    finals: dict[str, list[float]] = {}
+    for r in client.search_runs([exp.experiment_id]):
+        if "mlflow.parentRunId" not in r.data.tags:
+            continue
+        hist = sorted(client.get_metric_history(r.info.run_id, "train/loss"), key=lambda m: m.step)
+        assert [m.step for m in hist] == [20, 40, 60, 80]
+        finals.setdefault(r.data.params["lr"], []).append(hist[-1].value)
+    for lr, values in finals.items():
+        row = rows[f"lr={lr}"]
+        assert row["n"] == 3
+        assert row["mean"] == pytest.approx(float(np.mean(values)), rel=1e-12)
+        assert row["ci_low"] <= row["mean"] <= row["ci_high"]
+        assert min(values) <= row["ci_low"] and row["ci_high"] <= max(values)
+
+    curve = rep.curves(data, "train/loss")[("regression_demo", "lr=0.1")]
+    assert curve["n"] == 3 and curve["step"][0] == 20 and curve["step"][-1] == 80
+
+
+def test_parquet_export_roundtrip(launch, tmp_path: Path):
+    import pyarrow.parquet as pq
+
+    uri, _ = launch
+    data = rep.load_experiment(uri, "report_study")
+    runs_path, hist_path = rep.write_parquet(data, tmp_path)
+    assert pq.read_table(runs_path).num_rows == 6
+    hist = pq.read_table(hist_path).to_pydict()
+    assert sum(k == "train/loss" for k in hist["key"]) == 6 * 4
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True, timeout=900,
+                       env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    return shutil.which("chromium")
+
+
+def test_html_report_renders_every_image_in_chromium(launch, tmp_path: Path):
+    uri, _ = launch
+    index = rep.write_report(uri, "report_study", tmp_path / "report")
+    client = MlflowClient(uri)
+    parent = next(r for r in client.search_runs([client.get_experiment_by_name("report_study").experiment_id])
+                  if r.data.tags.get("orchestra.run_type") == "launch")
+    assert "report/index.html" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+
+    browser = _chromium()
+    assert browser, "chromium could not be installed (apt-get install chromium)"
+    # Count images that decoded (naturalWidth > 0) through a script the page runs, dumped via --dump-dom.
+    probe = tmp_path / "report" / "probe.html"
+    page = index.read_text().replace(
+        "</body>",
+        "<script>window.addEventListener('load',()=>{const i=[...document.images];"
+        "document.title='images:'+i.length+':loaded:'+i.filter(x=>x.complete&&x.naturalWidth>0).length;});</script></body>")
+    probe.write_text(page)
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    title = dom.stdout.split("<title>")[1].split("</title>")[0]
+    _, n, _, loaded = title.split(":")
+    assert int(n) >= 1 and int(loaded) == int(n), title
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,1600", index.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000
