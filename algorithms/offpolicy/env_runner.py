@@ -79,6 +79,8 @@ class VectorEnvRunner(EnvRunner, Checkpointable):
 
     # -- construction ------------------------------------------------------------------------------
     def _env_creator(self):
+        import algorithms.envs  # noqa: F401  (registers the project's dmc/, bsuite/, minatar/ ids)
+
         env_ctx = self.config.env_config
         if not isinstance(env_ctx, EnvContext):
             env_ctx = EnvContext(env_ctx or {}, worker_index=self.worker_index, num_workers=self.num_workers)

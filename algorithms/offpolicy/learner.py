@@ -30,6 +30,7 @@ plus ``index``.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from typing import Any
 
@@ -44,11 +45,27 @@ from algorithms.networks.rllib import NetworkLearnerMixin
 from algorithms.offpolicy.module import update_target_networks
 from algorithms.offpolicy.replay import ONE_STEP_FIELDS, TensorReplay
 
+logger = logging.getLogger(__name__)
+
 REPLAY_STATE = "replay"
 CORE_STATE = "offpolicy"
 
 
-class OffPolicyLearner(NetworkLearnerMixin, TorchLearner):
+class _SteppingTorchLearner(TorchLearner):
+    """TorchLearner whose optimiser step checks finiteness once per update (on the clipped norms)
+    instead of once per parameter tensor; a non-finite gradient skips the whole step."""
+
+    def apply_gradients(self, gradients_dict: dict) -> None:
+        for ref, grad in gradients_dict.items():
+            self._params[ref].grad = grad
+        if not self._grads_finite:
+            logger.warning("non-finite gradients: this update's optimiser steps are skipped")
+            return
+        for optimizer in self._named_optimizers.values():
+            optimizer.step()
+
+
+class OffPolicyLearner(NetworkLearnerMixin, _SteppingTorchLearner):
     """Replay + K updates per call; see the module docstring."""
 
     def build(self) -> None:
@@ -65,6 +82,7 @@ class OffPolicyLearner(NetworkLearnerMixin, TorchLearner):
         self.num_updates = 0
         self._stats: dict[str, dict[str, Tensor]] = defaultdict(dict)
         self._stat_counts: dict[str, int] = defaultdict(int)
+        self._grads_finite = True
 
     def _make_replay(self, seed: int) -> TensorReplay:
         cfg = self.config
@@ -109,10 +127,10 @@ class OffPolicyLearner(NetworkLearnerMixin, TorchLearner):
         """Add T vector steps [T, E, ...] to the replay; returns the transitions written."""
         written = 0
         steps = int(np.shape(data["reward"])[0])
-        tensors = {k: torch.as_tensor(np.asarray(data[k]) if not isinstance(data[k], Tensor) else data[k])
-                   for k in ONE_STEP_FIELDS}
+        arrays = {k: data[k].cpu().numpy() if isinstance(data[k], Tensor) else np.asarray(data[k])
+                  for k in ONE_STEP_FIELDS}
         for t in range(steps):
-            written += self.replay.add(*(tensors[k][t] for k in ONE_STEP_FIELDS))
+            written += self.replay.add(*(arrays[k][t] for k in ONE_STEP_FIELDS))
         return written
 
     def run_updates(self, num_updates: int, timesteps: dict[str, Any]) -> int:
@@ -142,14 +160,17 @@ class OffPolicyLearner(NetworkLearnerMixin, TorchLearner):
 
     def postprocess_gradients_for_module(self, *, module_id: str, config: Any = None,
                                          module_gradients_dict: dict) -> dict:
-        """Clip each optimiser's gradients to global norm ``grad_clip`` and record the norm before clipping."""
-        if config.grad_clip is None:
-            return module_gradients_dict
+        """Clip each optimiser's gradients to global norm ``grad_clip`` (if set) and record the norm
+        before clipping, ``<optimizer>_grad_norm``; a non-finite norm marks the update as skipped."""
+        norms = []
         for name, optimizer in self.get_optimizers_for_module(module_id):
-            grads = list(self.filter_param_dict_for_optimizer(module_gradients_dict, optimizer).values())
+            grads = [g for g in self.filter_param_dict_for_optimizer(module_gradients_dict, optimizer).values()
+                     if g is not None]
             if grads:
-                norm = _clip_(grads, float(config.grad_clip))
+                norm = _clip_(grads, float(config.grad_clip) if config.grad_clip else None)
                 self.record(module_id, **{f"{name}_grad_norm": norm})
+                norms.append(norm)
+        self._grads_finite = bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
         return module_gradients_dict
 
     # -- state -----------------------------------------------------------------------------------
@@ -175,10 +196,12 @@ class OffPolicyLearner(NetworkLearnerMixin, TorchLearner):
             self.replay.load_state_dict(state[REPLAY_STATE])
 
 
-def _clip_(grads: list[Tensor], max_norm: float) -> Tensor:
-    """In place: g ← g · min(1, c / ‖g‖) over the joint (global) norm ‖g‖ of ``grads``; returns ‖g‖."""
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+def _clip_(grads: list[Tensor], max_norm: float | None) -> Tensor:
+    """In place: g ← g · min(1, c / ‖g‖) over the joint (global) norm ‖g‖ of ``grads``; returns ‖g‖
+    (no clipping when ``max_norm`` is None)."""
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if max_norm is None:
+        return norm
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(scale)
+    torch._foreach_mul_(grads, scale)
     return norm

@@ -261,7 +261,13 @@ class TensorReplay:
         self.num_transitions += k
 
     def sample(self, batch_size: int) -> dict[str, Tensor]:
-        """B transitions drawn uniformly with replacement: every field as [B, ...] plus ``index`` [B]."""
+        """B transitions drawn uniformly with replacement (indices from the replay's seeded generator):
+        every field of :data:`FIELDS` as [B, ...] on ``device``, plus ``index`` [B].
+
+        The TD target for a critic V is ``nstep_return + bootstrap_discount * V(bootstrap_obs)``. Fields
+        are column views of one gathered tensor per dtype, so multi-element fields (obs, action) may be
+        non-contiguous: use ``reshape`` rather than ``view`` on them.
+        """
         if self.size == 0:
             raise ValueError("cannot sample from an empty replay: add transitions first")
         if batch_size < 1:
