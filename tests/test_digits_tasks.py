@@ -66,6 +66,7 @@ def test_result_keys_and_task_boundaries():
                     "plasticity/continuing/weight_norm", "plasticity/fresh/effective_rank"):  # fmt: skip
             assert key in r and isinstance(r[key], float), key
         assert 0.0 <= r["train/accuracy"] <= 1.0
+        assert r["train/accuracy_ratio"] == pytest.approx(r["train/accuracy"] / r["train/fresh_accuracy"])
     ends = [i for i, r in enumerate(results) if "train/task_final_accuracy" in r]
     assert ends == [1, 3]
     r = results[1]

@@ -22,10 +22,13 @@ after the iteration's steps:
   (cross-entropy, or mean squared error for regression).
 - classification: ``train/accuracy``, ``train/fresh_accuracy``: accuracy on the task's data set.
 - regression: ``train/mse`` and ``train/r2`` = 1 − MSE / Var(y) on the task's data set (and fresh_).
+- the trainability ratio continuing / fresh on the current task: ``train/accuracy_ratio`` (1 = as
+  trainable as a fresh net, lower is worse) or, for regression, ``train/mse_ratio`` (higher is worse).
+  Reported every iteration, so Tune can use it as the trial metric; at the last iteration it is the
+  final task's ratio.
 - at the last iteration of each task (T is a multiple of steps_per_iteration):
-  ``train/task_final_<score>`` and ``train/task_final_fresh_<score>`` for each score above, and the
-  trainability ratio continuing / fresh: ``train/task_final_accuracy_ratio`` (1 = no loss of
-  plasticity, lower is worse) or, for regression, ``train/task_final_mse_ratio`` (higher is worse).
+  ``train/task_final_<score>`` and ``train/task_final_fresh_<score>`` for each score above, and
+  ``train/task_final_accuracy_ratio`` (or ``train/task_final_mse_ratio``).
 - ``plasticity/<m>/effective_rank``, ``plasticity/<m>/dormant_ratio``, ``plasticity/<m>/weight_norm``
   for m = ``continuing`` and ``fresh``, every ``plasticity_every`` iterations, on the first
   ``probe_size`` inputs of the current task, computed with :mod:`algorithms.diagnostics.plasticity`
@@ -210,12 +213,12 @@ class _DigitsSequence(Task):
             fresh_scores = self._evaluate(self.fresh.net)
             out["train/fresh_loss"] = float(np.mean(fresh_losses))
             out.update({f"train/fresh_{k}": v for k, v in fresh_scores.items()})
+            out[f"train/{self.ratio_name}_ratio"] = scores[self.ratio_name] / max(fresh_scores[self.ratio_name], 1e-12)
         if self.steps % c.task_steps == 0:
             out.update({f"train/task_final_{k}": v for k, v in scores.items()})
             if self.fresh is not None:
                 out.update({f"train/task_final_fresh_{k}": v for k, v in fresh_scores.items()})
-                r = self.ratio_name
-                out[f"train/task_final_{r}_ratio"] = scores[r] / max(fresh_scores[r], 1e-12)
+                out[f"train/task_final_{self.ratio_name}_ratio"] = out[f"train/{self.ratio_name}_ratio"]
         iteration = self.steps // c.steps_per_iteration
         if c.plasticity_every and iteration % c.plasticity_every == 0:
             out.update(self._plasticity(self.continuing.net, "continuing"))
