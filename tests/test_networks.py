@@ -401,3 +401,35 @@ def test_network_block_rejects_unsupported_algorithms():
 
     with pytest.raises(ValueError, match="SAC.*not supported"):
         apply_network_block(SACConfig(), NetworkConfig())
+
+
+def test_rllib_modules_for_minatar_images_inference_only_and_dueling():
+    import gymnasium as gym
+    import numpy as np
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from algorithms.networks.builders import CNN
+    from algorithms.networks.rllib import NetworkDQNTorchRLModule, NetworkPPOTorchRLModule
+
+    obs = gym.spaces.Box(0, 1, (10, 10, 4), np.float32)  # MinAtar, channels-last
+    act = gym.spaces.Discrete(6)
+    mc = {"network": {"hidden": [32], "norm": "layer", "nap": True}, "vf_share_layers": False}
+    x = torch.rand(3, 10, 10, 4)
+    learner_side = RLModuleSpec(NetworkPPOTorchRLModule, obs, act, model_config=mc).build()
+    assert isinstance(learner_side.encoder.actor_encoder, CNN)
+    assert learner_side.forward_train({"obs": x})["action_dist_inputs"].shape == (3, 6)
+    assert learner_side.compute_values({"obs": x}).shape == (3,)
+    runner_side = RLModuleSpec(NetworkPPOTorchRLModule, obs, act, model_config=mc, inference_only=True).build()
+    assert runner_side.encoder.critic_encoder is None and not hasattr(runner_side, "vf")
+    runner_side.set_state(learner_side.get_state(inference_only=True))
+    assert torch.equal(
+        runner_side.forward_inference({"obs": x})["action_dist_inputs"],
+        learner_side.forward_inference({"obs": x})["action_dist_inputs"],
+    )
+    dqn_mc = {"network": {"hidden": [32], "norm": "rms"}, "dueling": True, "double_q": True, "num_atoms": 1,
+              "epsilon": [(0, 1.0), (1000, 0.05)]}  # fmt: skip
+    dqn = RLModuleSpec(NetworkDQNTorchRLModule, obs, act, model_config=dqn_mc).build()
+    dqn.make_target_networks()
+    assert dqn.compute_q_values({"obs": x})["qf_preds"].shape == (3, 6)
+    assert set(nap_groups(dqn)) == {"encoder.torso.convs.0.layer.weight", "encoder.torso.blocks.0.layer.weight",
+                                    "encoder.torso.convs.0.norm", "encoder.torso.blocks.0.norm"}  # fmt: skip

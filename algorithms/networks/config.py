@@ -103,7 +103,8 @@ class NetworkConfig(_Strict):
     norm: Norm = "none"
     """none | layer | rms: normalisation before each nonlinearity; the layer's bias is then removed."""
     nap: bool = False
-    """Normalize-and-Project: project hidden weights (and norm parameters) to their initial norms."""
+    """Normalize-and-Project: project hidden weights (and norm parameters) to their initial norms.
+    Meant with norm layer|rms: only then is the projection function-preserving."""
     nap_every: int = Field(1, ge=1)
     """Project every k optimiser steps."""
     weight_decay: WeightDecayConfig = Field(default_factory=WeightDecayConfig)
