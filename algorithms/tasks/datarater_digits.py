@@ -7,8 +7,8 @@ it each way:
 - ``random_label``: the label is replaced by a different, uniformly drawn class;
 - ``noise_image``: the pixels are replaced by uniform noise in [0, 1] (label kept).
 
-Inner model: MLP 64 -> hidden -> 10. Rater: MLP on (pixels, one-hot label) -> score, so it can see
-label noise. Metrics: see algorithms/tasks/datarater_common.py.
+Inner model: MLP 64 -> hidden -> 10. Rater: :class:`DigitsRater` on (pixels, one-hot label) -> score,
+so it can see label noise. Metrics: see algorithms/tasks/datarater_common.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class DigitsDataRaterConfig(DataRaterTaskConfig):
     hidden: int = Field(64, ge=1)
     """Inner MLP width (one hidden layer)."""
     rater_hidden: int = Field(64, ge=1)
-    """Rater MLP width (two hidden layers)."""
+    """Rater trunk width."""
 
 
 def load_corrupted_digits(
@@ -66,6 +66,26 @@ def load_corrupted_digits(
             "test_x": x[test], "test_y": y[test]}
 
 
+class DigitsRater(nn.Module):
+    """φ_η(x, y) = c_η(x)[y] + q_η(x): a class-compatibility term and a quality term on a shared trunk.
+
+    Input r = (pixels[64], one-hot label[10]). The trunk h = MLP(pixels); c = Linear(h) -> [10] and
+    q = Linear(h) -> [1]; the label enters through c(x)·onehot(y), so "does this image look like its
+    label" is one linear read-out away (a plain MLP on the concatenation learns it far more slowly).
+    """
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.trunk = MLP(64, (hidden,), hidden, "relu")
+        self.compat = nn.Linear(hidden, 10)
+        self.quality = nn.Linear(hidden, 1)
+
+    def forward(self, r: Tensor) -> Tensor:
+        x, onehot = r[:, :64], r[:, 64:]
+        h = torch.relu(self.trunk(x))
+        return (self.compat(h) * onehot).sum(-1) + self.quality(h).squeeze(-1)
+
+
 def rater_input(x: Tensor, y: Tensor) -> Tensor:
     return torch.cat([x, nn.functional.one_hot(y, 10).to(x.dtype)], dim=1)
 
@@ -82,7 +102,7 @@ class DigitsProblem:
         return MLP(64, (self.hidden,), 10, "relu")
 
     def make_rater(self) -> nn.Module:
-        return MLP(74, (self.rater_hidden, self.rater_hidden), 1, "relu")
+        return DigitsRater(self.rater_hidden)
 
     def per_example_loss(self, output: Tensor, target: Tensor) -> Tensor:
         return classification_per_example_loss(output, target)
