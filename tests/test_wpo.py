@@ -1,0 +1,223 @@
+"""WPO: the pure losses against closed forms, config validation, and WPO learning / restoring / running
+through Tune (real RLlib, real envs)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from algorithms.wpo import losses as L
+
+# ---------------------------------------------------------------------------------------------------
+# Losses (no Ray)
+
+
+def _policy_grads(mean0: float, std0: float, center: float, n: int, seed: int = 0):
+    """Gradients of WPO's policy loss w.r.t. (μ, σ) of a 1-D Gaussian with Q(a) = −(a − c)²/2 (B = 1)."""
+    mean = torch.tensor([[mean0]], dtype=torch.float64, requires_grad=True)
+    std = torch.tensor([[std0]], dtype=torch.float64, requires_grad=True)
+    gen = torch.Generator().manual_seed(seed)
+    eps = torch.randn((n, 1, 1), generator=gen, dtype=torch.float64)
+    actions = (mean + std * eps).detach()
+    grad_q = -(actions - center)  # ∇_a Q for Q(a) = −(a − c)²/2
+    mean_p, std_p = L.fisher_preconditioned(mean, std)
+    loss, _ = L.wpo_policy_loss(L.gaussian_grad_log_prob(actions, mean_p, std_p), grad_q)
+    loss.backward()
+    return mean.grad.item(), std.grad.item(), actions, grad_q
+
+
+def test_fisher_trick_keeps_forward_values_and_scales_gradients():
+    mean = torch.tensor([0.3, -1.2], dtype=torch.float64, requires_grad=True)
+    std = torch.tensor([0.5, 1.7], dtype=torch.float64, requires_grad=True)
+    mean_p, std_p = L.fisher_preconditioned(mean, std)
+    assert torch.allclose(mean_p, mean, rtol=0, atol=1e-15) and torch.allclose(std_p, std, rtol=0, atol=1e-15)
+    (mean_p.sum() + std_p.sum()).backward()
+    var = std.detach() ** 2
+    assert torch.allclose(mean.grad, var) and torch.allclose(std.grad, var / 2)
+
+
+def test_policy_update_equals_per_sample_closed_form():
+    """−∂loss/∂μ = Σ_n ∇_a Q(a_n) and −∂loss/∂σ = Σ_n ((a_n − μ)/σ)·∇_a Q(a_n) exactly (σ², σ²/2 applied)."""
+    mu, sigma, c = 0.4, 0.8, 1.5
+    g_mean, g_std, actions, grad_q = _policy_grads(mu, sigma, c, n=7)
+    assert -g_mean == pytest.approx(grad_q.sum().item(), rel=1e-12)
+    assert -g_std == pytest.approx((((actions - mu) / sigma) * grad_q).sum().item(), rel=1e-12)
+    # without the preconditioning the gradients carry 1/σ² and 2/σ²: the trick really changes them
+    mean = torch.tensor([[mu]], dtype=torch.float64, requires_grad=True)
+    std = torch.tensor([[sigma]], dtype=torch.float64, requires_grad=True)
+    loss, _ = L.wpo_policy_loss(L.gaussian_grad_log_prob(actions, mean, std), grad_q)
+    loss.backward()
+    assert mean.grad.item() == pytest.approx(g_mean / sigma**2, rel=1e-12)
+    assert std.grad.item() == pytest.approx(2 * g_std / sigma**2, rel=1e-12)
+
+
+def test_policy_update_matches_expectations_for_quadratic_q():
+    """E[∇_a Q] = c − μ and E[((a − μ)/σ)·∇_a Q] = −σ for Q(a) = −(a − c)²/2 (Monte Carlo, N = 200k)."""
+    mu, sigma, c, n = -0.3, 0.6, 0.9, 200_000
+    g_mean, g_std, _, _ = _policy_grads(mu, sigma, c, n=n, seed=1)
+    assert -g_mean / n == pytest.approx(c - mu, abs=5 * sigma / math.sqrt(n))
+    assert -g_std / n == pytest.approx(-sigma, abs=0.01)
+
+
+def test_policy_loss_mask_and_shapes():
+    g = torch.randn(5, 3, 2)
+    dq = torch.randn(5, 3, 2)
+    full, stats = L.wpo_policy_loss(g, dq)
+    assert full.shape == () and set(stats) == {"grad_q_abs_mean", "grad_q_norm"}
+    masked, _ = L.wpo_policy_loss(g, dq, mask=torch.tensor([1.0, 0.0, 1.0]))
+    per_state = (g * dq).sum(dim=(0, 2))
+    assert masked.item() == pytest.approx(-(per_state[0] + per_state[2]).item() / 2, rel=1e-6)
+    assert full.item() == pytest.approx(-per_state.mean().item(), rel=1e-6)
+
+
+def test_decoupled_kl_closed_forms_and_penalty():
+    tm, ts = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.5]])
+    m, s = torch.tensor([[0.5, 1.0]]), torch.tensor([[1.0, 1.0]])
+    kl_m, kl_s = L.decoupled_gaussian_kl(tm, ts, m, s)
+    assert torch.allclose(kl_m, torch.tensor([[0.125, 0.0]]))
+    assert torch.allclose(kl_s, torch.tensor([[0.0, math.log(2.0) + 0.125 - 0.5]]))
+    # the same numbers from torch.distributions
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(tm, ts), torch.distributions.Normal(tm, s))
+    assert torch.allclose(kl_s, ref, atol=1e-6)
+    la_m, la_s = torch.tensor(0.0, requires_grad=True), torch.tensor(2.0, requires_grad=True)
+    penalty, dual, stats = L.kl_penalty(kl_m, kl_s, la_m, la_s, 0.01, 1e-3)
+    alpha_m, alpha_s = math.log(2.0) + 1e-8, math.log1p(math.exp(2.0)) + 1e-8
+    assert penalty.item() == pytest.approx(alpha_m * 0.125 + alpha_s * kl_s.sum().item(), rel=1e-5)
+    assert penalty.requires_grad is False  # α is held constant in the penalty
+    dual.backward()  # KL_μ (0.125) > ε_μ: the dual gradient pushes log α_μ up (−grad > 0)
+    assert la_m.grad.item() < 0
+    assert stats["kl_mean_rel"].item() == pytest.approx(0.0625 / 0.01)
+
+
+def test_expected_sarsa_target_and_critic_loss():
+    R = torch.tensor([1.0, 2.0])
+    disc = torch.tensor([0.9, 0.0])  # second transition ended in a terminal state
+    tq = torch.tensor([[1.0, 5.0], [3.0, 7.0]])  # [M=2, B=2]
+    y = L.expected_sarsa_targets(R, disc, tq)
+    assert torch.allclose(y, torch.tensor([1.0 + 0.9 * 2.0, 2.0]))
+    q = torch.tensor([2.0, 0.0], requires_grad=True)
+    loss, stats = L.critic_loss(q, y)
+    assert loss.item() == pytest.approx(0.5 * ((2.8 - 2.0) ** 2 + 2.0**2) / 2)
+    loss.backward()
+    assert torch.allclose(q.grad, -(y - q.detach()) / 2)
+
+
+def test_cube_root_squashing():
+    x = torch.tensor([-8.0, 0.0, 27.0])
+    assert torch.allclose(L.cube_root(x), torch.tensor([-2.0, 0.0, 3.0]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config
+
+
+def test_config_defaults_and_validation_errors():
+    from algorithms.wpo.config import WPOConfig
+
+    cfg = WPOConfig()
+    assert (cfg.samples_per_insert, cfg.num_action_samples, cfg.lr, cfg.train_batch_size_per_learner) == (32.0, 20, 1e-4, 256)
+    assert (cfg.n_step, cfg.grad_clip, cfg.target_update_period, cfg.target_update_tau) == (5, 40.0, 100, 1.0)
+    assert (cfg.replay_capacity, cfg.learning_starts, cfg.gamma) == (1_000_000, 1000, 0.99)
+    for bad, key in ((dict(num_action_samples=0), "num_action_samples"), (dict(squash_grad_q="tanh"), "squash_grad_q"),
+                     (dict(samples_per_insert=-1.0), "samples_per_insert"), (dict(target_update_tau=2.0), "target_update_tau"),
+                     (dict(policy_hidden=[]), "policy_hidden")):
+        with pytest.raises(ValueError, match=key):
+            WPOConfig().environment("Pendulum-v1").training(**bad).validate()
+    with pytest.raises(ValueError, match="action_space"):
+        _discrete_cfg().validate()
+
+
+def _discrete_cfg():
+    import gymnasium as gym
+
+    from algorithms.wpo.config import WPOConfig
+
+    return WPOConfig().environment(observation_space=gym.spaces.Box(-1, 1, (3,)), action_space=gym.spaces.Discrete(2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# RLlib: learning, save/restore, Tune
+
+
+def small_wpo(env: str = "Pendulum-v1", seed: int = 0, **training):
+    from algorithms.wpo.config import WPOConfig
+
+    settings = dict(policy_hidden=[64, 64], critic_hidden=[64, 64], num_action_samples=8, num_target_action_samples=8,
+                    train_batch_size_per_learner=128, samples_per_insert=128.0, lr=3e-4, n_step=3,
+                    learning_starts=400, max_updates_per_call=64)
+    settings.update(training)
+    cfg = WPOConfig().environment(env).training(**settings).debugging(seed=seed)
+    cfg.min_sample_timesteps_per_iteration = 1000
+    return cfg
+
+
+@pytest.mark.slow
+def test_wpo_learns_pendulum(ray_local):
+    torch.set_num_threads(1)
+    algo = small_wpo().build_algo()
+    try:
+        best = -float("inf")
+        for _ in range(25):
+            result = algo.train()
+            ret = result["env_runners"].get("episode_return_mean")
+            if ret is not None:
+                best = max(best, ret)
+            if best > -400:
+                break
+        assert best > -400, f"WPO did not reach -400 on Pendulum-v1 within 25k env steps (best {best:.0f})"
+        learner = result["learners"]["default_policy"]
+        for key in ("critic_loss", "policy_loss", "kl_penalty", "policy_std_mean", "q_mean", "policy_grad_norm"):
+            assert math.isfinite(learner[key])
+    finally:
+        algo.stop()
+
+
+def test_wpo_save_restore_continues_training(ray_local, tmp_path: Path):
+    from ray.rllib.algorithms.algorithm import Algorithm
+
+    torch.set_num_threads(1)
+    cfg = small_wpo(policy_hidden=[16], critic_hidden=[16], train_batch_size_per_learner=32, learning_starts=100,
+                    num_action_samples=2, num_target_action_samples=2, samples_per_insert=16.0)
+    cfg.min_sample_timesteps_per_iteration = 200
+    cfg.rollout_fragment_length = 50
+    algo = cfg.build_algo()
+    try:
+        algo.train()
+        path = algo.save(str(tmp_path / "ckpt")).checkpoint.path
+        before = algo.train()
+    finally:
+        algo.stop()
+    restored = Algorithm.from_checkpoint(path)
+    try:
+        after = restored.train()
+        assert after["num_env_steps_sampled_lifetime"] == before["num_env_steps_sampled_lifetime"] == 400
+        assert after["learners"]["default_policy"]["num_updates_lifetime"] > 0
+        assert after["learners"]["default_policy"]["critic_loss"] == pytest.approx(
+            before["learners"]["default_policy"]["critic_loss"], rel=1e-5)
+    finally:
+        restored.stop()
+
+
+def test_wpo_runs_through_tune_by_name(ray_local, tmp_path: Path):
+    from orchestration.runner import run
+
+    result = run({
+        "name": "wpo_tune", "algorithm": "WPO", "env": "Pendulum-v1",
+        "config": {"policy_hidden": [16], "critic_hidden": [16], "num_action_samples": 2,
+                   "num_target_action_samples": 2, "train_batch_size_per_learner": 32, "learning_starts": 100,
+                   "samples_per_insert": 16.0, "min_sample_timesteps_per_iteration": 200,
+                   "network": {"hidden": [16, 16], "norm": "layer", "activation": "elu", "nap": True}},
+        "seeds": [0], "stop": {"training_iteration": 2}, "checkpoint": {"replay": True},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifacts": str(tmp_path / "artifacts"),
+                     "storage": str(tmp_path / "runs")},
+    })
+    assert result.num_errors == 0 and len(result.trials) == 1
+    last = result.trials[0].last_result
+    assert last["steps"] == 400
+    for key in ("critic_loss", "policy_loss", "kl_penalty", "network_nap_max_norm_deviation"):
+        assert key in last["learner"], sorted(last["learner"])
+    assert last["learner"]["network_nap_max_norm_deviation"] < 1e-5
+    assert last["system"]["updates_per_s"] > 0 and last["env"]["num_env_steps_sampled_lifetime"] == 400
