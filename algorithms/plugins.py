@@ -34,3 +34,7 @@ register_diagnostic_lazy("bsuite", "algorithms.diagnostics.rllib_bsuite")
 # DataRater (issue 6)
 register_task("datarater_digits", "algorithms.tasks.datarater_digits:DigitsDataRater")
 register_task("datarater_text", "algorithms.tasks.datarater_text:TextDataRater")
+
+# Analysis (issue 8): credit-assignment and convergence diagnostics.
+register_diagnostic_lazy("credit", "algorithms.diagnostics.rllib_credit")
+register_diagnostic_lazy("convergence", "algorithms.diagnostics.rllib_convergence")
