@@ -211,6 +211,7 @@ def test_wpo_runs_through_tune_by_name(ray_local, tmp_path: Path):
                    "samples_per_insert": 16.0, "min_sample_timesteps_per_iteration": 200,
                    "network": {"hidden": [16, 16], "norm": "layer", "activation": "elu", "nap": True}},
         "seeds": [0], "stop": {"training_iteration": 2}, "checkpoint": {"replay": True},
+        "diagnostics": {"plasticity": {"every": 2, "probe_size": 32}},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifacts": str(tmp_path / "artifacts"),
                      "storage": str(tmp_path / "runs")},
     })
@@ -221,3 +222,5 @@ def test_wpo_runs_through_tune_by_name(ray_local, tmp_path: Path):
         assert key in last["learner"], sorted(last["learner"])
     assert last["learner"]["network_nap_max_norm_deviation"] < 1e-5
     assert last["system"]["updates_per_s"] > 0 and last["env"]["num_env_steps_sampled_lifetime"] == 400
+    plasticity = {k for k in last if k.startswith("plasticity/")} | set(last.get("plasticity", {}))
+    assert any("dormant_ratio" in k for k in plasticity) and any("grad_l2" in k for k in plasticity), sorted(plasticity)

@@ -65,6 +65,8 @@ class VectorEnvRunner(EnvRunner, Checkpointable):
     def __init__(self, *, config: Any, **kwargs: Any):
         super().__init__(config=config, **kwargs)
         self.worker_index = int(self.worker_index or 0)
+        if self.worker_index > 0:  # a remote runner process: torch threads = CPUs given to it
+            torch.set_num_threads(max(1, int(self.config.num_cpus_per_env_runner or 1)))
         # With remote runners, the local one (index 0) only provides spaces and holds no envs.
         self.samples = self.num_workers == 0 or self.worker_index > 0
         self.num_envs = int(self.config.num_envs_per_env_runner)

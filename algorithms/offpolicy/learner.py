@@ -69,6 +69,9 @@ class OffPolicyLearner(NetworkLearnerMixin, _SteppingTorchLearner):
     """Replay + K updates per call; see the module docstring."""
 
     def build(self) -> None:
+        cpus = self.config.num_cpus_per_learner
+        if int(self.config.num_learners) > 0 and isinstance(cpus, int | float) and cpus >= 1:
+            torch.set_num_threads(int(cpus))  # a remote learner process: threads = CPUs given to it
         super().build()
         if list(self.module.keys()) != [DEFAULT_MODULE_ID]:
             raise ValueError(f"the off-policy core trains one module ({DEFAULT_MODULE_ID!r}); got {list(self.module.keys())}")

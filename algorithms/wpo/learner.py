@@ -13,13 +13,87 @@ when ``dual_learning``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from algorithms.offpolicy.learner import OffPolicyLearner
 from algorithms.wpo import losses as L
+
+
+@dataclass(frozen=True)
+class WPOSettings:
+    """The loss settings of a WPOConfig (so plain loops can call :func:`wpo_loss` without RLlib)."""
+
+    num_action_samples: int = 20
+    num_target_action_samples: int = 20
+    epsilon_mean: float = 0.0025
+    epsilon_stddev: float = 1e-6
+    dual_learning: bool = False
+    squash_grad_q: str = "none"
+
+    @classmethod
+    def from_config(cls, config: Any) -> WPOSettings:
+        return cls(int(config.num_action_samples), int(config.num_target_action_samples),
+                   float(config.epsilon_mean), float(config.epsilon_stddev), bool(config.dual_learning),
+                   str(config.squash_grad_q))
+
+
+def _sample(mean: Tensor, std: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    noise = torch.randn((n,) + tuple(mean.shape), generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean.unsqueeze(0) + std.unsqueeze(0) * noise
+
+
+def wpo_loss(policy: nn.Module, critic: nn.Module, target_policy: nn.Module, target_critic: nn.Module,
+             log_alpha_mean: Tensor, log_alpha_std: Tensor, batch: dict[str, Tensor], s: WPOSettings,
+             generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+    """Critic + WPO policy + KL penalty (+ dual) loss of one replay batch; the module docstring gives the terms.
+
+    ``policy(obs) -> (mean, std)`` [B, D]; ``critic(obs, action) -> Q`` [B]; batch fields as in the replay.
+    Returns the total loss and the statistics (detached scalars).
+    """
+    obs, action = batch["obs"].float(), batch["action"]
+    boot_obs = batch["bootstrap_obs"].float()
+    n_pol, n_tgt = s.num_action_samples, s.num_target_action_samples
+
+    # Critic: n-step expected-SARSA target from the target networks.
+    with torch.no_grad():
+        t_mean, t_std = target_policy(boot_obs)
+        next_actions = _sample(t_mean, t_std, n_tgt, generator)  # [M, B, D]
+        target_q = target_critic(boot_obs.unsqueeze(0).expand(n_tgt, *boot_obs.shape), next_actions)
+        targets = L.expected_sarsa_targets(batch["nstep_return"], batch["bootstrap_discount"], target_q)
+    q = critic(obs, action)
+    loss_q, stats_q = L.critic_loss(q, targets)
+
+    # Policy: WPO's loss with the Fisher-preconditioned Gaussian; sampled actions are constants.
+    mean, std = policy(obs)
+    with torch.no_grad():
+        actions = _sample(mean, std, n_pol, generator)  # [N, B, D]
+    actions.requires_grad_(True)
+    with torch.enable_grad():
+        q_n = critic(obs.unsqueeze(0).expand(n_pol, *obs.shape), actions)
+        grad_q = torch.autograd.grad(q_n.sum(), actions)[0]  # input gradient only: critic params untouched
+    if s.squash_grad_q == "cube_root":
+        grad_q = L.cube_root(grad_q)
+    mean_p, std_p = L.fisher_preconditioned(mean, std)
+    loss_pi, stats_pi = L.wpo_policy_loss(L.gaussian_grad_log_prob(actions, mean_p, std_p), grad_q)
+
+    # Decoupled KL to the target policy.
+    with torch.no_grad():
+        tm, ts = target_policy(obs)
+    kl_m, kl_s = L.decoupled_gaussian_kl(tm, ts, mean, std)
+    penalty, dual, stats_kl = L.kl_penalty(kl_m, kl_s, log_alpha_mean, log_alpha_std, s.epsilon_mean,
+                                           s.epsilon_stddev)
+    total = loss_q + loss_pi + penalty
+    if s.dual_learning:
+        total = total + dual
+    stats = dict(critic_loss=loss_q, policy_loss=loss_pi, kl_penalty=penalty, dual_loss=dual,
+                 policy_std_mean=std.detach().mean(), policy_std_min=std.detach().min(),
+                 policy_std_max=std.detach().max(), policy_mean_abs=mean.detach().abs().mean(),
+                 q_value_sample_mean=q_n.detach().mean(), **stats_q, **stats_pi, **stats_kl)
+    return total, stats
 
 
 class WPOLearner(OffPolicyLearner):
@@ -39,54 +113,12 @@ class WPOLearner(OffPolicyLearner):
             for p in duals:
                 p.requires_grad_(False)
 
-    def _sample(self, mean: Tensor, std: Tensor, n: int) -> Tensor:
-        noise = torch.randn((n,) + tuple(mean.shape), generator=self.generator, device=mean.device, dtype=mean.dtype)
-        return mean.unsqueeze(0) + std.unsqueeze(0) * noise
-
     def compute_loss_for_module(self, *, module_id: str, config: Any = None, batch: dict[str, Tensor],
                                 fwd_out: dict[str, Any]) -> Tensor:
         m = self.module[module_id].unwrapped()
-        obs, action = batch["obs"].float(), batch["action"]
-        boot_obs = batch["bootstrap_obs"].float()
-        n_pol, n_tgt = int(config.num_action_samples), int(config.num_target_action_samples)
-
-        # Critic: n-step expected-SARSA target from the target networks.
-        with torch.no_grad():
-            t_mean, t_std = m.target_policy(boot_obs)
-            next_actions = self._sample(t_mean, t_std, n_tgt)  # [M, B, D]
-            target_q = m.target_critic(boot_obs.unsqueeze(0).expand(n_tgt, *boot_obs.shape), next_actions)
-            targets = L.expected_sarsa_targets(batch["nstep_return"], batch["bootstrap_discount"], target_q)
-        q = m.critic(obs, action)
-        loss_q, stats_q = L.critic_loss(q, targets)
-
-        # Policy: WPO's loss with the Fisher-preconditioned Gaussian.
-        mean, std = m.policy(obs)
-        with torch.no_grad():
-            actions = self._sample(mean, std, n_pol)  # [N, B, D] constants
-        actions.requires_grad_(True)
-        obs_n = obs.unsqueeze(0).expand(n_pol, *obs.shape)
-        with torch.enable_grad():
-            q_n = m.critic(obs_n, actions)
-            grad_q = torch.autograd.grad(q_n.sum(), actions)[0]
-        if config.squash_grad_q == "cube_root":
-            grad_q = L.cube_root(grad_q)
-        mean_p, std_p = L.fisher_preconditioned(mean, std)
-        grad_log_prob = L.gaussian_grad_log_prob(actions, mean_p, std_p)
-        loss_pi, stats_pi = L.wpo_policy_loss(grad_log_prob, grad_q)
-
-        # Decoupled KL to the target policy.
-        with torch.no_grad():
-            tm, ts = m.target_policy(obs)
-        kl_m, kl_s = L.decoupled_gaussian_kl(tm, ts, mean, std)
-        penalty, dual, stats_kl = L.kl_penalty(kl_m, kl_s, m.log_alpha_mean, m.log_alpha_stddev,
-                                               float(config.epsilon_mean), float(config.epsilon_stddev))
-        total = loss_q + loss_pi + penalty
-        if config.dual_learning:
-            total = total + dual
-        self.record(module_id, critic_loss=loss_q, policy_loss=loss_pi, kl_penalty=penalty, dual_loss=dual,
-                    policy_std_mean=std.detach().mean(), policy_std_min=std.detach().min(),
-                    policy_std_max=std.detach().max(), policy_mean_abs=mean.detach().abs().mean(),
-                    q_value_sample_mean=q_n.detach().mean(), **stats_q, **stats_pi, **stats_kl)
+        total, stats = wpo_loss(m.policy, m.critic, m.target_policy, m.target_critic, m.log_alpha_mean,
+                                m.log_alpha_stddev, batch, WPOSettings.from_config(config), self.generator)
+        self.record(module_id, **stats)
         return total
 
     def plasticity_probe_loss(self, module_id: str) -> Tensor:
