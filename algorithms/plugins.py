@@ -38,3 +38,4 @@ register_task("datarater_text", "algorithms.tasks.datarater_text:TextDataRater")
 # Analysis (issue 8): credit-assignment and convergence diagnostics.
 register_diagnostic_lazy("credit", "algorithms.diagnostics.rllib_credit")
 register_diagnostic_lazy("convergence", "algorithms.diagnostics.rllib_convergence")
+register_diagnostic_lazy("task_returns", "algorithms.diagnostics.rllib_tasks")

@@ -107,7 +107,7 @@ def build_param_space(spec: Spec) -> dict[str, Any]:
     else:
         space["seed"] = tune.grid_search(list(spec.seeds))
     if not spec.is_task:
-        space["env"] = spec.env
+        space["env"] = S.to_tune(spec.env)
     space[ORCHESTRA_KEY] = {
         "workload": spec.workload,
         "diagnostics": spec.diagnostics,
@@ -147,8 +147,9 @@ def register_spec_env(spec: Spec) -> None:
 
     from orchestration.trainables import make_gym_env
 
-    if spec.env in gym.registry and not _global_registry.contains(ENV_CREATOR, spec.env):
-        register_env(spec.env, functools.partial(make_gym_env, spec.env, tuple(spec.imports)))
+    for env in spec.env_ids:
+        if env in gym.registry and not _global_registry.contains(ENV_CREATOR, env):
+            register_env(env, functools.partial(make_gym_env, env, tuple(spec.imports)))
 
 
 def _git_commit(cwd: Path) -> str:
@@ -227,14 +228,14 @@ def _tracking_callback(spec: Spec, launch: Launch, resumed: bool) -> Any:
         "orchestra.ray_version": ray.__version__,
         "orchestra.torch_version": torch.__version__,
         "orchestra.algorithm": spec.workload,
-        "orchestra.env" if not spec.is_task else "orchestra.task": spec.env or spec.workload,
+        "orchestra.env" if not spec.is_task else "orchestra.task": spec.env_label or spec.workload,
     }
     if spec.metric:
         tags["orchestra.metric"] = spec.metric
         tags["orchestra.mode"] = spec.mode
     trial_tags = {k: tags[k] for k in ("orchestra.algorithm", "orchestra.spec_hash", "orchestra.git_commit",
                                        "orchestra.ray_version", "orchestra.torch_version", "orchestra.launch")}
-    trial_tags["orchestra.env" if not spec.is_task else "orchestra.task"] = spec.env or spec.workload
+    trial_tags["orchestra.env" if not spec.is_task else "orchestra.task"] = spec.env_label or spec.workload
     return MLflowTracking(
         spec.tracking.uri,
         spec.experiment_name,
@@ -295,7 +296,10 @@ def dry_run_text(spec: Spec) -> str:
     variants = S.grid_variants(spec.config)
     randoms = [(p, m) for p, m in S.walk_markers(spec.config, "config") if "grid" not in m]
     n = len(variants) * len(spec.seeds) * spec.num_samples
-    lines = [f"spec {spec.name}: {spec.workload}" + (f" on {spec.env}" if spec.env else ""),
+    env_variants = S.grid_variants({"env": spec.env}) if isinstance(spec.env, dict) else [({}, None)]
+    variants = [({**ea, **a}, v) for ea, _ in env_variants for a, v in variants]
+    n = len(variants) * len(spec.seeds) * spec.num_samples
+    lines = [f"spec {spec.name}: {spec.workload}" + (f" on {spec.env_label}" if spec.env else ""),
              f"{n} trials = {len(variants)} grid point(s) x {len(spec.seeds)} seed(s) x {spec.num_samples} sample(s)"]
     for i, (assignment, _) in enumerate(variants):
         for seed in spec.seeds:

@@ -124,7 +124,8 @@ class Spec(_Strict):
     """Experiment name: letters, digits, _ . - (MLflow experiment and run folder)."""
     description: str = ""
     algorithm: str | None = None
-    env: str | None = None
+    env: str | dict[str, Any] | None = None
+    """An env id, or a grid/choice marker over env ids (``{grid: [minatar/breakout, ...]}``)."""
     task: str | None = None
     config: dict[str, Any] = {}
     seeds: list[int] = [0]
@@ -166,6 +167,17 @@ class Spec(_Strict):
     @property
     def workload(self) -> str:
         return self.task if self.task is not None else str(self.algorithm)
+
+    @property
+    def env_ids(self) -> list[str]:
+        """The env ids of the spec (one, or every option of an env marker)."""
+        if self.env is None:
+            return []
+        return S.marker_options(self.env) if isinstance(self.env, dict) else [self.env]
+
+    @property
+    def env_label(self) -> str | None:
+        return None if self.env is None else (self.env if isinstance(self.env, str) else S.describe(self.env))
 
     @property
     def experiment_name(self) -> str:
@@ -293,7 +305,12 @@ def validate_schema(data: dict[str, Any], file: str | None) -> Spec:
         raise SpecError(file, "algorithm", "a spec needs `algorithm` (with `env`) or `task`")
     if spec.task is not None and spec.env is not None:
         raise SpecError(file, "env", "a task spec takes no `env` (the task defines its data)", spec.env)
+    if isinstance(spec.env, dict):
+        if not S.is_marker(spec.env) or next(iter(spec.env)) not in ("grid", "choice"):
+            raise SpecError(file, "env", "env must be an env id or a grid/choice marker over env ids", spec.env,
+                            allowed=["grid", "choice"])
     try:
+        S.validate_markers(spec.env, "env") if isinstance(spec.env, dict) else None
         S.validate_markers(spec.config, "config")
         if spec.scheduler and spec.scheduler.mutations:
             S.validate_markers(spec.scheduler.mutations, "scheduler.mutations")
@@ -433,7 +450,8 @@ def _validate_rllib(spec: Spec, file: str | None) -> None:
     algo_cls = resolve_algorithm(spec, file)
     if spec.env is None:
         raise SpecError(file, "env", "an RLlib algorithm needs `env`")
-    check_env(spec.env, file)
+    for env in spec.env_ids:
+        check_env(env, file)
     keys = algorithm_config_keys(algo_cls)
     blocks = R.config_blocks()
     for key, value in spec.config.items():

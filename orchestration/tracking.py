@@ -37,6 +37,14 @@ time. At experiment end the driver waits at most ``retry_timeout_s`` for the que
 of trials that were fully delivered are deleted, the others stay for ``orchestra sync``
 (:func:`sync_spool`).
 
+Statuses
+A child ends FINISHED when its trial completes, FAILED when it errors (tag ``orchestra.error``: the
+end of Tune's error text, where the exception message is), KILLED when the experiment ends with the
+trial still running (Ctrl-C); ``orchestra.status`` repeats it as a tag. The parent ends KILLED if any
+trial was killed, else FAILED if any failed, else FINISHED. Files under the trial's ``artifacts/``
+folder (looked up in the trial's storage dir, its driver staging dir and its working dir) are uploaded
+on every checkpoint and at the end, only those new or changed (size, mtime) since the last upload.
+
 Steps are strictly increasing per run: a result whose step is at or below the run's last logged step
 is dropped (Tune restoring a trial from a checkpoint replays steps; MLflow cannot delete points).
 On resume (also after the driver was SIGKILLed, so nothing here relies on pickled state) the parent is
@@ -212,6 +220,11 @@ def changed_hparams(old: Mapping[str, str], new_config: Mapping[str, Any]) -> di
 
 def _truncate(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 20] + "\n...[truncated]"
+
+
+def _tail(text: str, n: int) -> str:
+    """The end of a traceback, where the exception message is."""
+    return text if len(text) <= n else "[truncated]...\n" + text[-(n - 20):]
 
 
 def _quote(value: str) -> str:
@@ -464,6 +477,7 @@ class MLflowTracking(Callback):
         self._parent_ready = threading.Event()
         self._files: dict[str, Any] = {}
         self._dropped = 0
+        self._adopted = False
         self._killed_launch = False
 
     def __getstate__(self) -> dict:
@@ -496,6 +510,25 @@ class MLflowTracking(Callback):
         # Wait until the parent exists (so `parent_run_id` is set for callers) or the first attempt
         # failed: a slow store is waited for, an unreachable one is not.
         self._parent_ready.wait(timeout=self.retry_timeout_s)
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        if self._adopted:
+            return
+        self._adopted = True
+        # A trial that finished before an earlier driver of this launch was killed is not started
+        # again, but its journal may hold results and the end status that never reached MLflow.
+        for trial in trials:
+            if trial.trial_id in self._trials or trial.status not in ("TERMINATED", "ERROR"):
+                continue
+            journal = self._journal_path(trial)
+            if not journal.exists():
+                continue
+            ends = [r for r in _read_journal(journal) if r.get("type") == "end"]
+            self._open_trial(trial)
+            if ends:
+                self._end_trial(trial, ends[-1]["status"], tags=ends[-1].get("tags"))
+            else:
+                self._end_trial(trial, "FINISHED" if trial.status == "TERMINATED" else "FAILED", None)
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         self._open_trial(trial)
@@ -599,6 +632,8 @@ class MLflowTracking(Callback):
                 "orchestra.trial_id": trial.trial_id, "orchestra.trial_name": str(trial)}
         if "seed" in config:
             tags["orchestra.seed"] = str(config["seed"])
+        if isinstance(config.get("env"), str):  # the env may be a search dimension
+            tags["orchestra.env"] = config["env"]
         st = _TrialState(trial.trial_id, str(trial), self._journal_path(trial), params, tags,
                          self._artifact_dirs(trial))
         self._trials[trial.trial_id] = st
@@ -614,14 +649,14 @@ class MLflowTracking(Callback):
         self._enqueue(("child", st.trial_id, replay), st)
         return st
 
-    def _end_trial(self, trial, status: str, error: str | None) -> None:
+    def _end_trial(self, trial, status: str, error: str | None, tags: dict | None = None) -> None:
         st = self._trials.get(trial.trial_id)
         if st is None or st.done:
             return
         st.done = True
-        tags = {"orchestra.status": status}
+        tags = {**(tags or {}), "orchestra.status": status}
         if error:
-            tags["orchestra.error"] = _truncate(error, MAX_ERROR_LENGTH)
+            tags["orchestra.error"] = _tail(error, MAX_ERROR_LENGTH)
         self._enqueue(("artifacts", st.trial_id), st)
         rec = {"type": "end", "trial_id": st.trial_id, "status": status, "tags": tags}
         self._journal(st, rec)

@@ -1,0 +1,37 @@
+"""Short form of experiments/continual_minatar.yaml: PPO with NaP on a cycled MinAtar sequence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from orchestration.runner import run
+from orchestration.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_continual_minatar_short_form_logs_per_task_returns_and_plasticity(ray_local, tmp_path: Path):
+    spec = load_spec(str(ROOT / "experiments/continual_minatar.yaml"), [
+        "config.env_config.switch_every=300",
+        "config.env_config.games=[breakout, freeway]",
+        "config.env_config.max_episode_steps=100",
+        "config.network.norm=layer", "config.network.nap=true", "config.network.hidden=[32]",
+        "config.train_batch_size_per_learner=200", "config.minibatch_size=100", "config.num_epochs=1",
+        "seeds=[0]", "stop={training_iteration: 4}",
+        "diagnostics.plasticity={every: 2, probe_size: 32}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.storage={tmp_path / 'runs'}",
+        f"tracking.artifacts={tmp_path / 'art'}",
+    ])
+    out = run(spec)
+    assert out.num_errors == 0, out.trials
+    client = MlflowClient(spec.tracking.uri)
+    exp = client.get_experiment_by_name("continual_minatar")
+    (child,) = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    keys = set(child.data.metrics)
+    # 800 env steps with switches every 300: both games were played, each with its own returns.
+    assert {"env/task_return/task_0", "env/task_return/task_1"} <= keys, sorted(keys)
+    assert any(k.startswith("plasticity/") for k in keys)
+    task_ids = [m.value for m in client.get_metric_history(child.info.run_id, "env/task_id")]
+    assert task_ids[0] == 0.0 and 1.0 in task_ids
