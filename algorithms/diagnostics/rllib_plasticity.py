@@ -143,8 +143,8 @@ def module_plasticity_metrics(
             if h.dim() < 2 or h.shape[0] < 2:
                 continue
             m = pm.layer_activation_metrics(h, s.tau, delta=s.srank_delta, ranks=s.ranks)
-            scores = pm.dormant_scores(h)
-            pool["units"].append((int((scores <= s.tau).sum()), int((scores <= 0).sum()), scores.numel()))
+            units = h.shape[1]
+            pool["units"].append((round(m["dormant_ratio"] * units), round(m["dead_ratio"] * units), units))
             if s.drift:
                 snapshot["features"][layer] = h
                 if previous and layer in previous.get("features", {}):
