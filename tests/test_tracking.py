@@ -145,6 +145,14 @@ def test_changed_hparams_reports_numeric_mutations_only():
     assert changed_hparams(old, {"lr": 0.2, "opt": {"eps": 1e-3}, "name": "b", "n": 3}) == {"hparam/lr": 0.2}
 
 
+def test_error_text_keeps_the_end_of_the_traceback():
+    from orchestration.tracking import MAX_ERROR_LENGTH, _tail
+
+    text = "Traceback\n" + "  frame\n" * 1000 + "RuntimeError: boom"
+    out = _tail(text, MAX_ERROR_LENGTH)
+    assert len(out) <= MAX_ERROR_LENGTH and out.endswith("RuntimeError: boom") and out.startswith("[truncated]")
+
+
 def test_log_metric_records_cuts_batches_at_record_boundaries(sqlite_uri):
     client = MlflowClient(sqlite_uri)
     run = client.create_run(client.create_experiment("batches"))
@@ -355,32 +363,42 @@ def test_resume_reuses_runs_and_never_logs_a_step_twice(ray_local, sqlite_uri, t
     attempts = tmp_path / "attempts"
     cb = MLflowTracking(sqlite_uri, "toy-resume", "launch-4", flush_interval_s=0.3, **LAUNCH_KW)
     cfg = {"idx": 0, "fail_at": 4, "marker": str(marker), "attempt_file": str(attempts)}
-    make_tuner(tmp_path, cb, [cfg], name="resume").fit()
+    make_tuner(tmp_path, cb, [cfg, {"idx": 1}], name="resume").fit()
     client = MlflowClient(sqlite_uri)
     parent = find_parent_run(sqlite_uri, "toy-resume", "launch-4")
-    (child,) = children_by_idx(client, parent).values()
-    assert child.info.status == "FAILED"
+    first = children_by_idx(client, parent)
+    child, done = first[0], first[1]
+    assert child.info.status == "FAILED" and done.info.status == "FINISHED"
     assert history(client, child.info.run_id, "train/score") == [(10 * i, value(0, i, 0)) for i in (1, 2, 3)]
-    # A driver killed before sending step 40 leaves it only in the journal: it must be replayed.
-    trial_dir = next(p for p in (tmp_path / "runs" / "resume").glob("flat_trainable_*") if p.is_dir())
-    with open(trial_dir / SPOOL_NAME, "w") as f:
+    # Simulate a driver killed before delivering everything: step 40 of the failed trial, and step 70
+    # plus the end of the finished trial, exist only in their journals.
+    dirs = {p.name.split("_")[3]: p for p in (tmp_path / "runs" / "resume").glob("flat_trainable_*") if p.is_dir()}
+    with open(dirs["00000"] / SPOOL_NAME, "w") as f:
         f.write(json.dumps({"type": "metrics", "trial_id": child.data.tags["orchestra.trial_id"],
                             "step": 40, "ts": 1, "metrics": {"train/score": -40.0}}) + "\n")
+    client.update_run(done.info.run_id, status="RUNNING")
+    with open(dirs["00001"] / SPOOL_NAME, "w") as f:
+        tid = done.data.tags["orchestra.trial_id"]
+        f.write(json.dumps({"type": "metrics", "trial_id": tid, "step": 70, "ts": 1,
+                            "metrics": {"train/score": -70.0}}) + "\n")
+        f.write(json.dumps({"type": "end", "trial_id": tid, "status": "FINISHED", "tags": {}}) + "\n")
     marker.write_text("fixed")
     # The restored Tuner carries the callback it pickled (resumed=False): the parent is found by tag.
     tuner = tune.Tuner.restore(str(tmp_path / "runs" / "resume"), flat_trainable, resume_errored=True)
     tuner.fit()
     parent = find_parent_run(sqlite_uri, "toy-resume", "launch-4")
     kids = children_by_idx(client, parent)
-    assert list(kids) == [0] and kids[0].info.run_id == child.info.run_id
+    assert sorted(kids) == [0, 1] and kids[0].info.run_id == child.info.run_id
     assert parent.data.tags["orchestra.resumed"] == "1" and parent.info.status == "FINISHED"
-    assert kids[0].info.status == "FINISHED"
+    assert kids[0].info.status == "FINISHED" and kids[1].info.status == "FINISHED"
     # steps 10-30 from the first attempt, 40 from the journal (the restarted trial re-reported step 40
     # from its checkpoint at step 30 and it was dropped), 50-60 from the second attempt
     assert history(client, child.info.run_id, "train/score") == (
         [(10 * i, value(0, i, 0)) for i in (1, 2, 3)] + [(40, -40.0)]
         + [(10 * i, value(0, i, 1)) for i in (5, 6)])
     assert [s for s, _ in history(client, child.info.run_id, "learner/loss")] == [10, 20, 30, 50, 60]
+    assert history(client, done.info.run_id, "train/score") == (
+        [(10 * i, value(1, i)) for i in range(1, N_STEPS + 1)] + [(70, -70.0)])
 
 
 def pbt_trainable(config: dict) -> None:
