@@ -273,3 +273,26 @@ def test_tune_trial_checkpoint_carries_probe(ray_session, tmp_path):
         assert torch.equal(attached_probe_set(algo).obs, expected.obs)
     finally:
         algo.stop()
+
+
+def test_effective_lr_on_project_networks_with_layernorm(ray_session):
+    """PPO on our network builders (LayerNorm before each nonlinearity): effective_lr = η/‖w‖ (Adam)."""
+    from algorithms.networks.block import apply_network_block
+    from algorithms.networks.config import NetworkConfig
+
+    torch.set_num_threads(1)
+    lr = 3e-4
+    config = ppo_config({"every": 1, "probe_size": PROBE}).training(lr=lr)
+    apply_network_block(config, NetworkConfig(hidden=[WIDTH, WIDTH], norm="layer", nap=True))
+    algo = config.build()
+    try:
+        p = plasticity_keys(algo.train())
+    finally:
+        algo.stop()
+    elr = {k: v for k, v in p.items() if k.endswith("/effective_lr") and k.count("/") > 2}
+    assert len(elr) >= 2, sorted(p)
+    for k, v in elr.items():
+        wn = p[k.replace("/effective_lr", "/weight_norm")]
+        assert v == pytest.approx(lr / wn, rel=1e-6)
+    assert 0.0 <= p["plasticity/dormant_ratio"] <= 1.0
+    assert p["plasticity/effective_lr"] == pytest.approx(sum(elr.values()) / len(elr))

@@ -267,3 +267,22 @@ def test_probe_set_collect_is_deterministic_extends_and_round_trips(tmp_path):
     assert torch.equal(loaded.obs, a.obs) and loaded.seed == 3
     assert torch.equal(ProbeSet.from_state_dict(a.state_dict()).obs, a.obs)
     assert len(a.head(10)) == 10
+
+
+class DeclaresNormalised(nn.Module):
+    """A block that is not an nn.Sequential and declares its normalised layer itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 4, bias=False)
+        self.norm = nn.LayerNorm(4)
+        self.act = nn.ReLU()
+
+    def normalised_layers(self) -> list[str]:
+        return ["layer"]
+
+
+def test_normalised_layers_declared_by_nested_modules():
+    outer = nn.ModuleDict({"torso": DeclaresNormalised(),
+                           "head": nn.Sequential(nn.Linear(4, 4), nn.RMSNorm(4), nn.Linear(4, 1))})
+    assert sorted(pm.normalised_layers(outer)) == ["head.0", "torso.layer"]

@@ -363,22 +363,28 @@ def weight_layers(module: nn.Module) -> dict[str, Tensor]:
 def normalised_layers(module: nn.Module) -> list[str]:
     """Names of weight layers made scale-invariant by a normalisation layer right after them.
 
-    Structural rule: inside an nn.Sequential, a module with a ≥ 2-D weight directly followed by one of
-    :data:`NORM_TYPES` (the NaP layout Linear → Norm → activation). A module may instead declare the
-    list itself with a ``normalised_layers()`` method returning names relative to it.
+    A (sub)module may declare them with a ``normalised_layers()`` method returning names relative to
+    itself (our network builders do); its subtree is then not searched further. Elsewhere the
+    structural rule applies: inside an nn.Sequential, a module with a ≥ 2-D weight directly followed
+    by one of :data:`NORM_TYPES` (the NaP layout Linear → Norm → activation).
     """
-    declared = getattr(module, "normalised_layers", None)
-    if callable(declared):
-        return list(declared())
     names: list[str] = []
-    for seq_name, seq in module.named_modules():
-        if not isinstance(seq, nn.Sequential):
+    declared_roots: list[str] = []
+    for sub_name, sub in module.named_modules():
+        if any(r == "" or sub_name == r or sub_name.startswith(r + ".") for r in declared_roots):
+            continue  # inside a module that declared its own list
+        declared = getattr(sub, "normalised_layers", None)
+        if callable(declared):
+            declared_roots.append(sub_name)
+            names.extend(f"{sub_name}.{n}" if sub_name else n for n in declared())
             continue
-        children = list(seq.named_children())
+        if not isinstance(sub, nn.Sequential):
+            continue
+        children = list(sub.named_children())
         for (child_name, child), (_, nxt) in zip(children, children[1:], strict=False):
             w = getattr(child, "weight", None)
             if isinstance(w, Tensor) and w.dim() >= 2 and isinstance(nxt, NORM_TYPES):
-                names.append(f"{seq_name}.{child_name}" if seq_name else child_name)
+                names.append(f"{sub_name}.{child_name}" if sub_name else child_name)
     return names
 
 
