@@ -76,7 +76,15 @@ def main() -> None:
 
     from algorithms.diagnostics.rllib_plasticity import make_plasticity_callback
 
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, log_to_driver=False)
+    for attempt in range(3):  # a loaded machine can make the local node miss its startup deadline
+        try:
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, log_to_driver=False)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            ray.shutdown()
+            time.sleep(10)
     algos = {}
     for every in todo:
         cfg = (

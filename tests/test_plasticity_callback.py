@@ -179,6 +179,7 @@ def test_dqn_reports_plasticity(ray_session):
     assert 0.0 <= p["plasticity/dormant_ratio"] <= 1.0
     assert 1.0 <= p["plasticity/effective_rank"] <= WIDTH
     assert p["plasticity/weight_norm"] > 0
+    assert not any("target" in k for k in p)  # frozen target networks are not reported
 
 
 # ---------------------------------------------------------------------------------------------------

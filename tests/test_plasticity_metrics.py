@@ -286,3 +286,10 @@ def test_normalised_layers_declared_by_nested_modules():
     outer = nn.ModuleDict({"torso": DeclaresNormalised(),
                            "head": nn.Sequential(nn.Linear(4, 4), nn.RMSNorm(4), nn.Linear(4, 1))})
     assert sorted(pm.normalised_layers(outer)) == ["head.0", "torso.layer"]
+
+
+def test_weight_layers_skip_frozen_weights():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    net[2].weight.requires_grad_(False)
+    assert list(pm.weight_layers(net)) == ["0"]
+    assert list(pm.weight_layers(net, trainable_only=False)) == ["0", "2"]

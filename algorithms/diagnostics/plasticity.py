@@ -347,15 +347,16 @@ def capture_activations(module: nn.Module, forward_fn: Callable[[], object]) -> 
     return captured
 
 
-def weight_layers(module: nn.Module) -> dict[str, Tensor]:
+def weight_layers(module: nn.Module, trainable_only: bool = True) -> dict[str, Tensor]:
     """{layer name: weight} for every parameter with ≥ 2 dims (linear, conv, embedding weights).
 
     Layer name = qualified name of the parameter's owning module. Biases and normalisation scale and
-    offset (1-D) are not weights here.
+    offset (1-D) are not weights here. ``trainable_only`` skips frozen weights (requires_grad False),
+    e.g. the target networks RLlib keeps inside DQN/SAC modules.
     """
     out: dict[str, Tensor] = {}
     for name, p in module.named_parameters():
-        if p.dim() >= 2:
+        if p.dim() >= 2 and (p.requires_grad or not trainable_only):
             out[name.rsplit(".", 1)[0] if "." in name else name] = p
     return out
 

@@ -15,7 +15,7 @@ Result keys (``<m>`` a module id / task module name, ``<layer>`` a qualified tor
   dormant_ratio / dead_ratio pooled over all units; effective_rank, srank, stable_rank,
   approximate_rank, feature_norm, feature_drift, effective_lr: mean over layers; weight_norm and
   grad_l2: sqrt of the sum of squares; grad_l1: sum; ``parameter_drift`` ‖θ_t − θ_{t−K}‖ over all
-  parameters since the previous computation; ``hessian_top_eigenvalue`` of each module's own loss
+  trainable parameters since the previous computation; ``hessian_top_eigenvalue`` of each module's own loss
   (overall: the largest over modules; when enabled and available).
 - ``plasticity/compute_s``: seconds spent computing the metrics this iteration.
 
@@ -38,6 +38,8 @@ Definitions used here (numbers come from the pure functions):
   (recorded by wrapping ``compute_losses`` on the learner instance; the learner's metrics logger is
   swapped out while the probe loss runs so training stats are untouched). Learners without either,
   and iterations without a recorded batch, report no Hessian key.
+- Weight metrics and parameter drift cover trainable parameters only (requires_grad): frozen target
+  networks inside DQN/SAC modules are left out.
 - Drift metrics compare with the previous computation (K = ``every`` iterations earlier); they start
   at the second computation and restart after a restore.
 
@@ -174,7 +176,7 @@ def module_plasticity_metrics(
                 pool["layer"].setdefault("grad_l2_sq", []).append(l2**2)
 
     if s.drift:
-        params = {n: p.detach().cpu().clone() for n, p in module.named_parameters()}
+        params = {n: p.detach().cpu().clone() for n, p in module.named_parameters() if p.requires_grad}
         snapshot["params"] = params
         prev = (previous or {}).get("params")
         if prev is not None and set(prev) == set(params):
