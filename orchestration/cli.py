@@ -7,7 +7,10 @@
     orchestra ui [--port N]            MLflow UI on 127.0.0.1 for the configured store
     orchestra sync PATH                upload metric batches spooled while MLflow was unreachable
     orchestra report NAME [--html] [--parquet DIR]   seed aggregates, plots, HTML report
+    orchestra eval CHECKPOINT [--env NAME] [--episodes K] [--video]   deterministic episodes, logged to MLflow
     orchestra validate-cluster FILE    check a `ray up` config (Ray's validator + our security rules)
+    orchestra launch SPEC --cluster FILE [--set ...] [--detach]   run a spec as a Ray Job on a cluster
+    orchestra status JOB --cluster FILE / orchestra stop JOB --cluster FILE
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ def _abs_uri(uri: str) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestration.runner import run
 
-    out = run(args.spec, overrides=args.set, address=args.address, dry_run=args.dry_run, num_cpus=args.num_cpus)
+    out = run(args.spec, overrides=args.set, address=args.address, dry_run=args.dry_run, num_cpus=args.num_cpus,
+              launch_name=args.launch_name)
     if isinstance(out, str):
         print(out)
         return 0
@@ -90,6 +94,30 @@ def cmd_validate_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from orchestration.launch import launch
+
+    res = launch(args.spec, args.cluster, args.set, detach=args.detach, dashboard_address=args.dashboard_address,
+                 storage=args.storage, project_dir=args.project_dir, start=not args.no_start)
+    return 0 if res.ok else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestration.launch import job_status
+
+    info = job_status(args.job, args.cluster, args.dashboard_address)
+    for k, v in info.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from orchestration.launch import stop_job
+
+    print(f"{args.job}: {stop_job(args.job, args.cluster, args.dashboard_address)}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestration import report as rep
 
@@ -108,6 +136,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from orchestration.evaluate import evaluate_checkpoint
+
+    res = evaluate_checkpoint(args.checkpoint, env=args.env, episodes=args.episodes, seed=args.seed,
+                              video=args.video, out_dir=args.out, log=not args.no_log, module_id=args.module)
+    for i, (r, n) in enumerate(zip(res.returns, res.lengths)):
+        print(f"episode {i}: return {r:.6g} ({n} steps)")
+    m = res.metrics()
+    print(f"{res.env}: mean return {m['eval/checkpoint/episode_return_mean']:.6g} "
+          f"± {m['eval/checkpoint/episode_return_std']:.3g} over {len(res.returns)} deterministic episodes")
+    if res.video:
+        print(f"video: {res.video}")
+    for msg in res.messages:
+        print(msg)
+    if res.run_id:
+        print(f"logged under eval/checkpoint/ to MLflow run {res.run_id} ({res.tracking_uri})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="orchestra", description="Run RL and meta-learning experiments from YAML specs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -118,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print the trials, resources and stop rule; run nothing")
     r.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto) instead of a local one")
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
+    r.add_argument("--launch-name", default=None, help="launch name (default: <spec name>-<timestamp>)")
     r.set_defaults(fn=cmd_run)
 
     rs = sub.add_parser("resume", help="continue an interrupted launch")
@@ -156,18 +204,49 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--parquet", default=None, metavar="DIR", help="export runs and histories as Parquet")
     rp.set_defaults(fn=cmd_report)
 
+    ev = sub.add_parser("eval", help="run deterministic episodes of a checkpoint; log them to the trial's MLflow run")
+    ev.add_argument("checkpoint", help="Tune trial checkpoint or RLlib checkpoint folder")
+    ev.add_argument("--env", default=None, help="gymnasium id (default: the checkpoint's env)")
+    ev.add_argument("--episodes", type=int, default=10)
+    ev.add_argument("--seed", type=int, default=0, help="episode k resets with seed + k")
+    ev.add_argument("--video", action="store_true", help="record the first episode as a GIF (eval/ artifact)")
+    ev.add_argument("--out", default=None, help="video folder (default CHECKPOINT/eval)")
+    ev.add_argument("--module", default=None, help="module id (default: default_policy or the only one)")
+    ev.add_argument("--no-log", action="store_true", help="print only; do not log to MLflow")
+    ev.set_defaults(fn=cmd_eval)
+
     vc = sub.add_parser("validate-cluster", help="check a `ray up` cluster config (Ray's validator + ours)")
     vc.add_argument("file")
     vc.set_defaults(fn=cmd_validate_cluster)
+
+    la = sub.add_parser("launch", help="run a spec as a Ray Job on a `ray up` cluster (starts it if needed)")
+    la.add_argument("spec")
+    la.add_argument("--cluster", required=True, help="the `ray up` config (cluster.yaml, cluster-local.yaml)")
+    la.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    la.add_argument("--detach", action="store_true", help="submit and return; follow with `orchestra status`")
+    la.add_argument("--storage", default=None, help="Tune storage (s3://...) instead of the cluster's")
+    la.add_argument("--dashboard-address", default=None,
+                    help="the head's dashboard (default: SSH-forwarded with `ray dashboard`)")
+    la.add_argument("--project-dir", default=None, help="folder shipped as the job's working_dir (default: .)")
+    la.add_argument("--no-start", action="store_true", help="do not run `ray up` when the cluster is down")
+    la.set_defaults(fn=cmd_launch)
+    for cmd, fn, text in (("status", cmd_status, "status of a launched job"), ("stop", cmd_stop, "stop a launched job")):
+        sp = sub.add_parser(cmd, help=text)
+        sp.add_argument("job", help="job id (the launch name printed by `orchestra launch`)")
+        sp.add_argument("--cluster", required=True)
+        sp.add_argument("--dashboard-address", default=None)
+        sp.set_defaults(fn=fn)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from orchestration.env import set_local_ray_env
 
+    args = build_parser().parse_args(argv)
+    if getattr(args, "address", None):  # joining a cluster: Ray's multi-node mode, not loopback-only
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
     set_local_ray_env()
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
     except SpecError as e:

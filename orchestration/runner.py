@@ -72,9 +72,11 @@ def init_ray(
 # Spec -> Tune objects
 # ----------------------------------------------------------------------------------------------
 def resolve_paths(spec: Spec, base: Path | None = None) -> Spec:
-    """Make tracking URI (sqlite), artifact location and storage absolute, relative to ``base``."""
+    """Make tracking URI (sqlite), artifact location and storage absolute, relative to ``base``
+    (``~`` is the home of the process that runs the launch, e.g. the head's for a launched job)."""
     base = (base or Path.cwd()).resolve()
     t = spec.tracking
+    t.artifacts, t.storage = os.path.expanduser(t.artifacts), os.path.expanduser(t.storage)
     if t.uri.startswith("sqlite:///") and not t.uri.startswith("sqlite:////"):
         db = base / t.uri[len("sqlite:///"):]
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +155,10 @@ def register_spec_env(spec: Spec) -> None:
 
 
 def _git_commit(cwd: Path) -> str:
+    """HEAD's sha (``-dirty`` with uncommitted changes); ``ORCHESTRA_GIT_COMMIT`` if set (a launched
+    job runs in a copy without .git: `orchestra launch` records the commit and passes it)."""
+    if os.environ.get("ORCHESTRA_GIT_COMMIT"):
+        return os.environ["ORCHESTRA_GIT_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
@@ -355,7 +361,8 @@ def run(
     name = launch_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     launch = Launch(name=name, spec=spec.to_dict(), spec_file=spec_file, overrides=list(overrides),
                     git_commit=_git_commit(Path(spec_file).parent if spec_file else Path.cwd()),
-                    command=" ".join(shlex.quote(a) for a in sys.argv), started=time.time(), address=address)
+                    command=os.environ.get("ORCHESTRA_COMMAND") or " ".join(shlex.quote(a) for a in sys.argv),
+                    started=time.time(), address=address)
     if launch.path.exists() and (launch.path / LAUNCH_FILE).exists():
         raise SpecError(spec_file, "name", f"launch folder {launch.path} exists already; use `orchestra resume {name}`")
     launch.save()

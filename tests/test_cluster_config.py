@@ -64,3 +64,75 @@ def test_open_ports_and_missing_token_auth_are_rejected(tmp_path: Path):
 
     with pytest.raises(SpecError, match="dashboard listens on every interface"):
         validate_cluster(broken(tmp_path, public_dashboard))
+
+
+def test_shipped_cluster_yaml_has_autoscaling_gpu_types_and_s3_storage():
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    for name in ("gpu_1x", "gpu_8x"):
+        t = raw["available_node_types"][name]
+        assert t["min_workers"] == 0 < t["max_workers"] and t["resources"]["GPU"] > 0
+    assert raw["metadata"]["orchestra"]["storage"].startswith("s3://")
+    assert raw["file_mounts"]["~/.ray/auth_token"]  # the token reaches every node
+
+
+def test_multi_node_configs_need_reachable_storage(tmp_path: Path):
+    def no_storage(cfg):
+        del cfg["metadata"]["orchestra"]["storage"]
+
+    with pytest.raises(SpecError) as e:
+        validate_cluster(broken(tmp_path, no_storage))
+    assert e.value.key == "metadata.orchestra.storage" and "s3://" in str(e.value)
+
+    def local_path(cfg):
+        cfg["metadata"]["orchestra"]["storage"] = "/home/ubuntu/runs"
+
+    with pytest.raises(SpecError, match="not reachable from every node"):
+        validate_cluster(broken(tmp_path, local_path))
+
+    def single_node(cfg):
+        del cfg["metadata"]
+        cfg["max_workers"] = 0
+        for t in cfg["available_node_types"].values():
+            t.pop("min_workers", None)
+            t["max_workers"] = 0
+
+    validate_cluster(broken(tmp_path, single_node))  # one machine: the head's disk is fine
+
+
+def local(tmp_path: Path, edit=None) -> Path:
+    cfg = yaml.safe_load((ROOT / "cluster-local.yaml").read_text())
+    if edit:
+        edit(cfg)
+    out = tmp_path / "local.yaml"
+    out.write_text(yaml.safe_dump(cfg))
+    return out
+
+
+def test_shipped_local_provider_config_is_valid(tmp_path: Path):
+    cfg = validate_cluster(ROOT / "cluster-local.yaml")
+    (node_type,) = cfg["available_node_types"].values()
+    assert node_type["max_workers"] == len(cfg["provider"]["worker_ips"])
+    # shared-filesystem storage is allowed on-prem, a relative path is not
+    validate_cluster(local(tmp_path, lambda c: c["metadata"]["orchestra"].update(storage="s3://b/runs")))
+    with pytest.raises(SpecError, match="not reachable"):
+        validate_cluster(local(tmp_path, lambda c: c["metadata"]["orchestra"].update(storage="runs")))
+
+
+@pytest.mark.parametrize("edit, key, text", [
+    (lambda c: c["provider"].pop("head_ip"), "provider.head_ip", "needs the head's address"),
+    (lambda c: c["provider"].update(worker_ips="192.168.1.11"), "provider.worker_ips", "list"),
+    (lambda c: c["provider"].update(worker_ips=["192.168.1.11", "192.168.1.11"]), "provider.worker_ips", "twice"),
+    (lambda c: c["provider"].update(worker_ips=["192.168.1.10"]), "provider.worker_ips", "lists the head"),
+    (lambda c: c["provider"].update(worker_ips=["bad host!"]), "provider.worker_ips[0]", "not an IP"),
+    (lambda c: c["auth"].pop("ssh_user"), "auth.ssh_user", "SSH"),
+    (lambda c: c.update(head_node_type="x"), "head_node_type", "not used with the local provider"),
+    (lambda c: c.update(head_start_ray_commands=[x.replace("--dashboard-host=127.0.0.1", "--dashboard-host=8.8.8.8")
+                                                 for x in c["head_start_ray_commands"]]),
+     "head_start_ray_commands", "public address"),
+    (lambda c: c.update(file_mounts={}), "file_mounts", "sync the project"),
+])
+def test_broken_local_provider_configs_fail_clearly(tmp_path: Path, edit, key, text):
+    with pytest.raises(SpecError) as e:
+        validate_cluster(local(tmp_path, edit))
+    assert e.value.key == key and text in str(e.value), str(e.value)
+    assert str(tmp_path / "local.yaml") in str(e.value)
