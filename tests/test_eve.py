@@ -166,3 +166,118 @@ def test_per_episode_resampling():
     assert steps.num_samples == 3  # draws at steps 1, 4, 7
     with pytest.raises(ValueError, match="resample"):
         PosteriorExplorer(net, 1, seed=0, resample="never")
+
+
+# ---------------------------------------------------------------------------------------------
+# RLlib: EVE on the off-policy core, bsuite scoring
+def _eve_config(exploration: str, *, env: str = "bsuite/deep_sea-0", seed: int = 0, runners: int = 0, **training):
+    from algorithms.diagnostics.rllib_bsuite import BsuiteSettings, make_bsuite_callback
+    from algorithms.eve.config import EVEConfig
+    from orchestration.spec import import_builtin_envs
+
+    import_builtin_envs()
+    return (EVEConfig().environment(env).env_runners(num_env_runners=runners).debugging(seed=seed)
+            .training(exploration=exploration, **training).callbacks(make_bsuite_callback(BsuiteSettings())))
+
+
+def _train_until_done(algo, max_iters: int) -> dict:
+    result: dict = {}
+    for _ in range(max_iters):
+        result = algo.train()
+        if result.get("done"):
+            break
+    return result
+
+
+def test_eve_solves_deep_sea_10_where_epsilon_greedy_does_not(ray_local):
+    """bsuite deep_sea/0 (size 10), same seed and settings; only config.exploration differs. The run
+    stops when solved (bsuite's rule) or after 2^10 + 100 = 1124 episodes."""
+    torch.set_num_threads(1)
+    outcome = {}
+    for exploration in ("posterior", "epsilon_greedy"):
+        algo = _eve_config(exploration).build_algo()
+        try:
+            result = _train_until_done(algo, max_iters=20)
+        finally:
+            algo.stop()
+        ex = result["exploration"]
+        assert result["done"] and ex["deep_sea_finished"] == 1.0
+        outcome[exploration] = ex
+        if exploration == "posterior":
+            assert result["uncertainty"]["q_epistemic_std"] > 0
+            assert result["uncertainty"]["num_data"] == result["num_env_steps_sampled_lifetime"]
+    assert outcome["posterior"]["deep_sea/solved/size_10"] == 1.0
+    assert outcome["posterior"]["bsuite_score"] == 1.0
+    assert outcome["posterior"]["deep_sea/solved_episode/size_10"] < 1124
+    assert outcome["epsilon_greedy"]["deep_sea/solved/size_10"] == 0.0
+    assert outcome["epsilon_greedy"]["bsuite_score"] == 0.0
+    assert outcome["epsilon_greedy"]["deep_sea/episodes/size_10"] == 1124
+
+
+def test_save_restore_continues_exactly_with_two_env_runners(ray_local, tmp_path):
+    """Two remote env runners with per-runner posterior samples; a restored algorithm continues with the
+    same weights, Fisher, posterior samples and bsuite log as the uninterrupted one."""
+    from ray.rllib.algorithms.algorithm import Algorithm
+
+    def build():
+        cfg = _eve_config("posterior", runners=2, checkpoint_replay=True, learning_starts=50,
+                          min_sample_timesteps_per_iteration=200)
+        return cfg.build_algo()
+
+    a = build()
+    try:
+        a.train()
+        path = a.save(str(tmp_path / "ckpt")).checkpoint.path
+        r_a = a.train()
+        w_a = a.learner_group.get_weights()["default_policy"]
+        fisher_a = a.learner_group._learner.fisher.fisher.clone()
+    finally:
+        a.stop()
+    b = Algorithm.from_checkpoint(path)
+    try:
+        assert b.learner_group._learner.fisher.steps > 0
+        r_b = b.train()
+        w_b = b.learner_group.get_weights()["default_policy"]
+        assert torch.equal(b.learner_group._learner.fisher.fisher, fisher_a)
+    finally:
+        b.stop()
+    for k in w_a:
+        assert torch.allclose(torch.as_tensor(w_a[k]), torch.as_tensor(w_b[k])), k
+    assert r_a["num_env_steps_sampled_lifetime"] == r_b["num_env_steps_sampled_lifetime"]
+    assert r_a["exploration"]["deep_sea/episodes/size_10"] == r_b["exploration"]["deep_sea/episodes/size_10"]
+    assert r_a["uncertainty"]["q_epistemic_std"] == pytest.approx(r_b["uncertainty"]["q_epistemic_std"])
+
+
+def test_bsuite_scores_for_rllib_ppo_and_eve_through_a_spec(ray_local, tmp_path):
+    """The `bsuite` diagnostic through orchestration.run: RLlib's PPO (its own env runners) on
+    discounting_chain gets credit/bsuite_score; EVE on umbrella_length gets it through the core's runner;
+    both land in MLflow with the uncertainty keys for EVE."""
+    from mlflow import MlflowClient
+
+    from orchestration.runner import run
+
+    t = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifacts": str(tmp_path / "artifacts"),
+         "storage": str(tmp_path / "runs")}
+    ppo = run({"name": "eve_bsuite_ppo", "algorithm": "PPO", "env": "bsuite/discounting_chain-0",
+               "config": {"train_batch_size_per_learner": 500, "minibatch_size": 250, "num_epochs": 1,
+                          "num_env_runners": 0},
+               "diagnostics": {"bsuite": {}}, "stop": {"training_iteration": 1}, "tracking": t})
+    eve = run({"name": "eve_bsuite_eve", "algorithm": "EVE", "env": "bsuite/umbrella_length-0",
+               "config": {"min_sample_timesteps_per_iteration": 300, "num_env_runners": 0,
+                          "exploration": {"grid": ["posterior", "epsilon_greedy"]}},
+               "diagnostics": {"bsuite": {}}, "stop": {"training_iteration": 1}, "tracking": t})
+    assert ppo.num_errors == 0 and eve.num_errors == 0
+    client = MlflowClient(t["uri"])
+    for name, keys in (("eve_bsuite_ppo", ["credit/bsuite_score", "credit/bsuite_score/discounting_chain",
+                                           "credit/discounting_chain/regret/mapping_seed_0"]),
+                       ("eve_bsuite_eve", ["credit/bsuite_score", "credit/umbrella_length/regret/chain_length_1"])):
+        exp = client.get_experiment_by_name(name)
+        children = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+        assert children
+        for child in children:
+            metrics = child.data.metrics
+            for key in keys:
+                assert key in metrics, (name, key, sorted(metrics))
+            assert 0.0 <= metrics["credit/bsuite_score"] <= 1.0
+            if name == "eve_bsuite_eve" and child.data.params.get("exploration") == "posterior":
+                assert metrics["uncertainty/q_epistemic_std"] > 0

@@ -1,0 +1,146 @@
+"""EVEConfig: epistemic Q-learning (Schmitt, Shawe-Taylor, van Hasselt, AAAI 2023, arXiv 2303.04012) on the
+off-policy core, and its epsilon-greedy baseline (the same implementation with
+``exploration="epsilon_greedy"`` instead of ``"posterior"``, so only exploration differs).
+
+Method (REFERENCE.md, EVE): value prediction as return density N(G; Q_θ(s, a), σ²) (``noise_var`` σ²),
+a running diagonal Fisher of ∇_θQ (EMA with ``fisher_decay``), the posterior N(θ̂, (N·diag F + λ)⁻¹)
+with N the transitions seen and λ = ``prior_precision``, and Thompson sampling of a parameter
+perturbation per episode (``resample``) on each env runner; target network, replay, Adam, burn-in
+(``learning_starts`` env steps of uniformly random actions before the first update).
+
+Defaults are the setting found to solve bsuite deep_sea quickly here (experiments/eve_deep_sea.yaml):
+one update per env step (``samples_per_insert`` = batch size), batch 32, Adam 1e-3, MLP [64, 64].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.rllib.algorithms.algorithm_config import NotProvided
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+from algorithms.offpolicy.config import OffPolicyConfig, _check
+
+RESAMPLE_MODES = ("episode", "steps")
+EXPLORATION_MODES = ("posterior", "epsilon_greedy", "greedy")
+
+
+class EVEConfig(OffPolicyConfig):
+    """EVE hyperparameters; see the module docstring."""
+
+    def __init__(self, algo_class: type | None = None):
+        from algorithms.eve.algorithm import EVE
+        from algorithms.eve.env_runner import EVEEnvRunner
+
+        super().__init__(algo_class=algo_class or EVE)
+        self.env_runner_cls = EVEEnvRunner
+        self.lr = 1e-3
+        self.train_batch_size_per_learner = 32
+        self.samples_per_insert = 32.0
+        self.gamma = 0.99
+        self.n_step = 1
+        self.grad_clip = 10.0
+        self.target_update_period = 50
+        self.target_update_tau = 1.0
+        self.replay_capacity = 100_000
+        self.learning_starts = 100
+        self.rollout_fragment_length = 1
+        self.max_updates_per_call = 64
+        self.min_sample_timesteps_per_iteration = 1000
+        self.hidden: list[int] = [64, 64]
+        """Q network widths (ignored when the spec's ``network`` block is set)."""
+        self.double_q: bool = True
+        """Double Q-learning targets (argmax by the online network, value by the target)."""
+        self.noise_var: float = 1.0
+        """σ²: variance of the return density N(G; Q_θ(s, a), σ²)."""
+        self.prior_precision: float = 1.0
+        """λ: damping of the posterior precision N·diag F + λ (a Gaussian prior's precision)."""
+        self.fisher_decay: float = 0.999
+        """β of the running (EMA, bias-corrected) diagonal Fisher estimate."""
+        self.exploration: str = "posterior"
+        """posterior (EVE: greedy on a posterior sample θ̃) | epsilon_greedy (the baseline: ε-greedy on θ̂) |
+        greedy (on θ̂). The learner tracks the Fisher only for posterior."""
+        self.posterior_scale: float = 1.0
+        """Multiplies the posterior std of the samples (1 = the posterior; 0 = greedy on θ̂)."""
+        self.resample: str = "episode"
+        """episode (a new θ̃ when an env's episode starts) | steps (every resample_every env steps)."""
+        self.resample_every: int = 1
+        """k for resample='steps'."""
+        self.epsilon_initial: float = 1.0
+        self.epsilon_final: float = 0.05
+        self.epsilon_timesteps: int = 1000
+        """ε anneals linearly from epsilon_initial to epsilon_final over this many env steps (per runner)."""
+        self.target_sampling: bool = True
+        """With exploration='posterior': each hard target update sets the target network to a posterior
+        sample (randomised value-function targets; see algorithms.eve.learner)."""
+        self.uncertainty_batch_size: int = 64
+        """Replay states on which the epistemic std of Q (a Delta Variance) is reported each iteration."""
+
+    def training(
+        self,
+        *,
+        hidden: list[int] | None = NotProvided,
+        double_q: bool | None = NotProvided,
+        noise_var: float | None = NotProvided,
+        prior_precision: float | None = NotProvided,
+        fisher_decay: float | None = NotProvided,
+        exploration: str | None = NotProvided,
+        posterior_scale: float | None = NotProvided,
+        resample: str | None = NotProvided,
+        resample_every: int | None = NotProvided,
+        epsilon_initial: float | None = NotProvided,
+        epsilon_final: float | None = NotProvided,
+        epsilon_timesteps: int | None = NotProvided,
+        target_sampling: bool | None = NotProvided,
+        uncertainty_batch_size: int | None = NotProvided,
+        **kwargs: Any,
+    ) -> EVEConfig:
+        """EVE's settings (plus the off-policy core's and AlgorithmConfig.training's)."""
+        given = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")}
+        super().training(**kwargs)
+        for key, value in given.items():
+            if value is not NotProvided:
+                setattr(self, key, value)
+        return self
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("noise_var", "prior_precision"):
+            v = getattr(self, key)
+            _check(isinstance(v, int | float) and v > 0, key, v, "a number > 0")
+        _check(isinstance(self.posterior_scale, int | float) and self.posterior_scale >= 0, "posterior_scale",
+               self.posterior_scale, "a number >= 0")
+        _check(0.0 <= float(self.fisher_decay) < 1.0, "fisher_decay", self.fisher_decay, "a number in [0, 1)")
+        _check(self.resample in RESAMPLE_MODES, "resample", self.resample, ", ".join(RESAMPLE_MODES))
+        for key in ("resample_every", "uncertainty_batch_size"):
+            v = getattr(self, key)
+            _check(isinstance(v, int) and v >= 1, key, v, "an int >= 1")
+        _check(isinstance(self.epsilon_timesteps, int) and self.epsilon_timesteps >= 0, "epsilon_timesteps",
+               self.epsilon_timesteps, "an int >= 0")
+        for key in ("epsilon_initial", "epsilon_final"):
+            v = getattr(self, key)
+            _check(isinstance(v, int | float) and 0.0 <= v <= 1.0, key, v, "a number in [0, 1]")
+        _check(not (self.target_sampling and self.exploration == "posterior" and float(self.target_update_tau) < 1.0),
+               "target_sampling", self.target_sampling, "False unless target_update_tau is 1.0 (hard target updates)")
+        _check(self.exploration in EXPLORATION_MODES, "exploration", self.exploration, ", ".join(EXPLORATION_MODES))
+        _check(isinstance(self.hidden, list | tuple) and all(isinstance(w, int) and w >= 1 for w in self.hidden),
+               "hidden", self.hidden, "a list of ints >= 1")
+        import gymnasium as gym
+
+        if self.action_space is not None:
+            _check(isinstance(self.action_space, gym.spaces.Discrete), "action_space", self.action_space,
+                   "a Discrete space (EVE's Q-learning is for discrete actions)")
+
+    def get_default_rl_module_spec(self) -> RLModuleSpec:
+        from algorithms.eve.module import EVEModule
+
+        return RLModuleSpec(module_class=EVEModule)
+
+    def get_default_learner_class(self) -> type:
+        from algorithms.eve.learner import EVELearner
+
+        return EVELearner
+
+    @property
+    def _model_config_auto_includes(self) -> dict[str, Any]:
+        return super()._model_config_auto_includes | {"hidden": list(self.hidden)}

@@ -1,0 +1,193 @@
+"""EVE on bsuite deep_sea, side by side with its epsilon-greedy baseline and RLlib's DQN.
+
+Measured (each result one JSON line, printed and appended to benchmarks/results/eve_deep_sea.jsonl as
+soon as it is measured; lines already there with the same key are skipped, so an interrupted run
+resumes; --force measures again):
+
+- ``throughput``: env steps per second of training at one update per env step (batch 32,
+  samples_per_insert = 32 for EVE and the baseline, ``training_intensity`` = 32 for RLlib's DQN) on
+  bsuite/deep_sea-0 (size 10), for EVE (exploration=posterior), the baseline
+  (exploration=epsilon_greedy) and RLlib's DQN (new API stack, one local env runner), after a warm-up
+  iteration; ``s_per_step`` and the ratios EVE/baseline time per step and EVE/DQN throughput.
+  The three run interleaved, one iteration each per round, so they see the same machine load.
+- ``deep_sea``: for sizes N = 10, 12, ... (bsuite ids deep_sea/0, 1, ...), whether the agent solves
+  deep_sea by bsuite's rule (running fraction of bad episodes < 0.9 before episode 2^N + 100; the run
+  stops when solved or after min(2^N + 100, 10,000) episodes), for EVE and the baseline, one seed.
+  Sizes go up until an agent fails a size (or --max-size, or --deadline-min); the summary line
+  ``largest_solved`` gives the largest size solved with every smaller size solved too.
+
+Goals (issue 5): EVE solves N >= 30 with one network; EVE's time per step <= 1.5x the baseline's;
+EVE's throughput >= 5x RLlib DQN's (47 env steps/s measured earlier on this machine).
+
+Usage: .venv/bin/python benchmarks/eve_deep_sea.py [--what throughput,deep_sea] [--iters 5]
+       [--max-size 30] [--deadline-min 60] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_REPORT_URL", "http://127.0.0.1:9/")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results" / "eve_deep_sea.jsonl"
+BATCH = 32
+
+
+def _done_keys(force: bool) -> set[str]:
+    if force or not RESULTS.exists():
+        return set()
+    return {json.loads(line)["key"] for line in RESULTS.read_text().splitlines() if line.strip()}
+
+
+def _write(line: dict[str, Any]) -> None:
+    line = {**line, "host": platform.node(), "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(line) + "\n")
+    print(json.dumps(line), flush=True)
+
+
+def eve_config(exploration: str, env: str, seed: int) -> Any:
+    from algorithms.diagnostics.rllib_bsuite import BsuiteSettings, make_bsuite_callback
+    from algorithms.eve.config import EVEConfig
+
+    return (EVEConfig().environment(env).env_runners(num_env_runners=0).debugging(seed=seed)
+            .training(exploration=exploration, train_batch_size_per_learner=BATCH, samples_per_insert=float(BATCH))
+            .callbacks(make_bsuite_callback(BsuiteSettings())))
+
+
+def dqn_config(env: str, seed: int) -> Any:
+    from ray.rllib.algorithms.dqn import DQNConfig
+
+    return (DQNConfig().environment(env).env_runners(num_env_runners=0, rollout_fragment_length=1)
+            .debugging(seed=seed)
+            .training(train_batch_size_per_learner=BATCH, training_intensity=float(BATCH),
+                      num_steps_sampled_before_learning_starts=100, lr=1e-3,
+                      model_config={"fcnet_hiddens": [64, 64]})
+            .reporting(min_sample_timesteps_per_iteration=1000))
+
+
+def measure_throughput(iters: int, seed: int, force: bool) -> None:
+    done = _done_keys(force)
+    env = "bsuite/deep_sea-0"
+    keys = {name: f"throughput/{name}/{env}/batch{BATCH}/iters{iters}" for name in ("EVE", "baseline", "DQN")}
+    if all(k in done for k in keys.values()):
+        return
+    algos = {"EVE": eve_config("posterior", env, seed).build_algo(),
+             "baseline": eve_config("epsilon_greedy", env, seed).build_algo(),
+             "DQN": dqn_config(env, seed).build_algo()}
+    steps = {k: 0 for k in algos}
+    secs = {k: 0.0 for k in algos}
+    for algo in algos.values():  # warm-up (burn-in, first updates, lazy imports)
+        algo.train()
+    for _ in range(iters):
+        for name, algo in algos.items():
+            t0 = time.perf_counter()
+            r = algo.train()
+            secs[name] += time.perf_counter() - t0
+            steps[name] += int((r.get("env_runners") or {}).get("num_env_steps_sampled", 0))
+    rate = {k: steps[k] / secs[k] for k in algos}
+    for name in algos:
+        _write({"key": keys[name], "bench": "throughput", "algo": name, "env": env, "batch": BATCH,
+                "updates_per_env_step": 1, "iters": iters, "env_steps": steps[name], "seconds": secs[name],
+                "env_steps_per_s": rate[name], "s_per_step": 1.0 / rate[name],
+                "eve_time_per_step_over_baseline": rate["baseline"] / rate["EVE"],
+                "eve_throughput_over_dqn": rate["EVE"] / rate["DQN"]})
+    for algo in algos.values():
+        algo.stop()
+
+
+def solve_deep_sea(exploration: str, index: int, seed: int, deadline: float) -> dict[str, Any]:
+    from algorithms.diagnostics.bsuite_scoring import deep_sea_episode_budget
+    from algorithms.envs.bsuite import bsuite_experiment
+
+    exp = bsuite_experiment(f"deep_sea/{index}")
+    algo = eve_config(exploration, exp.env_id, seed).build_algo()
+    t0 = time.perf_counter()
+    r: dict[str, Any] = {}
+    while time.time() < deadline:
+        r = algo.train()
+        if r.get("done"):
+            break
+    algo.stop()
+    size = exp.kwargs["size"]
+    ex = r.get("exploration") or {}
+    return {"size": size, "bsuite_id": exp.bsuite_id, "finished": bool(r.get("done")),
+            "solved": bool(ex.get(f"deep_sea/solved/size_{size}", 0.0)),
+            "solved_episode": ex.get(f"deep_sea/solved_episode/size_{size}"),
+            "episodes": ex.get(f"deep_sea/episodes/size_{size}"), "budget_episodes": deep_sea_episode_budget(size),
+            "env_steps": r.get("num_env_steps_sampled_lifetime"), "seconds": time.perf_counter() - t0}
+
+
+def measure_deep_sea(max_size: int, seed: int, deadline: float, force: bool) -> None:
+    done = _done_keys(force)
+    lines = [json.loads(x) for x in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
+    for name, exploration in (("EVE", "posterior"), ("baseline", "epsilon_greedy")):
+        for index in range(0, (max_size - 10) // 2 + 1):
+            key = f"deep_sea/{name}/deep_sea-{index}/seed{seed}"
+            if key in done:
+                prev = next(x for x in lines if x.get("key") == key)
+                if not prev["solved"]:
+                    break
+                continue
+            if time.time() > deadline:
+                print(f"deadline reached before {key}", flush=True)
+                return
+            out = solve_deep_sea(exploration, index, seed, deadline)
+            if not out["finished"]:
+                print(f"deadline reached during {key}: {out}", flush=True)
+                return
+            _write({"key": key, "bench": "deep_sea", "algo": name, "exploration": exploration, "seed": seed, **out})
+            lines.append({"key": key, **out})
+            if not out["solved"]:
+                break
+    for name in ("EVE", "baseline"):
+        solved = {x["size"]: x["solved"] for x in lines if x.get("bench", "deep_sea") == "deep_sea"
+                  and x.get("key", "").startswith(f"deep_sea/{name}/") and x.get("key", "").endswith(f"seed{seed}")}
+        largest, n = None, 10
+        while solved.get(n):
+            largest, n = n, n + 2
+        tried = sorted(solved)
+        _write({"key": f"largest_solved/{name}/seed{seed}/{len(tried)}", "bench": "largest_solved", "algo": name,
+                "seed": seed, "largest_solved": largest, "sizes_tried": tried,
+                "first_failed": next((s for s in tried if not solved[s]), None)})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--what", default="throughput,deep_sea")
+    ap.add_argument("--iters", type=int, default=5, help="timed iterations (1000 env steps each) per algorithm")
+    ap.add_argument("--max-size", type=int, default=30)
+    ap.add_argument("--deadline-min", type=float, default=60.0, help="stop starting/continuing runs after this")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    from orchestration.runner import init_ray
+    from orchestration.spec import import_builtin_envs
+
+    import_builtin_envs()
+    init_ray(num_cpus=2)
+    deadline = time.time() + 60 * args.deadline_min
+    what = set(args.what.split(","))
+    if "throughput" in what:
+        measure_throughput(args.iters, args.seed, args.force)
+    if "deep_sea" in what:
+        measure_deep_sea(args.max_size, args.seed, deadline, args.force)
+
+
+if __name__ == "__main__":
+    main()
