@@ -12,7 +12,9 @@ meta-gradient w.r.t. the rater parameters. float32, CPU, inner optimiser SGD (``
 Models (moderate sizes for a shared 2-core machine):
 - ``mlp``: 3x512 tanh MLP on 64 inputs, 10 classes, batch 256; rater MLP 74->64->1.
 - ``lm``: byte-level causal transformer, d_model 128, 4 heads, 2 layers, d_ff 512, sequence 64,
-  batch 8; rater: non-causal byte transformer d_model 32, 1 layer, mean-pooled score.
+  batch 8 (512 tokens); rater: non-causal byte transformer d_model 32, 1 layer, mean-pooled score.
+- ``lm_tokens``: the same LM on batch 32 x sequence 128 (4096 tokens per batch): activations dominate
+  parameters, as in LM training at scale (measured at T = 8 only, to fit the time budget).
 
 Memory: ``peak_live_bytes`` is the peak of the allocator's live bytes during the meta-gradient step,
 relative to the live bytes just before it (inputs, parameters and batches already allocated are the
@@ -75,19 +77,20 @@ def build_problem(model: str, seed: int = 0, microbatch: int | None = None):
         inner = make_inner_loss(f_net, lambda m, r: f_rater(m, r).squeeze(-1), classification_per_example_loss,
                                 microbatch)
         outer = make_outer_loss(f_net, classification_per_example_loss, microbatch)
-    elif model == "lm":
-        net = ByteTransformer(d_model=128, n_heads=4, n_layers=2, d_ff=512, max_len=64)
-        rater = ByteTransformer(d_model=32, n_heads=2, n_layers=1, d_ff=64, max_len=64, causal=False,
+    elif model in ("lm", "lm_tokens"):
+        n_seq, seq_len = (8, 64) if model == "lm" else (32, 128)
+        net = ByteTransformer(d_model=128, n_heads=4, n_layers=2, d_ff=512, max_len=seq_len)
+        rater = ByteTransformer(d_model=32, n_heads=2, n_layers=1, d_ff=64, max_len=seq_len, causal=False,
                                 pooled_score=True)
 
         def batch():
-            t = torch.randint(0, 256, (8, 64), generator=g)
+            t = torch.randint(0, 256, (n_seq, seq_len), generator=g)
             return Batch(t, t, t)
 
         inner = make_inner_loss(functional(net), functional(rater), lm_per_example_loss, microbatch)
         outer = make_outer_loss(functional(net), lm_per_example_loss, microbatch)
     else:
-        raise ValueError(f"model={model!r}: allowed values are 'mlp', 'lm'")
+        raise ValueError(f"model={model!r}: allowed values are 'mlp', 'lm', 'lm_tokens'")
     return inner, outer, param_tuple(net), param_tuple(rater), batch
 
 
@@ -143,12 +146,30 @@ def measure_one(cfg: dict) -> dict:
     }
 
 
-MICROBATCH = {"mlp": 64, "lm": 2}
+MICROBATCH = {"mlp": 64, "lm": 2, "lm_tokens": 4}
 """Examples per chunk for the MixFlow JVP and the outer gradient (0 = whole batch)."""
 
 
 def key(cfg: dict) -> tuple:
     return (cfg["model"], cfg["T"], cfg["engine"], cfg["opt"], cfg["microbatch"])
+
+
+def summary(path: Path) -> list[dict]:
+    """Per measured row: memory and CPU-time ratios against ``reverse`` at the same (model, T, opt)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    ref = {(r["model"], r["T"], r["opt"]): r for r in rows if r["engine"] == "reverse" and "error" not in r}
+    out = []
+    for r in rows:
+        base = ref.get((r["model"], r["T"], r["opt"]))
+        if base is None or "error" in r:
+            continue
+        out.append({
+            "model": r["model"], "T": r["T"], "opt": r["opt"], "engine": r["engine"], "microbatch": r["microbatch"],
+            "peak_MB": round(r["peak_live_bytes"] / 1e6, 1),
+            "memory_saving_vs_reverse": round(base["peak_live_bytes"] / r["peak_live_bytes"], 2),
+            "cpu_time_vs_reverse": round(r["cpu_time_s"] / base["cpu_time_s"], 2),
+        })
+    return out
 
 
 def main() -> None:
@@ -162,7 +183,12 @@ def main() -> None:
     ap.add_argument("--whole-batch-T", nargs="*", type=int, default=[8],
                     help="T values at which MixFlow is also measured without microbatching")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--summary", action="store_true", help="print ratios against reverse from the results file")
     args = ap.parse_args()
+    if args.summary:
+        for row in summary(args.out):
+            print(json.dumps(row))
+        return
     if args.one:
         print(json.dumps(measure_one(json.loads(args.one))), flush=True)
         return
