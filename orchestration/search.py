@@ -57,6 +57,17 @@ def check_marker(value: dict, path: str) -> None:
         raise MarkerError(where, "expects two integers [low, high) (high exclusive)", args)
 
 
+def near_marker(value: Any) -> str | None:
+    """The marker name a one-key mapping was probably meant to be (``{unifrm: [0, 1]}``), or None."""
+    import difflib
+
+    if isinstance(value, dict) and len(value) == 1 and not is_marker(value):
+        key = str(next(iter(value)))
+        close = difflib.get_close_matches(key, MARKERS, n=1, cutoff=0.75)
+        return close[0] if close else None
+    return None
+
+
 def walk_markers(tree: Any, path: str = ""):
     """Yield (path, marker dict) for every marker inside ``tree``."""
     if is_marker(tree):
@@ -69,9 +80,25 @@ def walk_markers(tree: Any, path: str = ""):
             yield from walk_markers(v, f"{path}[{i}]")
 
 
+def _walk_near(tree: Any, path: str):
+    guess = near_marker(tree)
+    if guess:
+        yield path, tree, guess
+    elif isinstance(tree, dict) and not is_marker(tree):
+        for k, v in tree.items():
+            yield from _walk_near(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            yield from _walk_near(v, f"{path}[{i}]")
+
+
 def validate_markers(tree: Any, path: str = "") -> None:
     for p, m in walk_markers(tree, path):
         check_marker(m, p)
+    for p, value, guess in _walk_near(tree, path):
+        key = next(iter(value))
+        raise MarkerError(f"{p}.{key}" if p else str(key), f"unknown marker; did you mean {guess}? (markers are "
+                          + ", ".join(MARKERS) + ")", value)
 
 
 def to_tune(tree: Any) -> Any:

@@ -290,18 +290,17 @@ class TaskTrainable(tune.Trainable):
         metrics["system/training_iteration"] = float(self.iteration + 1)
         return metrics
 
-    def save_checkpoint(self, checkpoint_dir: str) -> dict[str, Any]:
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
         import torch
 
         state = {"task": self.task.state_dict(), "hooks": [h.state_dict() for h in self.hooks]}
         torch.save(state, os.path.join(checkpoint_dir, "task.pt"))
-        return {"path": checkpoint_dir}
+        # Returning None makes Tune hand the (persisted) checkpoint folder to load_checkpoint.
 
-    def load_checkpoint(self, checkpoint: Any) -> None:
+    def load_checkpoint(self, checkpoint: str) -> None:
         import torch
 
-        path = checkpoint if isinstance(checkpoint, str) else checkpoint.get("path")
-        state = torch.load(os.path.join(path, "task.pt"), weights_only=False)
+        state = torch.load(os.path.join(checkpoint, "task.pt"), weights_only=False)
         self.task.load_state_dict(state["task"])
         for hook, s in zip(self.hooks, state.get("hooks", [])):
             hook.load_state_dict(s)

@@ -217,3 +217,8 @@ def test_every_shipped_experiment_validates():
     assert specs, "no experiments shipped"
     for path in specs:
         load_spec(str(path))
+
+
+def test_misspelled_marker_is_an_error_not_a_value():
+    e = error({**BASE, "config": {"lr": {"unifrm": [0.1, 0.2]}}})
+    assert e.key == "config.lr.unifrm" and "did you mean uniform" in str(e)
