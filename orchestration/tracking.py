@@ -319,6 +319,17 @@ def _log_params(client, run_id: str, params: Mapping[str, str]) -> None:
         client.log_batch(run_id, params=chunk, synchronous=True)
 
 
+def _create_run(client, experiment_id: str, name: str | None, tags: Mapping[str, str]):
+    """Create a run with all its tags in one request, so a run found by its tags is complete."""
+    return client.create_run(experiment_id, run_name=name,
+                             tags={k: _truncate(str(v), MAX_TAG_VALUE_LENGTH) for k, v in tags.items()})
+
+
+def _log_missing_params(client, run, params: Mapping[str, str]) -> None:
+    have = run.data.params
+    _log_params(client, run.info.run_id, {k: v for k, v in params.items() if k not in have})
+
+
 def _set_tags(client, run_id: str, tags: Mapping[str, str]) -> None:
     from mlflow.entities import RunTag
 
@@ -478,6 +489,8 @@ class MLflowTracking(Callback):
         self._files: dict[str, Any] = {}
         self._dropped = 0
         self._adopted = False
+        self._created: set[str] = set()  # runs this driver created (a retry must not count as resume)
+        self._resume_marked = False
         self._killed_launch = False
 
     def __getstate__(self) -> dict:
@@ -526,7 +539,7 @@ class MLflowTracking(Callback):
             ends = [r for r in _read_journal(journal) if r.get("type") == "end"]
             self._open_trial(trial)
             if ends:
-                self._end_trial(trial, ends[-1]["status"], tags=ends[-1].get("tags"))
+                self._end_trial(trial, ends[-1]["status"], None, tags=ends[-1].get("tags"))
             else:
                 self._end_trial(trial, "FINISHED" if trial.status == "TERMINATED" else "FAILED", None)
 
@@ -815,19 +828,21 @@ class MLflowTracking(Callback):
             if run is None:
                 if self.resumed:
                     logger.warning("resume: no parent run with launch id %s; starting one", self.launch_id)
-                run = client.create_run(
-                    self._experiment_id, run_name=self.launch_id,
-                    tags={"orchestra.launch_id": self.launch_id, "orchestra.run_type": "launch"},
-                )
+                run = _create_run(client, self._experiment_id, self.launch_id, {
+                    **tags, "orchestra.launch_id": self.launch_id, "orchestra.run_type": "launch"})
+                self._created.add(run.info.run_id)
                 run_id = run.info.run_id
-                _set_tags(client, run_id, tags)
-                _log_params(client, run_id, params)
+                _log_missing_params(client, run, params)
+            elif run.info.run_id in self._created or self._resume_marked:  # retry after a partial attempt
+                run_id = run.info.run_id
+                _log_missing_params(client, run, params)
             else:
                 run_id = run.info.run_id
                 count = int(run.data.tags.get("orchestra.resumed", "0") or 0) + 1
                 _set_tags(client, run_id, {**tags, "orchestra.resumed": str(count),
                                            "orchestra.resumed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
                 client.update_run(run_id, status="RUNNING")
+                self._resume_marked = True
             _upload_named(client, run_id, artifacts)
             self._run_ids[None] = run_id
             self.parent_run_id = run_id
@@ -838,19 +853,18 @@ class MLflowTracking(Callback):
             parent = self._run_ids[None]
             run = _find_child(client, self._experiment_id, parent, trial_id)
             if run is None:
-                run = client.create_run(
-                    self._experiment_id, run_name=st.name,
-                    tags={"mlflow.parentRunId": parent, "orchestra.launch_id": self.launch_id,
-                          "orchestra.run_type": "trial", "orchestra.trial_id": trial_id},
-                )
+                run = _create_run(client, self._experiment_id, st.name, {
+                    **st.tags, "mlflow.parentRunId": parent, "orchestra.launch_id": self.launch_id,
+                    "orchestra.run_type": "trial", "orchestra.trial_id": trial_id})
                 self._run_ids[trial_id] = run.info.run_id
                 self._last_step[trial_id] = None
-                _set_tags(client, run.info.run_id, st.tags)
-                _log_params(client, run.info.run_id, st.params)
             else:
                 if run.info.status != "RUNNING":
                     client.update_run(run.info.run_id, status="RUNNING")
                 self._last_step[trial_id] = last_logged_step(run)
+            # Only keys the run lacks (a creation cut short, here or by a killed driver): MLflow
+            # refuses to change a param, and PBT may have changed the config since.
+            _log_missing_params(client, run, st.params)
             self._run_ids[trial_id] = run.info.run_id
             if replay:
                 self._send_metrics(client, trial_id, replay)
@@ -953,22 +967,20 @@ def sync_spool(path: str | Path, tracking_uri: str) -> int:
         exp_id = _experiment_id(client, h["experiment"], h.get("artifact_location"))
         parent = _find_parent(client, exp_id, h["launch_id"])
         if parent is None:
-            parent = client.create_run(exp_id, run_name=h["launch_id"], tags={
-                "orchestra.launch_id": h["launch_id"], "orchestra.run_type": "launch"})
-            _set_tags(client, parent.info.run_id, h.get("launch_tags", {}))
-            _log_params(client, parent.info.run_id, h.get("launch_params", {}))
+            parent = _create_run(client, exp_id, h["launch_id"], {
+                **h.get("launch_tags", {}), "orchestra.launch_id": h["launch_id"], "orchestra.run_type": "launch"})
+        _log_missing_params(client, parent, h.get("launch_params", {}))
         parent_id = parent.info.run_id
         launches.add((exp_id, parent_id))
         child = _find_child(client, exp_id, parent_id, h["trial_id"])
         if child is None:
-            child = client.create_run(exp_id, run_name=h.get("name"), tags={
-                "mlflow.parentRunId": parent_id, "orchestra.launch_id": h["launch_id"],
+            child = _create_run(client, exp_id, h.get("name"), {
+                **h.get("tags", {}), "mlflow.parentRunId": parent_id, "orchestra.launch_id": h["launch_id"],
                 "orchestra.run_type": "trial", "orchestra.trial_id": h["trial_id"]})
-            _set_tags(client, child.info.run_id, h.get("tags", {}))
-            _log_params(client, child.info.run_id, h.get("params", {}))
             last = None
         else:
             last = last_logged_step(child)
+        _log_missing_params(client, child, h.get("params", {}))
         run_id = child.info.run_id
         fresh = _above([r for r in records if r.get("type") == "metrics"], last)
         sent += _log_metric_records(client, run_id, fresh, MAX_METRICS_PER_BATCH)

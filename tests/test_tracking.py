@@ -418,11 +418,15 @@ def test_pbt_mutations_are_logged_as_hparam_metrics(ray_local, sqlite_uri, tmp_p
         run_config=tune.RunConfig(name="pbt", storage_path=str(tmp_path / "runs"), callbacks=[cb], verbose=0),
     ).fit()
     client = MlflowClient(sqlite_uri)
-    kids = children_by_idx(client, find_parent_run(sqlite_uri, "toy-pbt", "launch-5"))
-    final_lr = {r.config["cfg"]["idx"]: r.config["lr"] for r in grid}
-    mutated = [i for i, run in kids.items() if float(run.data.params["lr"]) != final_lr[i]]
+    parent = find_parent_run(sqlite_uri, "toy-pbt", "launch-5")
+    kids = {r.data.tags["orchestra.trial_id"]: r for r in client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    # PBT's exploit copies the donor's whole config (cfg too), so trials are told apart by trial id
+    final_lr = {r.metrics["trial_id"]: r.config["lr"] for r in grid}
+    assert sorted(kids) == sorted(final_lr)
+    mutated = [t for t, run in kids.items() if float(run.data.params["lr"]) != final_lr[t]]
     # two trials, quantile 0.5: the worse one exploits the better one and perturbs lr (x0.8 or x1.2)
-    assert mutated, (final_lr, {i: r.data.params["lr"] for i, r in kids.items()})
+    assert mutated, (final_lr, {t: r.data.params["lr"] for t, r in kids.items()})
     for i in mutated:
         hist = history(client, kids[i].info.run_id, "hparam/lr")
         assert hist and hist[-1][1] == pytest.approx(final_lr[i])
