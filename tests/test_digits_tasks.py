@@ -176,3 +176,17 @@ def test_plain_mlp_loses_trainability_while_ln_l2_and_nap_stay_near_fresh():
     assert min(rank_ratio["ln_l2"], rank_ratio["nap"]) > 0.95, rank_ratio
     plain = final["plain"]
     assert plain["plasticity/continuing/dormant_ratio"] > plain["plasticity/fresh/dormant_ratio"] + 0.1
+
+
+def test_task_plasticity_keys_match_the_plasticity_diagnostic():
+    """Same key, same definition: the task's own numbers equal the registered diagnostic's."""
+    from algorithms.diagnostics.rllib_plasticity import PlasticityHook, PlasticitySettings
+
+    task = _make(DigitsRandomLabels, plasticity_every=1)
+    hook = PlasticityHook(PlasticitySettings(every=1, probe_size=TINY["probe_size"], tau=0.025))
+    r = task.train()
+    m = hook.on_iteration(task, 1)
+    shared = [k for k in r if k.startswith("plasticity/")]
+    assert len(shared) == 6
+    for key in shared:
+        assert m[key] == pytest.approx(r[key], rel=1e-9), key
