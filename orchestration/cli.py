@@ -252,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # cluster commands: `ray up` failed, dashboard unreachable, ...
+        if args.command not in ("launch", "status", "stop"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: resume with `orchestra resume <launch>`", file=sys.stderr)
         return 130
