@@ -18,6 +18,7 @@ from algorithms.eve.exploration import (
 )
 from algorithms.eve.losses import (
     linear_squared_gradient_sum,
+    linearised_q_sample,
     nstep_q_targets,
     q_epistemic_variance,
     q_gradients,
@@ -73,6 +74,29 @@ def test_linear_squared_gradient_sum_equals_per_example_gradients(norm):
     first = next(net.parameters())
     brute = sum(torch.autograd.grad(net(obs[b : b + 1])[0, actions[b]], first)[0].square() for b in range(7))
     assert torch.allclose(sq[: first.numel()], brute.reshape(-1), atol=1e-12)
+
+
+def test_linearised_q_sample_mean_variance_and_linear_case():
+    # a network linear in θ (no hidden layer): the linearised sample is the perturbed network itself
+    lin = _net(hidden=())
+    delta = torch.randn(flatten_params(module_params(lin)).numel(), dtype=torch.float64)
+    obs = torch.randn(4, 5, dtype=torch.float64)
+    perturbed = build_mlp(5, 3, NetworkConfig(hidden=[])).double()
+    torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(lin.parameters()) + delta,
+                                        perturbed.parameters())
+    assert torch.allclose(linearised_q_sample(lin, obs, delta), perturbed(obs), atol=1e-12)
+    # a ReLU network: Q + J δ with J from per-example Jacobians; over δ ~ N(0, Σ) its variance is J Σ Jᵀ
+    net = _net()
+    params = module_params(net)
+    cov = torch.rand(flatten_params(params).numel(), dtype=torch.float64) * 0.01
+    delta = cov.sqrt() * torch.randn(cov.numel(), dtype=torch.float64)
+    actions = torch.tensor([0, 1, 2, 0])
+    grads = q_gradients(module_fn(net), params, obs, actions)
+    sample = linearised_q_sample(net, obs, delta).gather(1, actions[:, None]).squeeze(1)
+    assert torch.allclose(sample, net(obs).gather(1, actions[:, None]).squeeze(1) + grads @ delta, atol=1e-12)
+    draws = torch.stack([linearised_q_sample(net, obs, cov.sqrt() * torch.randn(cov.numel(), dtype=torch.float64))
+                         for _ in range(2000)]).gather(2, actions[None, :, None].expand(2000, 4, 1)).squeeze(2)
+    assert torch.allclose(draws.var(0), q_epistemic_variance(grads, cov, params), rtol=0.15)
 
 
 def test_q_epistemic_variance_is_the_delta_variance():

@@ -71,8 +71,8 @@ class EVEConfig(OffPolicyConfig):
         self.epsilon_timesteps: int = 1000
         """ε anneals linearly from epsilon_initial to epsilon_final over this many env steps (per runner)."""
         self.target_sampling: bool = True
-        """With exploration='posterior': each hard target update sets the target network to a posterior
-        sample (randomised value-function targets; see algorithms.eve.learner)."""
+        """With exploration='posterior': bootstrap from a linearised posterior sample of the target network,
+        drawn per update (uncertainty-carrying targets; see algorithms.eve.learner)."""
         self.uncertainty_batch_size: int = 64
         """Replay states on which the epistemic std of Q (a Delta Variance) is reported each iteration."""
 
@@ -120,8 +120,6 @@ class EVEConfig(OffPolicyConfig):
         for key in ("epsilon_initial", "epsilon_final"):
             v = getattr(self, key)
             _check(isinstance(v, int | float) and 0.0 <= v <= 1.0, key, v, "a number in [0, 1]")
-        _check(not (self.target_sampling and self.exploration == "posterior" and float(self.target_update_tau) < 1.0),
-               "target_sampling", self.target_sampling, "False unless target_update_tau is 1.0 (hard target updates)")
         _check(self.exploration in EXPLORATION_MODES, "exploration", self.exploration, ", ".join(EXPLORATION_MODES))
         _check(isinstance(self.hidden, list | tuple) and all(isinstance(w, int) and w >= 1 for w in self.hidden),
                "hidden", self.hidden, "a list of ints >= 1")

@@ -11,11 +11,13 @@ Per update (``compute_loss_for_module``), on a replay batch of B transitions:
    inserted into the module's buffers ``fisher_diag`` and ``num_data`` (they reach the env runners with
    the weights).
 
-With ``target_sampling`` (and exploration="posterior"), right after each hard target update the target
-network's parameters are replaced by a posterior sample θ̃_targ = θ̂ + (N·diag F + λ)^{-1/2} ⊙ ε (ε from
-the learner's seeded generator), so bootstrap targets r + γ max_a Q_θ̃targ(s', a) carry the epistemic
-uncertainty of the next state back along the trajectory, as in randomised value functions (RLSVI,
-Osband et al. 2016): this is what makes the per-episode samples explore deeply on bsuite deep_sea.
+With ``target_sampling`` (and exploration="posterior") each update bootstraps from a linearised posterior
+sample of the target network, Q̃(s', a) = Q_targ(s', a) + ∇_θQ_targ(s', a)ᵀ δ with δ = (N·diag F + λ)^{-1/2} ⊙ ε
+(ε from the learner's seeded generator; :func:`losses.linearised_q_sample`): zero-mean noise whose variance
+is the Delta Variance of Q(s', a), so G = r + γ max_a Q̃(s', a) is optimistic by about the epistemic std
+of the next state, and Q-learning carries that uncertainty back along trajectories (as randomised value
+functions do, Osband et al. 2016). Perturbing the target network's weights directly instead shifts the
+mean of a ReLU network's output as well, which on deep_sea made the targets pessimistic.
 
 ``uncertainty_stats()`` (once per iteration): the epistemic std of Q, sqrt(∇_θQᵀ (N·diag F + λ)⁻¹ ∇_θQ)
 (a Delta Variance) on ``uncertainty_batch_size`` replay states at their greedy action, and the
@@ -32,6 +34,7 @@ from torch import Tensor
 
 from algorithms.eve.losses import (
     linear_squared_gradient_sum,
+    linearised_q_sample,
     nstep_q_targets,
     posterior_std_stats,
     q_epistemic_variance,
@@ -56,7 +59,6 @@ class EVELearner(OffPolicyLearner):
             module_params(module.q), damping=float(cfg.prior_precision), mode="ema",
             decay=float(cfg.fisher_decay), noise_var=float(cfg.noise_var)).to(module.fisher_diag.device)
         self.track_posterior = cfg.exploration == "posterior"
-        self._sampled_target_at = -1
 
     def compute_loss_for_module(self, *, module_id: str, config: Any, batch: dict[str, Any],
                                 fwd_out: dict[str, Any]) -> Tensor:
@@ -71,28 +73,21 @@ class EVELearner(OffPolicyLearner):
             module.num_data.fill_(float(self.replay.num_transitions))
         else:
             q = module.q(obs)
-        if self.track_posterior and config.target_sampling and self.num_updates % int(config.target_update_period) == 0 \
-                and self._sampled_target_at != self.num_updates:
-            self._sample_target(module)
         q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
+        boot = batch["bootstrap_obs"].float()
+        if self.track_posterior and config.target_sampling:
+            std = self.fisher.covariance(float(self.replay.num_transitions)).sqrt()
+            eps = torch.randn(std.shape, generator=self.generator, device=self.generator.device).to(std)
+            next_target = linearised_q_sample(module.target_q, boot, float(config.posterior_scale) * std * eps)
+        else:
+            with torch.no_grad():
+                next_target = module.target_q(boot)
         with torch.no_grad():
-            boot = batch["bootstrap_obs"].float()
             next_online = module.q(boot) if config.double_q else None
-            targets = nstep_q_targets(batch["nstep_return"], batch["bootstrap_discount"], module.target_q(boot),
-                                      next_online)
+            targets = nstep_q_targets(batch["nstep_return"], batch["bootstrap_discount"], next_target, next_online)
         loss, stats = return_density_nll(q_taken, targets, float(config.noise_var))
         self.record(module_id, **stats, **q_value_stats(q.detach()))
         return loss
-
-    @torch.no_grad()
-    def _sample_target(self, module: Any) -> None:
-        """θ_targ ← θ̂ + (N·diag F + λ)^{-1/2} ⊙ ε (right after the core's hard copy θ_targ ← θ̂)."""
-        theta = torch.nn.utils.parameters_to_vector(module.q.parameters())
-        std = self.fisher.covariance(float(self.replay.num_transitions)).sqrt().to(theta)
-        eps = torch.randn(theta.shape, generator=self.generator, device=self.generator.device).to(theta)
-        torch.nn.utils.vector_to_parameters(theta + float(self.config.posterior_scale) * std * eps,
-                                            module.target_q.parameters())
-        self._sampled_target_at = self.num_updates
 
     def uncertainty_stats(self) -> dict[str, float]:
         """Epistemic std of Q (Delta Variance) on replay states and the posterior std summary."""

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from algorithms.uncertainty import Params, apply_covariance, per_example_jacobian
+from algorithms.uncertainty import Params, apply_covariance, per_example_jacobian, unflatten_like
 
 
 def return_density_nll(q_taken: Tensor, returns: Tensor, noise_var: float) -> tuple[Tensor, dict[str, Tensor]]:
@@ -149,6 +149,24 @@ def linear_squared_gradient_sum(
             sq[prefix + "bias"] = d2.sum(0)
     flat = torch.cat([sq[n].reshape(-1) for n in names])
     return flat, q
+
+
+def linearised_q_sample(network: torch.nn.Module, obs: Tensor, delta: Tensor) -> Tensor:
+    """Q of a linearised posterior sample, Q_θ̂(s_b, ·) + J_b δ [B, A] with J_b = ∂Q_θ(s_b, ·)/∂θ at θ̂ and
+    δ [P] a parameter perturbation (flat ``named_parameters`` order), by one forward-mode pass (jvp).
+
+    For δ ~ N(0, Σ) each Q(s_b, a) is Gaussian with mean Q_θ̂(s_b, a) and variance J Σ Jᵀ, the Delta
+    Variance (Schmitt et al. 2025): the sample has the posterior's spread and none of the mean shift that
+    perturbing a nonlinear network's weights adds. Exact (equal to Q_{θ̂+δ}) for networks linear in θ.
+    """
+    params = {k: v.detach() for k, v in network.named_parameters()}
+    tangents = unflatten_like(delta.to(next(iter(params.values()))), params)
+
+    def fn(p: Params) -> Tensor:
+        return torch.func.functional_call(network, p, (obs,))
+
+    q, dq = torch.func.jvp(fn, (params,), (tangents,))
+    return (q + dq).detach()
 
 
 def q_epistemic_variance(q_grads: Tensor, covariance: Tensor, params: Params) -> Tensor:
