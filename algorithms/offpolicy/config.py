@@ -115,8 +115,10 @@ class OffPolicyConfig(AlgorithmConfig):
         _check(0.0 <= float(self.gamma) <= 1.0, "gamma", self.gamma, "a number in [0, 1]")
         _check(self.grad_clip is None or float(self.grad_clip) > 0, "grad_clip", self.grad_clip,
                "None or a number > 0")
+        if isinstance(self.network, dict):  # config dict round trips (Tune, checkpoints) give a plain dict
+            self.network = NetworkConfig.model_validate(self.network)
         _check(self.network is None or isinstance(self.network, NetworkConfig), "network", self.network,
-               "a NetworkConfig (the spec's network block) or None")
+               "a NetworkConfig or dict (the spec's network block) or None")
         _check(self.num_learners <= 1, "num_learners", self.num_learners,
                "0 (learner in the algorithm's process) or 1 (one remote learner, e.g. on a GPU)")
         _check(self.framework_str == "torch", "framework", self.framework_str, "torch")
@@ -124,7 +126,8 @@ class OffPolicyConfig(AlgorithmConfig):
     @property
     def _model_config_auto_includes(self) -> dict[str, Any]:
         # the network block reaches the RLModule as model_config["network"] (a plain dict)
-        return {"network": self.network.model_dump() if self.network is not None else None}
+        block = self.network
+        return {"network": block.model_dump() if isinstance(block, NetworkConfig) else block}
 
     @property
     def replay_config(self) -> dict[str, Any]:
