@@ -40,6 +40,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -252,9 +253,20 @@ def _free_port() -> int:
 
 
 def _dashboard_ok(address: str) -> bool:
+    """The dashboard answers (with this process's token when token auth is on)."""
+    headers = {}
     try:
-        with urllib.request.urlopen(address.rstrip("/") + "/api/version", timeout=5) as r:
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+
+        headers = get_auth_headers_if_auth_enabled({})
+    except Exception:  # noqa: BLE001 - no token: the Jobs client reports the auth error itself
+        headers = {}
+    try:
+        req = urllib.request.Request(address.rstrip("/") + "/api/version", headers=headers)
+        with urllib.request.urlopen(req, timeout=5) as r:
             return r.status == 200
+    except urllib.error.HTTPError as e:  # it answered: reachable (401/403 are reported on submit)
+        return e.code in (401, 403)
     except OSError:
         return False
 

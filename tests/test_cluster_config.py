@@ -136,3 +136,38 @@ def test_broken_local_provider_configs_fail_clearly(tmp_path: Path, edit, key, t
         validate_cluster(local(tmp_path, edit))
     assert e.value.key == key and text in str(e.value), str(e.value)
     assert str(tmp_path / "local.yaml") in str(e.value)
+
+
+def test_launch_points_the_job_at_head_side_tracking_and_storage(tmp_path: Path):
+    import base64
+
+    from orchestration.launch import cluster_info, head_overrides, job_entrypoint, job_runtime_env
+    from orchestration.spec import load_spec
+
+    spec = load_spec({"name": "lx", "task": "regression_demo"})
+    info = cluster_info(ROOT / "cluster.yaml")
+    assert info.multi_node and info.token_auth and info.token_path == Path.home() / ".ray" / "auth_token"
+    sets = head_overrides(spec, info)
+    assert sets == ["tracking.uri=http://127.0.0.1:5000", "tracking.storage=s3://my-orchestra-bucket/runs",
+                    "tracking.artifacts=s3://my-orchestra-bucket/mlflow"]
+    assert head_overrides(spec, info, storage="s3://other/x")[1] == "tracking.storage=s3://other/x"
+    # what the spec pins to head-ready places is kept
+    pinned = load_spec({"name": "lx", "task": "regression_demo",
+                        "tracking": {"uri": "http://10.0.0.5:5000", "storage": "s3://mine/runs"}})
+    assert head_overrides(pinned, info)[:2] == ["tracking.uri=http://10.0.0.5:5000", "tracking.storage=s3://mine/runs"]
+    # multi-node without storage is refused
+    info.storage = None
+    with pytest.raises(SpecError, match="metadata.orchestra.storage"):
+        head_overrides(spec, info)
+
+    inside = job_entrypoint(ROOT / "experiments" / "quickstart.yaml", ROOT, ["seeds=[0, 1]"], "q-1")
+    assert inside == "orchestra run experiments/quickstart.yaml --address auto --launch-name q-1 --set 'seeds=[0, 1]'"
+    outside = tmp_path / "mine.yaml"
+    outside.write_text("name: mine\ntask: regression_demo\n")
+    entry = job_entrypoint(outside, ROOT, [], "m-1")
+    b64 = entry.split("echo ", 1)[1].split(" ", 1)[0]
+    assert base64.b64decode(b64) == outside.read_bytes() and "orchestra run .orchestra/mine.yaml" in entry
+
+    env = job_runtime_env(ROOT, "abc123", "orchestra launch x")
+    assert {".venv", "runs", "mlruns", ".git"} <= set(env["excludes"])
+    assert env["env_vars"]["ORCHESTRA_GIT_COMMIT"] == "abc123" and env["working_dir"] == str(ROOT)

@@ -43,8 +43,14 @@ def _write_token(host) -> None:
     (host.home / ".ray" / "auth_token").write_text(TOKEN)
 
 
-def _ray_start(host, args: str, timeout: float = 600) -> None:
-    res = host.run(f"ray start --disable-usage-stats {args}", timeout=timeout)
+def _retried(cmd: str, attempts: int = 3) -> str:
+    """``cmd`` again after `ray stop` if it fails: `ray start` gives the raylet a fixed 30 s to register
+    with the GCS, too little on a loaded 2-core machine. `ray stop` runs inside the test host only."""
+    return " || ".join([f"({cmd})"] + [f"(ray stop --force; sleep 2; {cmd})"] * (attempts - 1))
+
+
+def _ray_start(host, args: str, timeout: float = 900) -> None:
+    res = host.run(_retried(f"ray start --disable-usage-stats {args}"), timeout=timeout)
     assert res.returncode == 0, f"ray start on {host.ip} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
 
 
@@ -122,7 +128,7 @@ class TestTwoNodes:
         spec = _spec(tmp_path / "sweep.yaml", "mn_sweep", f"""
             task: regression_demo
             config: {{lr: {{grid: [0.02, 0.05]}}, steps_per_iteration: {STEPS_PER_ITER}}}
-            seeds: [0, 1]
+            seeds: [0]
             stop: {{training_iteration: 4}}
             resources: {{cpus: 1}}
             tracking: {{uri: "{uri}", storage: "{tmp_path / 'runs'}", artifacts: "{tmp_path / 'art'}"}}
@@ -131,11 +137,11 @@ class TestTwoNodes:
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
         (launch_dir,) = (tmp_path / "runs").iterdir()
         nodes = _trial_nodes(launch_dir)
-        assert len(nodes) == 4 and all(len(v) == 4 for v in nodes.values()), nodes
+        assert len(nodes) == 2 and all(len(v) == 4 for v in nodes.values()), nodes
         assert {ip for ips in nodes.values() for ip in ips} == {HEAD_IP, WORKER_IP}, nodes
 
         client, parents, children = _mlflow(uri, "mn_sweep")
-        assert len(parents) == 1 and len(children) == 4
+        assert len(parents) == 1 and len(children) == 2
         for c in children:
             assert c.info.status == "FINISHED"
             assert _steps(client, c.info.run_id, "train/loss") == [STEPS_PER_ITER * i for i in range(1, 5)]
@@ -146,7 +152,7 @@ class TestTwoNodes:
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
         pinned = next(d for d in (tmp_path / "runs").iterdir() if d.name.startswith("mn_pinned"))
         nodes = _trial_nodes(pinned)
-        assert len(nodes) == 2 and {ip for ips in nodes.values() for ip in ips} == {WORKER_IP}, nodes
+        assert len(nodes) == 1 and {ip for ips in nodes.values() for ip in ips} == {WORKER_IP}, nodes
         print(f"\n[multinode] test 1 wall time {time.time() - t0:.1f}s")
 
     def test_worker_node_dies_mid_sweep_trials_retry_on_head(self, two_nodes, tmp_path):
@@ -289,8 +295,9 @@ def test_ray_up_launch_and_ray_down_on_local_provider(tmp_path):
             "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
             "head_start_ray_commands": [
                 "ray stop",
-                f"RAY_AUTH_MODE=token ray start --head --port=6379 --node-ip-address={HEAD_IP} --num-cpus=1 "
-                "--dashboard-host=127.0.0.1 --autoscaling-config=~/ray_bootstrap_config.yaml --disable-usage-stats",
+                _retried(f"RAY_AUTH_MODE=token ray start --head --port=6379 --node-ip-address={HEAD_IP} "
+                         "--num-cpus=1 --dashboard-host=127.0.0.1 --autoscaling-config=~/ray_bootstrap_config.yaml "
+                         "--disable-usage-stats"),
                 f"mkdir -p ~/mlruns && (nohup mlflow server --host 127.0.0.1 --port 5000 --workers 1 "
                 f"--backend-store-uri sqlite:///{db} --default-artifact-root {tmp_path / 'cluster-artifacts'} "
                 "> ~/mlruns/server.log 2>&1 & echo $! > ~/mlruns/server.pid)",
@@ -298,8 +305,8 @@ def test_ray_up_launch_and_ray_down_on_local_provider(tmp_path):
             ],
             "worker_start_ray_commands": [
                 "ray stop",
-                f"RAY_AUTH_MODE=token ray start --address=$RAY_HEAD_IP:6379 --node-ip-address={WORKER_IP} "
-                "--num-cpus=1 --resources='{\"node_b\": 1}' --disable-usage-stats",
+                _retried(f"RAY_AUTH_MODE=token ray start --address=$RAY_HEAD_IP:6379 --node-ip-address={WORKER_IP} "
+                         "--num-cpus=1 --resources='{\"node_b\": 1}' --disable-usage-stats"),
             ],
         }
         cfg = tmp_path / "cluster-test.yaml"
