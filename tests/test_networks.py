@@ -163,7 +163,7 @@ def test_projection_leaves_function_unchanged_for_scale_invariant_layers():
             project_to_norm_(params, init[name])
     # Equal up to the LayerNorm's ε (1e-5 added to the variance), which breaks exact invariance.
     assert torch.allclose(net(x), before, rtol=1e-4, atol=1e-6)
-    assert float(net.blocks[0].layer.weight.norm()) == pytest.approx(init["blocks.0.layer.weight"], rel=1e-6)
+    assert float(net.blocks[0].layer.weight.detach().norm()) == pytest.approx(init["blocks.0.layer.weight"], rel=1e-6)
     # ... while the same projection on an unnormalised network changes its function
     plain = build_mlp(8, 3, NetworkConfig(hidden=[32, 32]), seed=0)
     init_plain = nap_initial_norms(plain)
