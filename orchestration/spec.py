@@ -461,9 +461,15 @@ def _validate_rllib(spec: Spec, file: str | None) -> None:
         if key in blocks:
             for opt in S.grid_variants(value):
                 try:
-                    blocks[key].model.model_validate(S.representative(opt[1]))
+                    block = blocks[key].model.model_validate(S.representative(opt[1]))
                 except ValidationError as err:
                     raise pydantic_to_spec_error(err, blocks[key].model, file, prefix=f"config.{key}") from None
+                default = algo_cls.get_default_config()
+                if not hasattr(default, key):
+                    try:  # the block must apply to this algorithm (e.g. `network` supports PPO and DQN)
+                        blocks[key].apply(default, block)
+                    except Exception as e:  # noqa: BLE001 - report whatever the block rejects
+                        raise SpecError(file, f"config.{key}", f"cannot apply to {algo_cls.__name__}: {e}") from None
             continue
         if key not in keys:
             allowed = sorted(keys) + sorted(blocks)

@@ -222,3 +222,9 @@ def test_every_shipped_experiment_validates():
 def test_misspelled_marker_is_an_error_not_a_value():
     e = error({**BASE, "config": {"lr": {"unifrm": [0.1, 0.2]}}})
     assert e.key == "config.lr.unifrm" and "did you mean uniform" in str(e)
+
+
+def test_config_block_must_apply_to_the_algorithm():
+    e = error({**BASE, "algorithm": "SAC", "env": "Pendulum-v1", "config": {"network": {"hidden": [32]}}})
+    assert e.key == "config.network" and "cannot apply to SAC" in str(e)
+    assert spec(config={"network": {"hidden": [32], "norm": "layer", "nap": True}}).config["network"]["nap"] is True
