@@ -17,8 +17,19 @@ Statistics (per config, over seeds)
     profiles P(score > τ) computed here.
 
 Early stopping
-    A FINISHED trial whose last ``training_iteration`` is below the largest one in its launch was
-    stopped early (e.g. by ASHA): it is shown as such and left out of the final-metric aggregates.
+    A FINISHED trial whose last ``system/training_iteration`` is below the largest one in its launch was
+    stopped early (e.g. by ASHA): it is shown as such (table of runs, dashed curves, notes) and left out
+    of the final-metric aggregates and of the mean learning curves.
+
+Panels (written when their keys exist; one PNG per panel, one subplot per key, a curve per config)
+    plasticity: dormant_ratio, effective_rank, weight_norm, effective_lr (overall and per module);
+    credit: td_error / advantage / value_error / action_influence means, bsuite score; a bar chart of
+    the final TD and value error per delay bin (``credit/<name>_mean/delay_<bin>``);
+    convergence: policy change, parameter change, feature drift, |ΔR|/‖Δθ‖, converged flag;
+    bsuite score bars (final ``credit/bsuite_score/<experiment>``, ``exploration/bsuite_score``);
+    DataRater score histograms: each run's newest ``*hist*.png`` artifact (copied into the report);
+    performance profiles with several envs: P(normalised score > τ) per config, scores min-max
+    normalised per env over all runs of that env.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,18 +197,30 @@ def aggregate_final(data: ExperimentData, metric: str) -> list[dict[str, Any]]:
     return out
 
 
-def curves(data: ExperimentData, metric: str, n_points: int = 50) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+def run_histories(data: ExperimentData, metric: str) -> dict[str, np.ndarray]:
+    """{run id: array [(step, value), ...] sorted by step} of ``metric``."""
+    hist = data.history.to_pydict()
+    by_run: dict[str, list[tuple[int, float]]] = {}
+    for rid, key, step, value in zip(hist["run_id"], hist["key"], hist["step"], hist["value"]):
+        if key == metric:
+            by_run.setdefault(rid, []).append((step, value))
+    return {rid: np.array(sorted(pts), dtype=float) for rid, pts in by_run.items()}
+
+
+def curves(data: ExperimentData, metric: str, n_points: int = 50, *,
+           include_stopped_early: bool = False) -> dict[tuple[str, str], dict[str, np.ndarray]]:
     """Learning curves per (env, config): mean and bootstrap CI over seeds on a common step grid.
 
     Each seed's history is linearly interpolated onto a grid from the largest first step to the
-    smallest last step shared by the group's seeds (no extrapolation).
+    smallest last step shared by the group's seeds (no extrapolation). Seeds stopped early are left
+    out unless ``include_stopped_early`` (their shorter histories would cut everyone's grid).
     """
     hist = data.history.to_pydict()
     by_run: dict[str, list[tuple[int, float]]] = {}
     for rid, key, step, value in zip(hist["run_id"], hist["key"], hist["step"], hist["value"]):
         if key == metric:
             by_run.setdefault(rid, []).append((step, value))
-    runs = data.runs.to_pylist()
+    runs = [r for r in data.runs.to_pylist() if include_stopped_early or not r["stopped_early"]]
     groups: dict[tuple[str, str], list[np.ndarray]] = {}
     for r in runs:
         pts = sorted(by_run.get(r["run_id"], []))
@@ -258,28 +282,196 @@ def summary_table(rows: list[dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
-PANELS = {
-    "plasticity": ["plasticity/dormant_ratio", "plasticity/effective_rank", "plasticity/weight_norm",
-                   "plasticity/effective_lr"],
-    "credit": ["credit/bsuite_score", "credit/td_error_mean", "credit/value_error_mean"],
-    "exploration": ["exploration/bsuite_score"],
+PANELS: dict[str, str] = {
+    "plasticity": r"^plasticity/(?:[^/]+/)?(dormant_ratio|effective_rank|weight_norm|effective_lr)$",
+    "credit": r"^credit/(td_error_mean|advantage_mean|value_error_mean|action_influence_mean|bsuite_score)$",
+    "convergence": r"^convergence/(policy_change|parameter_change|feature_drift|"
+                   r"return_change_per_parameter_change|converged)$",
+    "exploration": r"^exploration/bsuite_score$",
 }
+"""Panel name -> regex of the metric keys it plots (see the module docstring)."""
+MAX_PANEL_KEYS = 12
 
 
-def _plot_curves(data: ExperimentData, metric: str, path: Path, title: str | None = None) -> bool:
+def panel_keys(keys: set[str] | list[str], panel: str) -> list[str]:
+    """Keys of ``panel`` present in ``keys`` (overall keys first, then per module), at most 12."""
+    pat = re.compile(PANELS[panel])
+    found = sorted((k for k in keys if pat.match(k)), key=lambda k: (k.count("/"), k))
+    return found[:MAX_PANEL_KEYS]
+
+
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot_panel(data: ExperimentData, keys: list[str], path: Path, title: str) -> bool:
+    plt = _plt()
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
+    drawn = False
+    for ax, key in zip(axes.ravel(), keys):
+        cs = curves(data, key)
+        several = len({k[0] for k in cs}) > 1
+        for (env, config), c in sorted(cs.items()):
+            ax.plot(c["step"], c["mean"], label=f"{config}{f' [{env}]' if several else ''} (n={c['n']})")
+            ax.fill_between(c["step"], c["ci_low"], c["ci_high"], alpha=0.2)
+            drawn = True
+        ax.set_title(key, fontsize=8)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[len(keys):]:
+        ax.axis("off")
+    if drawn:
+        axes.ravel()[0].legend(fontsize=6)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return drawn
+
+
+def final_means(data: ExperimentData, keys: list[str]) -> dict[str, dict[str, float]]:
+    """{config label (with env when several): {key: mean of the final value over the used seeds}}."""
+    runs = [r for r in data.runs.to_pylist() if not r["stopped_early"] and r["status"] == "FINISHED"]
+    several = len({r["env"] for r in runs}) > 1
+    out: dict[str, dict[str, float]] = {}
+    for r in runs:
+        label = f"{r['config']} [{r['env']}]" if several else r["config"]
+        for k in keys:
+            v = r.get(f"final:{k}", math.nan)
+            if v is not None and math.isfinite(v):
+                out.setdefault(label, {}).setdefault(k, []).append(v)  # type: ignore[arg-type]
+    return {c: {k: float(np.mean(v)) for k, v in d.items()} for c, d in out.items()}
+
+
+def _plot_bars(groups: dict[str, dict[str, float]], keys: list[str], labels: list[str], path: Path, title: str,
+               ylabel: str) -> bool:
+    if not groups or not keys:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys) * max(1, len(groups)) / 2), 4))
+    width = 0.8 / len(groups)
+    x = np.arange(len(keys))
+    for i, (config, vals) in enumerate(sorted(groups.items())):
+        ax.bar(x + i * width, [vals.get(k, math.nan) for k in keys], width, label=config)
+    ax.set_xticks(x + width * (len(groups) - 1) / 2)
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def _delay_order(label: str) -> tuple[int, int]:
+    head = label.split("_")[0]
+    return (1, 0) if head == "none" else (0, int(head)) if head.isdigit() else (2, 0)
+
+
+def _plot_credit_delays(data: ExperimentData, final_keys: set[str], path: Path) -> bool:
+    keys = [k for k in final_keys if re.match(r"^credit/(td_error|value_error)_mean/delay_", k)]
+    if not keys:
+        return False
+    keys.sort(key=lambda k: (k.split("/")[1], _delay_order(k.split("/delay_")[1])))
+    labels = [f"{k.split('/')[1].replace('_mean', '')} d={k.split('/delay_')[1]}" for k in keys]
+    return _plot_bars(final_means(data, keys), keys, labels, path,
+                      "Final TD error and value error by delay to the next reward", "mean")
+
+
+def _plot_bsuite(data: ExperimentData, final_keys: set[str], path: Path) -> bool:
+    keys = sorted(k for k in final_keys if k.startswith("credit/bsuite_score/") or k == "exploration/bsuite_score")
+    if not keys:
+        return False
+    return _plot_bars(final_means(data, keys), keys, [k.split("/")[-1] if "/" in k[7:] else k for k in keys],
+                      path, "bsuite scores (final)", "score")
+
+
+def profile_scores(data: ExperimentData, metric: str) -> dict[str, np.ndarray]:
+    """{config: final ``metric`` of every used run, min-max normalised per env over all runs of that env}."""
+    runs = [r for r in data.runs.to_pylist() if not r["stopped_early"] and r["status"] == "FINISHED"]
+    col = f"final:{metric}"
+    by_env: dict[str, list[float]] = {}
+    for r in runs:
+        if math.isfinite(r.get(col, math.nan)):
+            by_env.setdefault(r["env"], []).append(r[col])
+    out: dict[str, list[float]] = {}
+    for r in runs:
+        v = r.get(col, math.nan)
+        if not math.isfinite(v):
+            continue
+        lo, hi = min(by_env[r["env"]]), max(by_env[r["env"]])
+        out.setdefault(r["config"], []).append((v - lo) / (hi - lo) if hi > lo else 1.0)
+    return {c: np.array(v) for c, v in out.items()}
+
+
+def _plot_profiles(data: ExperimentData, metric: str, path: Path) -> bool:
+    if len({r["env"] for r in data.runs.to_pylist()}) < 2:
+        return False
+    scores = profile_scores(data, metric)
+    if not scores:
+        return False
+    plt = _plt()
+    taus = np.linspace(0, 1, 101)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c, v in sorted(scores.items()):
+        ax.step(taus, performance_profile(v if data.mode == "max" else 1 - v, taus), where="post", label=c)
+    ax.set_xlabel("normalised score τ")
+    ax.set_ylabel("fraction of runs with score > τ")
+    ax.set_title(f"Performance profile: {metric}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def _copy_histograms(data: ExperimentData, out: Path) -> list[tuple[str, str]]:
+    """Each run's newest ``*hist*.png`` artifact, downloaded into ``out`` (DataRater score histograms)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(data.uri)
+    images = []
+    for r in data.runs.to_pylist():
+        try:
+            names = [a.path for a in client.list_artifacts(r["run_id"]) if not a.is_dir]
+        except Exception:  # noqa: BLE001 - an artifact store we cannot list: no histograms for this run
+            continue
+        hists = sorted(n for n in names if "hist" in n.rsplit("/", 1)[-1] and n.endswith(".png"))
+        if not hists:
+            continue
+        local = Path(client.download_artifacts(r["run_id"], hists[-1], str(out / "_dl")))
+        name = f"hist_{r['run_id'][:8]}.png"
+        (out / name).write_bytes(local.read_bytes())
+        images.append((name, f"DataRater score histogram: {r['config']} seed {r['seed']} ({hists[-1]})"))
+    return images
+
+
+def _plot_curves(data: ExperimentData, metric: str, path: Path, title: str | None = None) -> bool:
+    plt = _plt()
+
     cs = curves(data, metric)
-    if not cs:
+    early = [r for r in data.runs.to_pylist() if r["stopped_early"]]
+    hists = run_histories(data, metric) if early else {}
+    if not cs and not any(r["run_id"] in hists for r in early):
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     for (env, config), c in sorted(cs.items()):
         label = f"{config} ({env}, n={c['n']})" if len({k[0] for k in cs}) > 1 else f"{config} (n={c['n']})"
         ax.plot(c["step"], c["mean"], label=label)
         ax.fill_between(c["step"], c["ci_low"], c["ci_high"], alpha=0.2)
+    for i, r in enumerate(early):
+        h = hists.get(r["run_id"])
+        if h is not None and len(h):
+            ax.plot(h[:, 0], h[:, 1], "--", color="grey", linewidth=0.8,
+                    label="stopped early (single seeds)" if i == 0 else None)
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.set_title(title or metric)
@@ -302,12 +494,18 @@ def write_report(uri: str, experiment: str, out_dir: str | Path, *, metric: str 
     if _plot_curves(data, metric, out / "learning_curve.png", f"{experiment}: {metric}"):
         images.append(("learning_curve.png", f"Learning curve: {metric} (mean, 95% bootstrap CI over seeds)"))
     present = set(data.history.column("key").to_pylist()) if data.history.num_rows else set()
-    for panel, keys in PANELS.items():
-        for key in keys:
-            if key in present:
-                name = key.replace("/", "_") + ".png"
-                if _plot_curves(data, key, out / name):
-                    images.append((name, f"{panel}: {key}"))
+    for panel in PANELS:
+        keys = [k for k in panel_keys(present, panel) if k != metric]
+        if keys and _plot_panel(data, keys, out / f"panel_{panel}.png", f"{panel} (mean, 95% CI over seeds)"):
+            images.append((f"panel_{panel}.png", f"{panel}: {', '.join(keys)}"))
+    final_keys = {c[len("final:"):] for c in data.runs.column_names if c.startswith("final:")}
+    if _plot_credit_delays(data, final_keys, out / "credit_delays.png"):
+        images.append(("credit_delays.png", "credit: final TD error and value error per delay bin (mean over seeds)"))
+    if _plot_bsuite(data, final_keys, out / "bsuite_scores.png"):
+        images.append(("bsuite_scores.png", "bsuite scores (final, mean over seeds)"))
+    if _plot_profiles(data, metric, out / "performance_profile.png"):
+        images.append(("performance_profile.png", f"Performance profile of the final {metric} across envs"))
+    images += _copy_histograms(data, out)
     tasks = across_tasks(data, metric)
     write_html(out / "index.html", data, metric, rows, images, tasks)
     (out / "summary.json").write_text(json.dumps({"metric": metric, "configs": rows, "across_tasks": tasks},
@@ -350,7 +548,18 @@ def write_html(path: Path, data: ExperimentData, metric: str, rows: list[dict[st
         parts.append("</table>")
     for name, caption in images:
         parts.append(f"<figure><img src='{e(name)}' alt='{e(caption)}'><figcaption>{e(caption)}</figcaption></figure>")
-    parts.append("</body></html>")
+    parts.append("<h2>Runs</h2><table><tr><th>run</th><th>env</th><th>config</th><th>seed</th><th>status</th>"
+                 f"<th>last iteration</th><th>final {e(metric)}</th><th>used in aggregates</th></tr>")
+    for r in sorted(data.runs.to_pylist(), key=lambda r: (r["env"], r["config"], str(r["seed"]))):
+        status = "stopped early" if r["stopped_early"] else r["status"]
+        used = "no" if r["stopped_early"] or r["status"] != "FINISHED" else "yes"
+        rid = r["run_id"]
+        link = f"<a href='{e(base)}/#/experiments/0/runs/{rid}'>{rid[:8]}</a>" if base else f"<code>{rid[:8]}</code>"
+        parts.append(f"<tr class='{'early' if r['stopped_early'] else ''}'><td>{link}</td><td>{e(r['env'])}</td>"
+                     f"<td>{e(r['config'])}</td><td>{e(str(r['seed']))}</td><td>{e(status)}</td>"
+                     f"<td>{r['last_iteration']}</td><td>{r.get('final:' + metric, math.nan):.4g}</td>"
+                     f"<td>{used}</td></tr>")
+    parts.append("</table></body></html>")
     path.write_text("\n".join(parts))
 
 

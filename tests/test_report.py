@@ -114,3 +114,60 @@ def test_html_report_renders_every_image_in_chromium(launch, tmp_path: Path):
     subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,1600", index.as_uri()],
                    capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------------
+# Seeds stopped early by ASHA; plasticity panels
+
+
+@pytest.fixture(scope="module")
+def asha_launch(ray_local, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("asha")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    # One trial at a time in grid order (lr=0.1 first for each seed): lr = 1e-4 learns far slower and
+    # is cut at the first rung (iteration 1 of max 4) against the lr = 0.1 results recorded there.
+    out = run({"name": "asha_study", "task": "regression_demo", "config": {"lr": {"grid": [0.1, 1e-4]}},
+               "seeds": [0, 1], "stop": {"training_iteration": 4}, "metric": "train/loss", "mode": "min",
+               "scheduler": {"type": "asha", "max_t": 4, "grace_period": 1, "reduction_factor": 2},
+               "max_concurrent_trials": 1, "diagnostics": {"plasticity": {"every": 2, "probe_size": 16}},
+               "tracking": {"uri": uri, "storage": str(tmp / "runs"), "artifacts": str(tmp / "art")}})
+    assert out.num_errors == 0
+    return uri
+
+
+def test_asha_stopped_seeds_are_flagged_not_averaged(asha_launch, tmp_path: Path):
+    uri = asha_launch
+    data = rep.load_experiment(uri, "asha_study")
+    runs = data.runs.to_pylist()
+    # Independent: number of training iterations each child run logged, straight from MLflow.
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("asha_study")
+    iters, finals = {}, {}
+    for r in client.search_runs([exp.experiment_id]):
+        if "mlflow.parentRunId" in r.data.tags:
+            hist = sorted(client.get_metric_history(r.info.run_id, "train/loss"), key=lambda m: m.step)
+            iters[r.info.run_id] = len(hist)
+            finals[r.info.run_id] = (r.data.params["lr"], hist[-1].value)
+    stopped = {rid for rid, n in iters.items() if n < 4}
+    assert stopped, f"ASHA stopped no trial: {iters}"
+    assert {r["run_id"] for r in runs if r["stopped_early"]} == stopped
+    rows = {r["config"]: r for r in rep.aggregate_final(data, "train/loss")}
+    for lr, row in ((lr, rows[f"lr={lr}"]) for lr in {v[0] for v in finals.values()}):
+        used = [v for rid, (lr2, v) in finals.items() if lr2 == lr and rid not in stopped]
+        assert row["n"] == len(used)
+        assert row["stopped_early"] == sum(1 for rid in stopped if finals[rid][0] == lr)
+        if used:
+            assert row["mean"] == pytest.approx(float(np.mean(used)), rel=1e-12)
+        else:
+            assert np.isnan(row["mean"])
+    table = rep.summary_table(rep.aggregate_final(data, "train/loss"), "train/loss")
+    assert "stopped early" in table
+    # The report shows them: run table rows, curves without them, and the plasticity panel.
+    index = rep.write_report(uri, "asha_study", tmp_path / "report", attach=False)
+    page = index.read_text()
+    for rid in stopped:
+        assert rid[:8] in page
+    assert page.count("<td>stopped early</td>") == len(stopped)
+    assert (tmp_path / "report" / "panel_plasticity.png").stat().st_size > 5000
+    for c in rep.curves(data, "train/loss").values():
+        assert c["step"][-1] == 80  # mean curves run to the last iteration (4 x 20 steps): no early seed cuts them
