@@ -149,12 +149,20 @@ def test_posterior_sampling_changes_actions_only_through_the_perturbation():
         ex = PosteriorExplorer(net, 1, seed=env, scale=1.0)
         ex.set_posterior(params, torch.ones_like(fisher), num_data=1e30, damping=1.0)
         assert ex.act(obs[env : env + 1]).tolist() == [greedy[env]]
-    # a wide posterior changes some actions, and the actions are greedy on the sample
-    ex = PosteriorExplorer(net, 6, seed=1, scale=1.0)
+    # a wide posterior changes some actions, and the actions are greedy on the sample: the network at θ̃
+    # ("parameters") or its first-order expansion Q_θ̂ + J (θ̃ − θ̂) ("linearised")
+    ex = PosteriorExplorer(net, 6, seed=1, scale=1.0, perturbation="parameters")
     ex.set_posterior(params, torch.zeros_like(fisher), num_data=0, damping=1e-2)
     acts = ex.act(obs)
     assert acts.tolist() != greedy
     assert torch.equal(acts, greedy_actions(perturbed_q_values(module_fn(net), params, ex.samples, obs)))
+    lin = PosteriorExplorer(net, 6, seed=1, scale=1.0)
+    lin.set_posterior(params, torch.zeros_like(fisher), num_data=0, damping=1e-2)
+    acts = lin.act(obs)
+    assert acts.tolist() != greedy
+    q_lin = torch.stack([linearised_q_sample(net, obs[e : e + 1], lin.deltas[e])[0] for e in range(6)])
+    assert torch.equal(acts, greedy_actions(q_lin))
+    assert torch.equal(lin.samples, ex.samples)  # same seed, same draws
     # the perturbation is θ̃ − θ̂ = std ⊙ ε with std = (N F + λ)^{-1/2}
     std = posterior_std(torch.zeros_like(fisher), 0, 1e-2)
     assert torch.allclose(std, torch.full_like(std, 10.0))

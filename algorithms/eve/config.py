@@ -64,6 +64,8 @@ class EVEConfig(OffPolicyConfig):
         """Multiplies the posterior std of the samples (1 = the posterior; 0 = greedy on θ̂)."""
         self.resample: str = "episode"
         """episode (a new θ̃ when an env's episode starts) | steps (every resample_every env steps)."""
+        self.perturbation: str = "linearised"
+        """linearised (act on Q_θ̂ + ∇_θQᵀ(θ̃ − θ̂), the Delta-Variance Gaussian) | parameters (on Q_θ̃ itself)."""
         self.resample_every: int = 1
         """k for resample='steps'."""
         self.epsilon_initial: float = 1.0
@@ -88,6 +90,7 @@ class EVEConfig(OffPolicyConfig):
         posterior_scale: float | None = NotProvided,
         resample: str | None = NotProvided,
         resample_every: int | None = NotProvided,
+        perturbation: str | None = NotProvided,
         epsilon_initial: float | None = NotProvided,
         epsilon_final: float | None = NotProvided,
         epsilon_timesteps: int | None = NotProvided,
@@ -111,6 +114,8 @@ class EVEConfig(OffPolicyConfig):
         _check(isinstance(self.posterior_scale, int | float) and self.posterior_scale >= 0, "posterior_scale",
                self.posterior_scale, "a number >= 0")
         _check(0.0 <= float(self.fisher_decay) < 1.0, "fisher_decay", self.fisher_decay, "a number in [0, 1)")
+        _check(self.perturbation in ("linearised", "parameters"), "perturbation", self.perturbation,
+               "linearised, parameters")
         _check(self.resample in RESAMPLE_MODES, "resample", self.resample, ", ".join(RESAMPLE_MODES))
         for key in ("resample_every", "uncertainty_batch_size"):
             v = getattr(self, key)

@@ -41,7 +41,8 @@ class EVEEnvRunner(VectorEnvRunner):
         self.explorer = PosteriorExplorer(
             self.module.q, self.num_envs,
             seed=episode_seed(self.base_seed, self.worker_index, _EXPLORER_STREAM, 0),
-            resample=cfg.resample, every=int(cfg.resample_every), scale=float(cfg.posterior_scale))
+            resample=cfg.resample, every=int(cfg.resample_every), scale=float(cfg.posterior_scale),
+            perturbation=cfg.perturbation)
         self.on_weights_set()
 
     def make_env(self) -> None:

@@ -8,7 +8,12 @@ sample from the diagonal Laplace posterior
     θ̃_e = θ̂ + scale · (N·diag F + λ)^{-1/2} ⊙ ε_e,    ε_e ~ N(0, I) from the runner's seeded generator,
 
 drawn when its episode starts (``resample="episode"``) or every k env steps (``resample="steps"``), and
-acts greedily on Q_θ̃_e. A sample stays fixed until its next draw (deep, temporally consistent
+acts greedily on Q_θ̃_e. With ``perturbation="linearised"`` (default) Q_θ̃_e is taken to first order,
+Q_θ̂(s) + ∇_θQ_θ̂(s)ᵀ(θ̃_e − θ̂) (one forward-mode pass): Gaussian around Q_θ̂ with the Delta Variance as its
+variance, the linearised-Laplace reading of the posterior. ``perturbation="parameters"`` evaluates the
+network at θ̃_e itself; for ReLU networks that also shifts Q's mean at uncertain states by an
+action-dependent, episode-independent amount, which on deep_sea fixed an arbitrary action per rarely
+visited state instead of exploring. A sample stays fixed until its next draw (deep, temporally consistent
 exploration); θ̂, diag F and N are those of the latest weights the runner received when it draws.
 With scale = 0 (or a zero-variance posterior) θ̃ = θ̂ and the actions are greedy on θ̂.
 
@@ -27,6 +32,7 @@ from torch import Tensor, nn
 from algorithms.uncertainty import Params, flatten_params, unflatten_like
 
 RESAMPLE_MODES = ("episode", "steps")
+PERTURBATION_MODES = ("linearised", "parameters")
 
 
 def greedy_actions(q_values: Tensor) -> Tensor:
@@ -92,6 +98,7 @@ class PosteriorExplorer:
         resample: "episode" (a new sample when an env's episode starts) or "steps" (every ``every`` steps).
         every: k for ``resample="steps"``.
         scale: multiplies the posterior std (1 = the posterior, 0 = greedy on θ̂).
+        perturbation: "linearised" (first order in θ̃ − θ̂) or "parameters" (the network at θ̃).
     """
 
     def __init__(
@@ -103,7 +110,10 @@ class PosteriorExplorer:
         resample: str = "episode",
         every: int = 1,
         scale: float = 1.0,
+        perturbation: str = "linearised",
     ) -> None:
+        if perturbation not in PERTURBATION_MODES:
+            raise ValueError(f"perturbation={perturbation!r} is not supported; allowed values: {PERTURBATION_MODES}")
         if resample not in RESAMPLE_MODES:
             raise ValueError(f"resample={resample!r} is not supported; allowed values: {RESAMPLE_MODES}")
         if every < 1:
@@ -112,7 +122,9 @@ class PosteriorExplorer:
             raise ValueError(f"scale must be >= 0, got {scale}")
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-        self.copies = [copy.deepcopy(network).requires_grad_(False) for _ in range(num_envs)]
+        self.perturbation = perturbation
+        copies = num_envs if perturbation == "parameters" else 1  # linearised: one copy holding θ̂
+        self.copies = [copy.deepcopy(network).requires_grad_(False) for _ in range(copies)]
         self.num_envs = num_envs
         self.resample = resample
         self.every = every
@@ -121,18 +133,32 @@ class PosteriorExplorer:
         self.like: Params | None = None
         self.theta: Tensor | None = None
         self.std: Tensor | None = None
-        self.samples: Tensor | None = None  # [E, P]
+        self.deltas: Tensor | None = None  # [E, P]: each env's drawn perturbation θ̃_e − θ̂
         self.steps_since = torch.zeros(num_envs, dtype=torch.int64)
         self.pending = torch.ones(num_envs, dtype=torch.bool)  # envs that draw before their next action
         self.num_samples = 0
 
+    @property
+    def samples(self) -> Tensor | None:
+        """θ̃_e = θ̂ + δ_e [E, P]: the drawn perturbations around the latest θ̂."""
+        return None if self.deltas is None else self.theta + self.deltas
+
     def set_posterior(self, params: Params, fisher_diag: Tensor, num_data: float, damping: float) -> None:
-        """New θ̂ (by name), diag F [P], N and λ; samples already drawn stay until their next draw."""
+        """New θ̂ (by name), diag F [P], N and λ. Perturbations already drawn stay until their next draw
+        (the std of new draws follows the new posterior); they apply around the new θ̂."""
         self.like = {k: v.detach() for k, v in params.items()}
         self.theta = flatten_params(self.like)
         self.std = self.scale * posterior_std(fisher_diag.to(self.theta), float(num_data), float(damping))
-        if self.samples is None:
-            self.samples = self.theta.expand(self.num_envs, -1).clone()
+        if self.deltas is None:
+            self.deltas = torch.zeros(self.num_envs, self.theta.numel(), dtype=self.theta.dtype)
+        self._write_copies()
+
+    def _write_copies(self) -> None:
+        if self.perturbation == "linearised":
+            torch.nn.utils.vector_to_parameters(self.theta, self.copies[0].parameters())
+        else:
+            for e, net in enumerate(self.copies):
+                torch.nn.utils.vector_to_parameters(self.theta + self.deltas[e], net.parameters())
 
     def episode_started(self, envs: Tensor | None = None) -> None:
         """Envs whose episode (re)starts (bool mask [E]; all when None): they draw before acting."""
@@ -144,8 +170,9 @@ class PosteriorExplorer:
         idx = envs.nonzero().squeeze(1)
         for e in idx.tolist():  # env order keeps the generator stream fixed by the seed
             eps = torch.randn(self.theta.numel(), generator=self.generator)
-            self.samples[e] = self.theta + self.std * eps.to(self.theta)
-            torch.nn.utils.vector_to_parameters(self.samples[e], self.copies[e].parameters())
+            self.deltas[e] = self.std * eps.to(self.theta)
+            if self.perturbation == "parameters":
+                torch.nn.utils.vector_to_parameters(self.theta + self.deltas[e], self.copies[e].parameters())
             self.num_samples += 1
         self.steps_since[idx] = 0
         self.pending[idx] = False
@@ -159,6 +186,12 @@ class PosteriorExplorer:
         if bool(self.pending.any()):
             self._draw(self.pending.clone())
         self.steps_since += 1
+        if self.perturbation == "linearised":
+            from algorithms.eve.losses import linearised_q_sample
+
+            q = torch.cat([linearised_q_sample(self.copies[0], obs[e : e + 1], self.deltas[e])
+                           for e in range(self.num_envs)])
+            return greedy_actions(q)
         with torch.no_grad():
             if self.num_envs == 1:
                 return greedy_actions(self.copies[0](obs))
@@ -168,7 +201,7 @@ class PosteriorExplorer:
     def state_dict(self) -> dict:
         return {
             "generator": self.generator.get_state(),
-            "samples": None if self.samples is None else self.samples.clone(),
+            "deltas": None if self.deltas is None else self.deltas.clone(),
             "steps_since": self.steps_since.clone(),
             "pending": self.pending.clone(),
             "num_samples": self.num_samples,
@@ -176,10 +209,9 @@ class PosteriorExplorer:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        self.samples = None if state["samples"] is None else state["samples"].clone()
-        if self.samples is not None:
-            for e, net in enumerate(self.copies):
-                torch.nn.utils.vector_to_parameters(self.samples[e], net.parameters())
+        self.deltas = None if state["deltas"] is None else state["deltas"].clone()
+        if self.deltas is not None and self.theta is not None:
+            self._write_copies()
         self.steps_since = state["steps_since"].clone()
         self.pending = state["pending"].clone()
         self.num_samples = int(state["num_samples"])
