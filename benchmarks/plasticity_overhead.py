@@ -14,7 +14,8 @@ Per configuration one JSON line (printed and appended to benchmarks/results/plas
 - ``callback_s_per_fire``: mean of ``plasticity/compute_s`` (time inside the callback when it fires);
 - ``overhead_direct``: callback_s_per_fire / every / baseline mean_iter_s, the fraction of
   iteration time spent in the callback averaged over iterations (the number the < 5% target is about).
-Lines already in the results file with the same configuration key are skipped (use --force to redo).
+Lines already in the results file with the same configuration key (commit of the code included) are
+skipped (use --force to redo).
 
 Usage: .venv/bin/python benchmarks/plasticity_overhead.py [--iters 20] [--train-batch 1000]
 """
@@ -40,8 +41,19 @@ RESULTS = ROOT / "benchmarks" / "results" / "plasticity_overhead.jsonl"
 
 
 def key_of(line: dict) -> tuple:
-    return (line["bench"], line["algo"], line["env"], line["every"], line["probe_size"], line["iters"],
-            line["train_batch"], line["minibatch"], line["epochs"])
+    return (line["bench"], line.get("commit"), line["algo"], line["env"], line["every"], line["probe_size"],
+            line["iters"], line["train_batch"], line["minibatch"], line["epochs"])
+
+
+def git_commit() -> str | None:
+    """The commit of the measured code (part of the skip key: new code is measured again)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
 
 
 def main() -> None:
@@ -55,7 +67,7 @@ def main() -> None:
     args = ap.parse_args()
 
     everies = [None, 10, 1]
-    base = {"bench": "plasticity_overhead", "algo": "PPO", "env": "CartPole-v1", "probe_size": args.probe_size,
+    base = {"bench": "plasticity_overhead", "commit": git_commit(), "algo": "PPO", "env": "CartPole-v1", "probe_size": args.probe_size,
             "iters": args.iters, "train_batch": args.train_batch, "minibatch": args.minibatch,
             "epochs": args.epochs}
     done = set()
@@ -76,15 +88,15 @@ def main() -> None:
 
     from algorithms.diagnostics.rllib_plasticity import make_plasticity_callback
 
-    for attempt in range(3):  # a loaded machine can make the local node miss its startup deadline
+    for attempt in range(6):  # a loaded machine can make the local node miss its startup deadline
         try:
             ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, log_to_driver=False)
             break
         except Exception:
-            if attempt == 2:
+            if attempt == 5:
                 raise
             ray.shutdown()
-            time.sleep(10)
+            time.sleep(20)
     algos = {}
     for every in todo:
         cfg = (

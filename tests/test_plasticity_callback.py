@@ -21,25 +21,6 @@ WIDTH = 32
 PROBE = 64
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    if ray.is_initialized():
-        yield ray
-        return
-    try:
-        from orchestration.runner import init_ray
-    except ImportError:
-        init_ray = None
-    if init_ray is not None:
-        init_ray(num_cpus=2)
-    else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2)
-    yield ray
-    ray.shutdown()
-
-
 def ppo_config(settings: dict):
     from ray.rllib.algorithms.ppo import PPOConfig
 
@@ -58,7 +39,7 @@ def plasticity_keys(result: dict) -> dict[str, float]:
     return {k: v for k, v in result.items() if k.startswith("plasticity/")}
 
 
-def test_ppo_reports_sane_plasticity_metrics_and_probe_survives_checkpoints(ray_session, tmp_path):
+def test_ppo_reports_sane_plasticity_metrics_and_probe_survives_checkpoints(ray_local, tmp_path):
     torch.set_num_threads(1)
     algo = ppo_config({"every": 1, "probe_size": PROBE, "hessian": True, "hessian_iters": 5}).build()
     try:
@@ -125,7 +106,7 @@ def test_ppo_reports_sane_plasticity_metrics_and_probe_survives_checkpoints(ray_
         fresh.stop()
 
 
-def test_every_k_iterations_and_settings_validation(ray_session):
+def test_every_k_iterations_and_settings_validation(ray_local):
     torch.set_num_threads(1)
     algo = ppo_config({"every": 2, "probe_size": 32, "ranks": False, "gradients": False}).build()
     try:
@@ -155,7 +136,7 @@ def test_registry_lazy_registration():
     assert isinstance(diag.task_hook(settings), PlasticityHook)
 
 
-def test_dqn_reports_plasticity(ray_session):
+def test_dqn_reports_plasticity(ray_local):
     from ray.rllib.algorithms.dqn import DQNConfig
 
     torch.set_num_threads(1)
@@ -246,7 +227,7 @@ def test_task_hook_activation_metrics_drift_and_state():
 
 
 @pytest.mark.slow
-def test_tune_trial_checkpoint_carries_probe(ray_session, tmp_path):
+def test_tune_trial_checkpoint_carries_probe(ray_local, tmp_path):
     """A real Tune trial: the metrics reach Tune's result and its checkpoint holds the probe set."""
     import gymnasium as gym
     from ray import tune
@@ -276,7 +257,7 @@ def test_tune_trial_checkpoint_carries_probe(ray_session, tmp_path):
         algo.stop()
 
 
-def test_effective_lr_on_project_networks_with_layernorm(ray_session):
+def test_effective_lr_on_project_networks_with_layernorm(ray_local):
     """PPO on our network builders (LayerNorm before each nonlinearity): effective_lr = η/‖w‖ (Adam)."""
     from algorithms.networks.block import apply_network_block
     from algorithms.networks.config import NetworkConfig

@@ -50,6 +50,7 @@ trial's shared :mod:`algorithms.diagnostics.probe` set, saved with the algorithm
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -99,6 +100,21 @@ class PlasticitySettings(BaseModel):
     """Power-iteration steps for hessian_top_eigenvalue."""
     seed: int | None = None
     """Seed of the probe set (default: the algorithm's / task's seed)."""
+
+
+@contextlib.contextmanager
+def _single_thread():
+    """Run torch ops on one intra-op thread, then restore the previous count.
+
+    Why: the metric ops are small (SVDs of [probe, width] matrices); extra intra-op threads gain
+    little and, on a busy machine, their spin-waiting multiplied the callback's CPU cost ~10x.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-./ ]")
@@ -327,10 +343,11 @@ def learner_plasticity_metrics(learner: Any, *, probe_obs: Any, settings: dict) 
             device = next(module.parameters()).device
             forward_fn = _probe_forward(module, torch.as_tensor(probe_obs, device=device))
         hessian_fn = learner_probe_loss(learner, module_id) if s.hessian else None
-        m, snap, pool = module_plasticity_metrics(
-            module, forward_fn, s, previous=previous.get(module_id),
-            optimizer_info=_optimizer_info(learner, module_id), hessian_loss_fn=hessian_fn,
-        )
+        with _single_thread():
+            m, snap, pool = module_plasticity_metrics(
+                module, forward_fn, s, previous=previous.get(module_id),
+                optimizer_info=_optimizer_info(learner, module_id), hessian_loss_fn=hessian_fn,
+            )
         if "forward_error" in pool and module_id not in warned:
             warned.add(module_id)
             logger.warning("plasticity: probe forward failed for module %r (%s); activation metrics "
@@ -450,10 +467,11 @@ class PlasticityHook:
                     device = torch.device("cpu")
                 x = probe.obs.to(device)
                 forward_fn = lambda m=module, x=x: m(x)  # noqa: E731
-            m, snap, pool = module_plasticity_metrics(
-                module, forward_fn, self.settings.model_copy(update={"hessian": False}),
-                previous=self._previous.get(name),
-            )
+            with _single_thread():
+                m, snap, pool = module_plasticity_metrics(
+                    module, forward_fn, self.settings.model_copy(update={"hessian": False}),
+                    previous=self._previous.get(name),
+                )
             if "forward_error" in pool:
                 logger.warning("plasticity: module %r failed on the probe inputs (%s); activation metrics "
                                "unavailable", name, pool["forward_error"])
