@@ -46,11 +46,14 @@ def key_of(line: dict) -> tuple:
 
 
 def git_commit() -> str | None:
-    """The commit of the measured code (part of the skip key: new code is measured again)."""
+    """The last commit that changed the measured code (part of the skip key: new code is measured again)."""
     import subprocess
 
+    paths = ["algorithms/diagnostics/plasticity.py", "algorithms/diagnostics/probe.py",
+             "algorithms/diagnostics/rllib_plasticity.py"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        out = subprocess.run(["git", "log", "-1", "--format=%h", "--", *paths], cwd=ROOT,
+                             capture_output=True, text=True)
     except OSError:
         return None
     return out.stdout.strip() or None
