@@ -26,6 +26,7 @@ import copy
 import json
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -173,15 +174,21 @@ def rllib_throughput(name: str, env: str, seed: int, window: int, hidden: list[i
         algo.stop()
 
 
-def learning(name: str, env: str, seed: int, budget: int, hidden: list[int], out: Path, done: set) -> None:
+def learning(name: str, env: str, seed: int, budget: int, hidden: list[int], out: Path, done: set,
+             ckpt_dir: Path) -> None:
     from ray.rllib.algorithms.algorithm import Algorithm
 
-    ckpt = out.parent / f"wpo_vs_sac_ckpt_{name}_{env.replace('/', '_')}_s{seed}"
+    ckpt = ckpt_dir / f"{name}_{env.replace('/', '_')}_s{seed}"
     if (ckpt / "rllib_checkpoint.json").exists():
         algo = Algorithm.from_checkpoint(str(ckpt))
     else:
         make = wpo_config if name == "wpo" else sac_config
-        algo = make(env, seed, 5000, hidden).build_algo()
+        cfg = make(env, seed, 5000, hidden)
+        if name == "wpo":
+            cfg.checkpoint_replay = True  # resume exactly where the interrupted run stopped
+        else:
+            cfg.training(store_buffer_in_checkpoints=True)
+        algo = cfg.build_algo()
     try:
         t0 = time.perf_counter()
         while True:
@@ -211,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hidden", default="256,256,256", help="widths of every MLP (all algorithms)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (CPUs given to the process)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--ckpt-dir", default=str(Path(tempfile.gettempdir()) / "wpo_vs_sac_ckpt"),
+                   help="checkpoints of the learning part (resume point)")
     args = p.parse_args(argv)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -259,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         ensure_ray()
         for seed in seeds:
             for name in (args.algos or "wpo,sac").split(","):
-                learning(name, args.env, seed, args.learning_steps, hidden, out, done)
+                learning(name, args.env, seed, args.learning_steps, hidden, out, done, Path(args.ckpt_dir))
 
 
 if __name__ == "__main__":
