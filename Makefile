@@ -25,8 +25,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/orchestra run experiments/quickstart.yaml
 
+# Two workers, one test file per worker at a time (files share Ray clusters and namespaces).
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=1800 tests
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=1800 -n $(PYTEST_WORKERS) --dist loadfile --durations=25 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=600 -m "not slow and not multinode" tests
