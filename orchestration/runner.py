@@ -60,6 +60,9 @@ def init_ray(
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         ray.init(
+            # "local" always starts a new embedded cluster; a bare init() would join any Ray it finds
+            # running on the machine (ray_current_cluster file, gcs_server processes).
+            address="local",
             _node_ip_address="127.0.0.1",
             include_dashboard=False,
             num_cpus=num_cpus,
