@@ -25,7 +25,10 @@ trial reported itself):
 - ``system/updates_per_s`` = sum over learner modules of num_module_steps_trained /
   module_train_batch_size_mean (minibatch SGD updates this iteration) / time_this_iter_s;
 - ``hparam/<config.key>``: a numeric config value that changed since the trial's previous result
-  (PBT mutations; MLflow params cannot change), logged at the step of the first result after it.
+  (PBT mutations; MLflow params cannot change). Tune's scheduler mutates ``trial.config`` before
+  callbacks see the result that triggered the exploit, so the new value is logged at that result's
+  step: the trial trains with it from that step on. If that result is dropped (the exploit restarts
+  the trial from an older checkpoint, see below), the value moves to the next result that is kept.
 
 Delivery
 The driver only journals and enqueues: each result becomes one JSON line appended to the trial's
@@ -489,6 +492,7 @@ class MLflowTracking(Callback):
         self._files: dict[str, Any] = {}
         self._dropped = 0
         self._adopted = False
+        self._carry: dict[str, dict[str, float]] = {}  # trial_id -> hparam/ values of dropped results
         self._created: set[str] = set()  # runs this driver created (a retry must not count as resume)
         self._resume_marked = False
         self._killed_launch = False
@@ -811,13 +815,27 @@ class MLflowTracking(Callback):
         return i
 
     def _send_metrics(self, client, trial_id: str, records: list[dict]) -> None:
-        fresh = _above(records, self._last_step.get(trial_id))
+        # A PBT exploit restarts a trial from an older checkpoint: the results it replays are dropped,
+        # but the hparam/ values they carry (the mutation) move to the next result that is kept.
+        last = self._last_step.get(trial_id)
+        carry = dict(self._carry.get(trial_id, {}))
+        fresh = []
+        for rec in records:
+            if last is None or rec["step"] > last:
+                if carry:
+                    rec = {**rec, "metrics": {**carry, **rec["metrics"]}}
+                    carry = {}
+                fresh.append(rec)
+                last = rec["step"]
+            else:
+                carry.update({k: v for k, v in rec["metrics"].items() if k.startswith("hparam/")})
         self._dropped += len(records) - len(fresh)
 
         def sent(step: int) -> None:  # advance as calls succeed, so a retry never re-sends a step
             self._last_step[trial_id] = step
 
         _log_metric_records(client, self._run_ids[trial_id], fresh, self.max_batch, sent)
+        self._carry[trial_id] = carry
 
     def _do(self, client, op: tuple) -> None:
         kind = op[0]

@@ -73,7 +73,8 @@ def toy_trainable(config: dict) -> None:
             tune.report(
                 {
                     "steps": 10 * i,
-                    "train": {"score": value(config["idx"], i, attempt), "flag": i % 2 == 0},
+                    "train": {"score": value(config["idx"], i, attempt), "flag": i % 2 == 0,
+                              **({"lr": config["lr"]} if "lr" in config else {})},
                     "learner/loss": float("nan") if i == 3 else 1.0 / i,
                     "env": {"text": "not a number", "episode_return_mean": float(i)},
                     "other/ignored": 1.0,
@@ -402,7 +403,7 @@ def test_resume_reuses_runs_and_never_logs_a_step_twice(ray_local, sqlite_uri, t
 
 
 def pbt_trainable(config: dict) -> None:
-    toy_trainable({**config["cfg"], "seed": 0})
+    toy_trainable({**config["cfg"], "seed": 0, "lr": config["lr"]})
 
 
 def test_pbt_mutations_are_logged_as_hparam_metrics(ray_local, sqlite_uri, tmp_path):
@@ -421,14 +422,22 @@ def test_pbt_mutations_are_logged_as_hparam_metrics(ray_local, sqlite_uri, tmp_p
     parent = find_parent_run(sqlite_uri, "toy-pbt", "launch-5")
     kids = {r.data.tags["orchestra.trial_id"]: r for r in client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
-    # PBT's exploit copies the donor's whole config (cfg too), so trials are told apart by trial id
-    final_lr = {r.metrics["trial_id"]: r.config["lr"] for r in grid}
+    # PBT's exploit copies the donor's whole config (cfg too) and last result (trial_id too), so
+    # trials are told apart by their directory
+    final_lr = {t: r.config["lr"] for r in grid for t, run in kids.items()
+                if Path(r.path).name.startswith(run.data.tags["orchestra.trial_name"] + "_")}
     assert sorted(kids) == sorted(final_lr)
     mutated = [t for t, run in kids.items() if float(run.data.params["lr"]) != final_lr[t]]
     # two trials, quantile 0.5: the worse one exploits the better one and perturbs lr (x0.8 or x1.2)
     assert mutated, (final_lr, {t: r.data.params["lr"] for t, r in kids.items()})
     for i in mutated:
-        hist = history(client, kids[i].info.run_id, "hparam/lr")
-        assert hist and hist[-1][1] == pytest.approx(final_lr[i])
+        rid = kids[i].info.run_id
+        hist = history(client, rid, "hparam/lr")
+        # Tune's scheduler mutates trial.config before callbacks see the result that triggered the
+        # exploit, so a value is logged at that step and the trial trains with it from there on: every
+        # logged value is an lr the trial later reported itself, or its final lr (no result after it).
+        used = {v for _, v in history(client, rid, "train/lr")} | {final_lr[i]}
+        assert hist and all(any(v == pytest.approx(u) for u in used) for _, v in hist), (hist, used)
+        assert hist[0][1] != pytest.approx(float(kids[i].data.params["lr"]))
         steps = [s for s, _ in history(client, kids[i].info.run_id, "train/score")]
         assert steps == sorted(set(steps)), "steps strictly increasing even after exploit"
