@@ -193,9 +193,10 @@ def job_runtime_env(project_dir: Path, git_commit: str, command: str) -> dict[st
 # ----------------------------------------------------------------------------------------------
 # Cluster and dashboard
 # ----------------------------------------------------------------------------------------------
-def _run(cmd: list[str], out: Callable[[str], None], timeout: float, stream: bool = True) -> int:
+def _run(cmd: list[str], out: Callable[[str], None], timeout: float, stream: bool = True,
+         env: dict[str, str] | None = None) -> int:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     deadline = time.time() + timeout
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -240,8 +241,14 @@ def ensure_token(info: ClusterInfo, out: Callable[[str], None] = print) -> None:
 
 
 def ray_up(info: ClusterInfo, out: Callable[[str], None] = print, timeout: float = 3600) -> None:
+    """``ray up -y FILE``. On-prem (local provider) clusters use Ray's v1 autoscaler: with v2 (the
+    default of `ray up` in Ray 2.60) a head started from another machine marks itself terminated in
+    its own local-provider state and never starts the workers (seen in tests/test_multinode.py)."""
     out(f"starting the cluster: ray up -y {info.file}")
-    rc = _run([_ray_cli(), "up", "-y", str(info.file), "--no-config-cache"], out, timeout)
+    env = None
+    if info_is_local(info) and "RAY_UP_enable_autoscaler_v2" not in os.environ:
+        env = {**os.environ, "RAY_UP_enable_autoscaler_v2": "0"}
+    rc = _run([_ray_cli(), "up", "-y", str(info.file), "--no-config-cache"], out, timeout, env=env)
     if rc != 0:
         raise RuntimeError(f"`ray up -y {info.file}` exited with {rc}")
 
@@ -405,7 +412,7 @@ def launch(
     sets = [*overrides, *head_overrides(spec, info, storage)]
     project = Path(project_dir or Path.cwd()).resolve()
     name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    commit = _git_commit(spec_path.resolve().parent)
+    commit = _git_commit(project)  # the code the job runs: the shipped project
     command = " ".join(shlex.quote(a) for a in ["orchestra", *sys.argv[1:]]) if sys.argv else "orchestra launch"
     ensure_token(info, out)
     if start and not cluster_is_up(info, out):
