@@ -8,8 +8,10 @@ with N the transitions seen and λ = ``prior_precision``, and Thompson sampling 
 perturbation per episode (``resample``) on each env runner; target network, replay, Adam, burn-in
 (``learning_starts`` env steps of uniformly random actions before the first update).
 
-Defaults are the setting found to solve bsuite deep_sea quickly here (experiments/eve_deep_sea.yaml):
-one update per env step (``samples_per_insert`` = batch size), batch 32, Adam 1e-3, MLP [64, 64].
+Defaults are the setting tuned here on bsuite deep_sea size 10 (a plain-torch replica of this loop; see
+the issue report): one update per 2 env steps (``samples_per_insert`` 16, batch 32), Adam 1e-3, no
+gradient clipping, MLP [64, 64], σ² = 0.001, λ = 1, hard target update every 50 updates, burn-in 100
+env steps, linearised perturbations for acting and for the bootstrap targets.
 """
 
 from __future__ import annotations
@@ -36,22 +38,22 @@ class EVEConfig(OffPolicyConfig):
         self.env_runner_cls = EVEEnvRunner
         self.lr = 1e-3
         self.train_batch_size_per_learner = 32
-        self.samples_per_insert = 32.0
+        self.samples_per_insert = 16.0
         self.gamma = 0.99
         self.n_step = 1
-        self.grad_clip = 10.0
+        self.grad_clip = None
         self.target_update_period = 50
         self.target_update_tau = 1.0
         self.replay_capacity = 100_000
         self.learning_starts = 100
-        self.rollout_fragment_length = 1
+        self.rollout_fragment_length = 4
         self.max_updates_per_call = 64
         self.min_sample_timesteps_per_iteration = 1000
         self.hidden: list[int] = [64, 64]
         """Q network widths (ignored when the spec's ``network`` block is set)."""
         self.double_q: bool = True
         """Double Q-learning targets (argmax by the online network, value by the target)."""
-        self.noise_var: float = 1.0
+        self.noise_var: float = 0.001
         """σ²: variance of the return density N(G; Q_θ(s, a), σ²)."""
         self.prior_precision: float = 1.0
         """λ: damping of the posterior precision N·diag F + λ (a Gaussian prior's precision)."""
