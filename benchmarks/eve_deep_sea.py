@@ -10,7 +10,7 @@ resumes; --force measures again):
   (exploration=epsilon_greedy) and RLlib's DQN (new API stack, one local env runner), after a warm-up
   iteration; ``s_per_step`` and the ratios EVE/baseline time per step and EVE/DQN throughput.
   The three run interleaved, one iteration each per round, so they see the same machine load.
-- ``deep_sea``: for sizes N = 10, 12, ... (bsuite ids deep_sea/0, 1, ...), whether the agent solves
+- ``deep_sea`` (EVE's default settings): for sizes N = 10, 12, ... (bsuite ids deep_sea/0, 1, ...), whether the agent solves
   deep_sea by bsuite's rule (running fraction of bad episodes < 0.9 before episode 2^N + 100; the run
   stops when solved or after min(2^N + 100, 10,000) episodes), for EVE and the baseline, one seed.
   Sizes go up until an agent fails a size (or --max-size, or --deadline-min); the summary line
@@ -58,13 +58,17 @@ def _write(line: dict[str, Any]) -> None:
     print(json.dumps(line), flush=True)
 
 
-def eve_config(exploration: str, env: str, seed: int) -> Any:
+def eve_config(exploration: str, env: str, seed: int, one_update_per_step: bool = False) -> Any:
+    """EVE's defaults (the deep_sea setting); ``one_update_per_step`` sets samples_per_insert = batch."""
     from algorithms.diagnostics.rllib_bsuite import BsuiteSettings, make_bsuite_callback
     from algorithms.eve.config import EVEConfig
 
-    return (EVEConfig().environment(env).env_runners(num_env_runners=0).debugging(seed=seed)
-            .training(exploration=exploration, train_batch_size_per_learner=BATCH, samples_per_insert=float(BATCH))
-            .callbacks(make_bsuite_callback(BsuiteSettings())))
+    cfg = (EVEConfig().environment(env).env_runners(num_env_runners=0).debugging(seed=seed)
+           .training(exploration=exploration, train_batch_size_per_learner=BATCH)
+           .callbacks(make_bsuite_callback(BsuiteSettings())))
+    if one_update_per_step:
+        cfg.training(samples_per_insert=float(BATCH))
+    return cfg
 
 
 def dqn_config(env: str, seed: int) -> Any:
@@ -84,8 +88,8 @@ def measure_throughput(iters: int, seed: int, force: bool) -> None:
     keys = {name: f"throughput/{name}/{env}/batch{BATCH}/iters{iters}" for name in ("EVE", "baseline", "DQN")}
     if all(k in done for k in keys.values()):
         return
-    algos = {"EVE": eve_config("posterior", env, seed).build_algo(),
-             "baseline": eve_config("epsilon_greedy", env, seed).build_algo(),
+    algos = {"EVE": eve_config("posterior", env, seed, one_update_per_step=True).build_algo(),
+             "baseline": eve_config("epsilon_greedy", env, seed, one_update_per_step=True).build_algo(),
              "DQN": dqn_config(env, seed).build_algo()}
     steps = {k: 0 for k in algos}
     secs = {k: 0.0 for k in algos}

@@ -221,6 +221,7 @@ def _train_until_done(algo, max_iters: int) -> dict:
     return result
 
 
+@pytest.mark.slow
 def test_eve_solves_deep_sea_10_where_epsilon_greedy_does_not(ray_local):
     """bsuite deep_sea/0 (size 10), same seed and settings; only config.exploration differs. The run
     stops when solved (bsuite's rule) or after 2^10 + 100 = 1124 episodes."""
@@ -229,7 +230,7 @@ def test_eve_solves_deep_sea_10_where_epsilon_greedy_does_not(ray_local):
     for exploration in ("posterior", "epsilon_greedy"):
         algo = _eve_config(exploration).build_algo()
         try:
-            result = _train_until_done(algo, max_iters=20)
+            result = _train_until_done(algo, max_iters=15)
         finally:
             algo.stop()
         ex = result["exploration"]
