@@ -29,6 +29,26 @@ other load on a shared machine than wall time.
 ``microbatch``: examples per chunk in the MixFlow engines' gradient and JVP and in every engine's
 outer gradient (0: whole batch; the grid measures MixFlow both ways).
 
+Where MixFlow-MG's memory and time go (measured with this script and saved-tensor hooks; see the
+results file and ``--summary``):
+- Saved per inner step: only θ_t and the batch reference (tests/test_meta_engines.py asserts it with
+  saved-tensor hooks); plain ``mixflow`` also keeps the rater's small graph (η ↦ softmax weights) and,
+  for Adam, the optimiser's elementwise intermediates; ``mixflow_remat`` keeps only (θ_t, s_t).
+- The large "constant" is the transient of the JVP of the gradient in the backward pass: it holds the
+  primal and tangent activations of one inner forward/backward (~1.7x the whole double-backward graph
+  that reverse keeps per step, here), plus ~10-15 parameter-sized tensors (parameters, tangents,
+  gradients, their tangents, accumulators). Microbatching the JVP (the weighted inner loss is a sum over
+  examples; ``WeightedInnerLoss``) divides the activation part by the number of chunks; the
+  parameter-sized part remains, so the ratio to reverse is bounded by (per-step activations of reverse
+  x T) / (that part) and grows with tokens per batch and with T.
+- The outer loss's activations were a second constant (they were kept until the backward); the outer
+  gradient is now taken eagerly on a detached θ_T and in microbatches, for every engine.
+- Time: MixFlow saves only inputs, so its backward recomputes the inner forward and backward once
+  more before the tangent pass; on CPU, where memory traffic is cheap, that extra work is not won
+  back, and small microbatches add per-call overhead. torch.func.jvp over torch.func.grad and plain
+  ``torch.autograd.forward_ad`` dual tensors through ``autograd.grad`` cost the same here (1.17 s vs
+  1.13 s CPU for LM T=4; reverse 0.80 s).
+
 One JSON line per (model, T, engine, opt) is printed as it is measured and appended to
 benchmarks/results/mixflow_memory.jsonl; configurations already in that file are skipped.
 """
