@@ -139,8 +139,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from orchestration.evaluate import evaluate_checkpoint
 
-    res = evaluate_checkpoint(args.checkpoint, env=args.env, episodes=args.episodes, seed=args.seed,
-                              video=args.video, out_dir=args.out, log=not args.no_log, module_id=args.module)
+    try:
+        res = evaluate_checkpoint(args.checkpoint, env=args.env, episodes=args.episodes, seed=args.seed,
+                                  video=args.video, out_dir=args.out, log=not args.no_log, module_id=args.module)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for i, (r, n) in enumerate(zip(res.returns, res.lengths)):
         print(f"episode {i}: return {r:.6g} ({n} steps)")
     m = res.metrics()

@@ -93,6 +93,11 @@ def checkpoint_config(checkpoint: str | Path) -> Any | None:
             data = pickle.load(f)  # our own checkpoint files, written by RLlib
         args = data.get("ctor_args_and_kwargs", ((), {}))
         config = (args[0] or [None])[0] if args else None
+        if isinstance(config, dict):  # RLlib stores the config as a dict (AlgorithmConfig.to_dict())
+            from types import SimpleNamespace
+
+            config = SimpleNamespace(env=config.get("env"), env_config=config.get("env_config") or {},
+                                     normalize_actions=config.get("normalize_actions", True))
         return config if hasattr(config, "env") else None
     except Exception:  # noqa: BLE001 - classes that no longer import: fall back to defaults
         return None
@@ -111,9 +116,9 @@ def load_module(checkpoint: str | Path, module_id: str | None = None) -> Any:
 
 
 def run_episodes(module: Any, env: Any, episodes: int, *, seed: int = 0, normalize_actions: bool = True,
-                 max_steps: int = 100_000, record_first: bool = False) -> tuple[list[float], list[int], list]:
-    """Deterministic episodes of ``module`` in ``env`` (see the module docstring); frames of episode 0 when
-    ``record_first`` (env made with render_mode="rgb_array")."""
+                 max_steps: int = 100_000, render: Any = None) -> tuple[list[float], list[int], list]:
+    """Deterministic episodes of ``module`` in ``env`` (see the module docstring); frames of episode 0 from
+    ``render()`` when given."""
     import torch
 
     from algorithms.diagnostics.rllib_credit import policy_actions
@@ -125,21 +130,38 @@ def run_episodes(module: Any, env: Any, episodes: int, *, seed: int = 0, normali
     for k in range(episodes):
         obs, _ = env.reset(seed=seed + k)
         total, n = 0.0, 0
-        if record_first and k == 0:
-            frames.append(env.render())
+        if render is not None and k == 0:
+            frames.append(render())
         for _ in range(max_steps):
             x = torch.as_tensor(np.asarray(obs, dtype=np.float32)[None], device=device)
             action = policy_actions(module, x, explore=False)[0].cpu().numpy()
             obs, reward, terminated, truncated, _ = env.step(to_env(action))
             total += float(reward)
             n += 1
-            if record_first and k == 0:
-                frames.append(env.render())
+            if render is not None and k == 0:
+                frames.append(render())
             if terminated or truncated:
                 break
         returns.append(total)
         lengths.append(n)
     return returns, lengths, frames
+
+
+def _render_env(env_id: str, env_kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """(env, render function giving an RGB frame): gymnasium's render_mode="rgb_array", else a dm_control
+    env's ``physics.render`` (our ``dmc/`` adapter has no render_mode)."""
+    import gymnasium as gym
+
+    try:
+        env = gym.make(env_id, render_mode="rgb_array", **env_kwargs)
+        return env, env.render
+    except TypeError:
+        env = gym.make(env_id, **env_kwargs)
+        physics = getattr(env.unwrapped, "physics", None)
+        if physics is None:
+            env.close()
+            raise
+        return env, lambda: physics.render(height=240, width=320, camera_id=0)
 
 
 def write_gif(frames: list, path: Path, fps: int = 30) -> Path:
@@ -208,10 +230,12 @@ def evaluate_checkpoint(checkpoint: str | Path, *, env: str | None = None, episo
     frames: list = []
     if video:
         try:
-            render_env = gym.make(env_id, render_mode="rgb_array", **env_kwargs)
-            r, n, frames = run_episodes(module, render_env, 1, seed=seed, normalize_actions=normalize,
-                                        record_first=True)
-            render_env.close()
+            render_env, render = _render_env(env_id, env_kwargs)
+            try:
+                _, _, frames = run_episodes(module, render_env, 1, seed=seed, normalize_actions=normalize,
+                                            render=render)
+            finally:
+                render_env.close()
         except Exception as e:  # noqa: BLE001 - no renderer (no GL, env without rgb_array): skip the video
             result.messages.append(f"video skipped: {env_id} cannot render rgb_array frames here "
                                    f"({type(e).__name__}: {e}); MuJoCo needs MUJOCO_GL=egl or osmesa")

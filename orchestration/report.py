@@ -328,9 +328,12 @@ def _plot_panel(data: ExperimentData, keys: list[str], path: Path, title: str) -
     for ax in axes.ravel()[len(keys):]:
         ax.axis("off")
     if drawn:
-        axes.ravel()[0].legend(fontsize=6)
+        handles, labels = axes.ravel()[0].get_legend_handles_labels()
+        legend_h = 0.22 * len(labels) + 0.2  # inches: one line per config, below the subplots
+        fig.set_size_inches(fig.get_size_inches()[0], fig.get_size_inches()[1] + legend_h)
+        fig.legend(handles, labels, loc="lower center", fontsize=7)
         fig.suptitle(title)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, legend_h / fig.get_size_inches()[1], 1, 1))
         fig.savefig(path, dpi=80)
     plt.close(fig)
     return drawn
