@@ -171,3 +171,24 @@ def test_asha_stopped_seeds_are_flagged_not_averaged(asha_launch, tmp_path: Path
     assert (tmp_path / "report" / "panel_plasticity.png").stat().st_size > 5000
     for c in rep.curves(data, "train/loss").values():
         assert c["step"][-1] == 80  # mean curves run to the last iteration (4 x 20 steps): no early seed cuts them
+
+
+@pytest.mark.slow
+def test_report_credit_and_convergence_panels_from_a_ppo_launch(ray_local, tmp_path: Path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = run({"name": "diag_study", "algorithm": "PPO", "env": "CartPole-v1",
+               "config": {"train_batch_size_per_learner": 200, "minibatch_size": 100, "num_epochs": 1,
+                          "num_env_runners": 0},
+               "seeds": [0], "stop": {"training_iteration": 3},
+               "diagnostics": {"credit": {"every": 1, "episodes": 1, "max_episode_steps": 30},
+                               "convergence": {"every": 1, "probe_size": 16, "window": 2}},
+               "tracking": {"uri": uri, "storage": str(tmp_path / "runs"), "artifacts": str(tmp_path / "art")}})
+    assert out.num_errors == 0
+    data = rep.load_experiment(uri, "diag_study")
+    keys = set(data.history.column("key").to_pylist())
+    assert {"credit/td_error_mean", "credit/td_error_mean/delay_0", "convergence/policy_kl",
+            "convergence/converged"} <= keys
+    index = rep.write_report(uri, "diag_study", tmp_path / "report", attach=False)
+    page = index.read_text()
+    for name in ("panel_credit.png", "panel_convergence.png", "credit_delays.png"):
+        assert name in page and (tmp_path / "report" / name).stat().st_size > 5000
