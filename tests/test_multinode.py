@@ -348,7 +348,7 @@ def test_ray_up_launch_and_ray_down_on_local_provider(tmp_path):
         # The head's autoscaler brought up the worker over SSH.
         wait_for(lambda: any("raylet" in p for p in b.procs()), 300, "a raylet on the worker node")
 
-        down = c.run(f"ray down -y {cfg} --no-config-cache", timeout=600)
+        down = c.run(f"ray down -y {cfg}", timeout=600)
         assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
         for h in (a, b):
             wait_for(lambda h=h: not [p for p in h.procs() if any(m in p for m in RAY_PROCESS_MARKERS)], 120,
