@@ -403,6 +403,10 @@ def test_resume_reuses_runs_and_never_logs_a_step_twice(ray_local, sqlite_uri, t
 
 
 def pbt_trainable(config: dict) -> None:
+    """Also records every lr it starts with (results replayed after an exploit may be dropped)."""
+    log = Path(config["lr_log"]) / tune.get_context().get_trial_id()
+    with open(log, "a") as f:
+        f.write(f"{config['lr']!r}\n")
     toy_trainable({**config["cfg"], "seed": 0, "lr": config["lr"]})
 
 
@@ -410,11 +414,14 @@ def test_pbt_mutations_are_logged_as_hparam_metrics(ray_local, sqlite_uri, tmp_p
     from ray.tune.schedulers import PopulationBasedTraining
 
     cb = MLflowTracking(sqlite_uri, "toy-pbt", "launch-5", flush_interval_s=0.3)
+    lr_log = tmp_path / "lrs"
+    lr_log.mkdir()
     pbt = PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=2,
                                   hyperparam_mutations={"lr": tune.uniform(0.01, 1.0)}, quantile_fraction=0.5)
     grid = tune.Tuner(
         pbt_trainable,
-        param_space={"cfg": tune.grid_search([{"idx": 0}, {"idx": 1}]), "lr": tune.uniform(0.01, 1.0)},
+        param_space={"cfg": tune.grid_search([{"idx": 0}, {"idx": 1}]), "lr": tune.uniform(0.01, 1.0),
+                     "lr_log": str(lr_log)},
         tune_config=tune.TuneConfig(scheduler=pbt, metric="train/score", mode="max"),
         run_config=tune.RunConfig(name="pbt", storage_path=str(tmp_path / "runs"), callbacks=[cb], verbose=0),
     ).fit()
@@ -432,9 +439,9 @@ def test_pbt_mutations_are_logged_as_hparam_metrics(ray_local, sqlite_uri, tmp_p
         rid = kids[i].info.run_id
         hist = [v for _, v in history(client, rid, "hparam/lr")]
         # Tune's scheduler mutates trial.config before callbacks see the result that triggered the
-        # exploit, so a value is logged at that step and the trial trains with it from there on: every
-        # logged value but the last (which may have no result after it) is an lr the trial reported.
-        used = {v for _, v in history(client, rid, "train/lr")}
+        # exploit, so a value is logged at that step and the trial restarts with it: every logged
+        # value but the last (the trial may end before restarting) is an lr the trial started with.
+        used = {float(x) for x in (lr_log / i).read_text().split()}
         assert all(any(v == pytest.approx(u) for u in used) for v in hist[:-1]), (hist, used)
         assert hist[0] != pytest.approx(float(kids[i].data.params["lr"]))
         steps = [s for s, _ in history(client, kids[i].info.run_id, "train/score")]
