@@ -314,3 +314,45 @@ def test_bsuite_scores_for_rllib_ppo_and_eve_through_a_spec(ray_local, tmp_path)
             assert 0.0 <= metrics["credit/bsuite_score"] <= 1.0
             if name == "eve_bsuite_eve" and child.data.params.get("exploration") == "posterior":
                 assert metrics["uncertainty/q_epistemic_std"] > 0
+
+
+def test_runner_and_learner_wiring_without_ray():
+    """EVE's env runner and learner on deep_sea without an Algorithm: the learner's Fisher and N reach
+    the runner with the weights, each episode draws one perturbation, the Delta-Variance report is
+    positive, bsuite episodes are recorded, and the baseline tracks no Fisher."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    from algorithms.eve.config import EVEConfig
+    from algorithms.eve.env_runner import EVEEnvRunner
+    from algorithms.offpolicy.ratio import updates_due
+    from orchestration.spec import import_builtin_envs
+
+    import_builtin_envs()
+    torch.set_num_threads(1)
+    for exploration in ("posterior", "epsilon_greedy"):
+        cfg = EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=0).training(exploration=exploration)
+        cfg.validate()
+        runner = EVEEnvRunner(config=cfg)
+        spec = cfg.get_multi_rl_module_spec(
+            spaces={DEFAULT_MODULE_ID: (runner.observation_space, runner.action_space)})
+        learner = cfg.get_default_learner_class()(config=cfg, module_spec=spec)
+        learner.build()
+        runner.record_bsuite_episodes = True
+        for _ in range(50):  # 200 env steps = 20 episodes of deep_sea size 10
+            learner.insert(runner.sample())
+            due = updates_due(learner.replay.num_env_steps, int(cfg.train_batch_size_per_learner),
+                              float(cfg.samples_per_insert), learner.num_updates, int(cfg.learning_starts))
+            learner.run_updates(due, {})
+            runner.set_state({"rl_module": learner.module[DEFAULT_MODULE_ID].get_state(inference_only=True)})
+        assert learner.replay.num_env_steps == 200 and learner.num_updates == (200 - 100) * 16 // 32
+        episodes = runner.metrics.peek("bsuite_episodes")
+        assert len(episodes) == 20 and all(e["bsuite_id"] == "deep_sea/0" for e in episodes)
+        if exploration == "posterior":
+            assert float(runner.module.num_data) == 200
+            assert torch.equal(runner.module.fisher_diag, learner.fisher.fisher)
+            assert float(runner.module.fisher_diag.max()) > 0
+            assert runner.explorer.num_samples == 10  # one draw per episode after the 100-step (10-episode) burn-in
+            stats = learner.uncertainty_stats()
+            assert stats["q_epistemic_std"] > 0 and stats["num_data"] == 200
+        else:
+            assert float(runner.module.fisher_diag.abs().sum()) == 0 and learner.uncertainty_stats() == {}
