@@ -46,7 +46,7 @@ class EVEConfig(OffPolicyConfig):
         self.target_update_tau = 1.0
         self.replay_capacity = 100_000
         self.learning_starts = 100
-        self.rollout_fragment_length = 4
+        self.rollout_fragment_length = 1
         self.max_updates_per_call = 64
         self.min_sample_timesteps_per_iteration = 1000
         self.hidden: list[int] = [64, 64]
