@@ -58,7 +58,7 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
         self.uri = f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 240.0) -> None:
+    def start(self, timeout: float = 300.0) -> None:
         cmd = [
             sys.executable, "-m", "mlflow", "server",
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
@@ -80,6 +80,7 @@ class MlflowServer:
                 time.sleep(0.3)
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited: see {log.name}")
+        self.stop()  # never leave a half-started server behind
         raise TimeoutError("mlflow server did not become healthy")
 
     def stop(self) -> None:
