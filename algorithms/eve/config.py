@@ -10,7 +10,7 @@ perturbation per episode (``resample``) on each env runner; target network, repl
 
 Defaults are the setting tuned here on bsuite deep_sea size 10 (a plain-torch replica of this loop; see
 the issue report): one update per 2 env steps (``samples_per_insert`` 16, batch 32), Adam 1e-3, no
-gradient clipping, MLP [64, 64], σ² = 0.001, λ = 1, hard target update every 50 updates, burn-in 100
+gradient clipping, MLP [64], σ² = 0.001, λ = 1, hard target update every 50 updates, burn-in 100
 env steps, linearised perturbations for acting and for the bootstrap targets.
 """
 
@@ -49,7 +49,7 @@ class EVEConfig(OffPolicyConfig):
         self.rollout_fragment_length = 1
         self.max_updates_per_call = 64
         self.min_sample_timesteps_per_iteration = 1000
-        self.hidden: list[int] = [64, 64]
+        self.hidden: list[int] = [64]
         """Q network widths (ignored when the spec's ``network`` block is set)."""
         self.double_q: bool = True
         """Double Q-learning targets (argmax by the online network, value by the target)."""

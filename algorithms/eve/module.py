@@ -35,7 +35,7 @@ class EVEModule(OffPolicyRLModule):
             raise ValueError(f"EVE: observations must be flat vectors [D], got shape {shape}")
         if not hasattr(self.action_space, "n"):
             raise ValueError(f"EVE: the action space must be Discrete, got {self.action_space}")
-        block = self.network_config or NetworkConfig(hidden=list(mc.get("hidden") or [64, 64]))
+        block = self.network_config or NetworkConfig(hidden=list(mc.get("hidden") or [64]))
         self.q = build_mlp(int(shape[0]), int(self.action_space.n), block)
         num_params = sum(p.numel() for p in self.q.parameters())
         self.register_buffer("fisher_diag", torch.zeros(num_params))
