@@ -412,6 +412,7 @@ class _TrialState:
     pending: int = 0  # queue entries not yet delivered
     done: bool = False
     uploaded: dict[str, tuple[int, int]] = field(default_factory=dict)  # worker-side only
+    node_ips: set[str] = field(default_factory=set)  # nodes the trial reported from (multi-node runs)
 
 
 class MLflowTracking(Callback):
@@ -552,6 +553,8 @@ class MLflowTracking(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
         st = self._trials.get(trial.trial_id) or self._open_trial(trial)
+        if isinstance(result.get("node_ip"), str):
+            st.node_ips.add(result["node_ip"])
         step = result_step(result)
         if step is None:
             return
@@ -672,6 +675,8 @@ class MLflowTracking(Callback):
             return
         st.done = True
         tags = {**(tags or {}), "orchestra.status": status}
+        if st.node_ips:  # every node the trial ran on, e.g. before and after a node failure
+            tags["orchestra.node_ips"] = ",".join(sorted(st.node_ips))
         if error:
             tags["orchestra.error"] = _tail(error, MAX_ERROR_LENGTH)
         self._enqueue(("artifacts", st.trial_id), st)
