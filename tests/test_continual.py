@@ -15,8 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_continual_minatar_short_form_logs_per_task_returns_and_plasticity(ray_local, tmp_path: Path):
     spec = load_spec(str(ROOT / "experiments/continual_minatar.yaml"), [
         "config.env_config.switch_every=300",
-        "config.env_config.games=[breakout, freeway]",
-        "config.env_config.max_episode_steps=100",
+        "config.env_config.games=[breakout, asterix]",  # both end episodes quickly under a random policy
         "config.network.norm=layer", "config.network.nap=true", "config.network.hidden=[32]",
         "config.train_batch_size_per_learner=200", "config.minibatch_size=100", "config.num_epochs=1",
         "seeds=[0]", "stop={training_iteration: 4}",
@@ -31,6 +30,8 @@ def test_continual_minatar_short_form_logs_per_task_returns_and_plasticity(ray_l
     (child,) = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
     keys = set(child.data.metrics)
     # 800 env steps with switches every 300: both games were played, each with its own returns.
+    # (gym.make's own max_episode_steps would wrap the sequence in a TimeLimit that hides the
+    # per-task episode info, so the test relies on the games' natural episode ends.)
     assert {"env/task_return/task_0", "env/task_return/task_1"} <= keys, sorted(keys)
     assert any(k.startswith("plasticity/") for k in keys)
     task_ids = [m.value for m in client.get_metric_history(child.info.run_id, "env/task_id")]

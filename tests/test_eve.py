@@ -253,8 +253,8 @@ def test_save_restore_continues_exactly_with_two_env_runners(ray_local, tmp_path
     from ray.rllib.algorithms.algorithm import Algorithm
 
     def build():
-        cfg = _eve_config("posterior", runners=2, checkpoint_replay=True, learning_starts=50,
-                          min_sample_timesteps_per_iteration=200)
+        cfg = _eve_config("posterior", runners=2, checkpoint_replay=True, learning_starts=50)
+        cfg.reporting(min_sample_timesteps_per_iteration=200)
         return cfg.build_algo()
 
     a = build()
@@ -339,7 +339,7 @@ def test_runner_and_learner_wiring_without_ray():
         learner.build()
         runner.record_bsuite_episodes = True
         for _ in range(50):  # 200 env steps = 20 episodes of deep_sea size 10
-            learner.insert(runner.sample())
+            learner.insert(runner.sample(num_timesteps=4))
             due = updates_due(learner.replay.num_env_steps, int(cfg.train_batch_size_per_learner),
                               float(cfg.samples_per_insert), learner.num_updates, int(cfg.learning_starts))
             learner.run_updates(due, {})
