@@ -6,7 +6,7 @@
 - no security-group rule opens a port other than SSH (22) to 0.0.0.0/0 or ::/0 (Ray 6379, client
   10001, dashboard 8265, MLflow 5000 and the object/node-manager ports must stay private);
 - Ray token authentication is on (``RAY_AUTH_MODE=token`` in the start commands);
-- the dashboard binds 127.0.0.1 (``--dashboard-host=0.0.0.0`` is rejected);
+- the dashboard binds 127.0.0.1 (a wildcard `--dashboard-host` is rejected);
 - a multi-node config (max_workers > 0, or worker_ips) syncs the project to every node (file_mounts)
   and names Tune storage every node can reach (``metadata.orchestra.storage``: an object-store URI
   such as s3://; for the ``local`` provider also an absolute path on a shared filesystem);

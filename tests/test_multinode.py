@@ -45,9 +45,9 @@ def _write_token(host) -> None:
 
 
 def _retried(cmd: str, attempts: int = 3) -> str:
-    """``cmd`` again after `ray stop` if it fails: `ray start` gives the raylet a fixed 30 s to register
-    with the GCS, too little on a loaded 2-core machine. `ray stop` runs inside the test host only."""
-    return " || ".join([f"({cmd})"] + [f"(ray stop --force; sleep 2; {cmd})"] * (attempts - 1))
+    """``cmd`` again if it fails (stopping Ray first, inside the test host's PID namespace only): `ray
+    start` gives the raylet a fixed 30 s to register with the GCS, too little on a loaded 2-core machine."""
+    return " || ".join([f"({cmd})"] + [f"(ray stop --force; sleep 2; {cmd})"] * (attempts - 1))  # in the host's namespace
 
 
 def _ray_start(host, args: str, timeout: float = 900) -> None:
@@ -295,7 +295,7 @@ def test_ray_up_launch_and_ray_down_on_local_provider(tmp_path):
             "rsync_exclude": [".venv", "runs", "mlruns", "**/__pycache__", ".git"],
             "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
             "head_start_ray_commands": [
-                "ray stop",
+                "ray stop",  # runs over SSH inside the head test host's own PID namespace
                 _retried(f"RAY_AUTH_MODE=token ray start --head --port=6379 --node-ip-address={HEAD_IP} "
                          "--num-cpus=1 --dashboard-host=127.0.0.1 --autoscaling-config=~/ray_bootstrap_config.yaml "
                          "--disable-usage-stats"),
@@ -305,7 +305,7 @@ def test_ray_up_launch_and_ray_down_on_local_provider(tmp_path):
                 health,
             ],
             "worker_start_ray_commands": [
-                "ray stop",
+                "ray stop",  # runs over SSH inside the worker test host's own PID namespace
                 _retried(f"RAY_AUTH_MODE=token ray start --address=$RAY_HEAD_IP:6379 --node-ip-address={WORKER_IP} "
                          "--num-cpus=1 --resources='{\"node_b\": 1}' --disable-usage-stats"),
             ],
