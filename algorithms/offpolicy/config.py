@@ -67,6 +67,12 @@ class OffPolicyConfig(AlgorithmConfig):
         self.replay_device: str | None = None
         """Device of the replay storage; None: the learner's device."""
 
+    def _set_provided(self, values: dict[str, Any]) -> None:
+        """Builder-method helper: set each attribute whose value was given (not ``NotProvided``)."""
+        for key, value in values.items():
+            if value is not NotProvided:
+                setattr(self, key, value)
+
     def training(
         self,
         *,
@@ -84,19 +90,12 @@ class OffPolicyConfig(AlgorithmConfig):
     ) -> OffPolicyConfig:
         """Sets the off-policy core's settings (plus everything ``AlgorithmConfig.training`` takes)."""
         super().training(**kwargs)
-        for key, value in (
-            ("samples_per_insert", samples_per_insert),
-            ("replay_capacity", replay_capacity),
-            ("n_step", n_step),
-            ("learning_starts", learning_starts),
-            ("max_updates_per_call", max_updates_per_call),
-            ("target_update_period", target_update_period),
-            ("target_update_tau", target_update_tau),
-            ("checkpoint_replay", checkpoint_replay),
-            ("replay_device", replay_device),
-        ):
-            if value is not NotProvided:
-                setattr(self, key, value)
+        self._set_provided({
+            "samples_per_insert": samples_per_insert, "replay_capacity": replay_capacity, "n_step": n_step,
+            "learning_starts": learning_starts, "max_updates_per_call": max_updates_per_call,
+            "target_update_period": target_update_period, "target_update_tau": target_update_tau,
+            "checkpoint_replay": checkpoint_replay, "replay_device": replay_device,
+        })
         if network is not NotProvided:
             self.network = NetworkConfig.model_validate(network) if isinstance(network, dict) else network
         return self

@@ -88,9 +88,7 @@ class WPOConfig(OffPolicyConfig):
         """WPO's settings (plus the off-policy core's and AlgorithmConfig.training's)."""
         given = {k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")}
         super().training(**kwargs)
-        for key, value in given.items():
-            if value is not NotProvided:
-                setattr(self, key, value)
+        self._set_provided(given)
         return self
 
     def validate(self) -> None:
