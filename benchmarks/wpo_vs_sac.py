@@ -11,6 +11,11 @@ env steps) for all three. Parts (``--parts``):
 - ``learning``: ``env/episode_return_mean`` every iteration up to ``--learning-steps`` env steps for
   ``--algos`` (default wpo and sac), written as measured; a checkpoint per algorithm lets an
   interrupted run resume where it stopped.
+- ``evaluate``: the current learning checkpoint of each of ``--algos`` (a copy, so a running learning
+  process may keep writing), ``--eval-episodes`` episodes with the deterministic action (the Gaussian
+  mean for WPO, tanh of the mean for SAC; ``orchestration.evaluate``), recorded at the env steps of the
+  algorithm's last ``learning`` line. The learning part reports the *training* episodes' return, which
+  for WPO includes its exploration noise (std ~0.5 under the reference KL bound on σ).
 
 Every result is one JSON line appended to ``--out`` (default benchmarks/results/wpo_vs_sac.jsonl) as
 soon as it is measured; entries already there (same part, algo, env, seed and budget) are skipped.
@@ -206,15 +211,42 @@ def learning(name: str, env: str, seed: int, budget: int, hidden: list[int], out
         algo.stop()
 
 
+def evaluate(name: str, env: str, seed: int, budget: int, episodes: int, out: Path, done: set,
+             ckpt_dir: Path) -> None:
+    import shutil
+
+    from orchestration.evaluate import evaluate_checkpoint
+
+    ckpt = ckpt_dir / f"{name}_{env.replace('/', '_')}_s{seed}"
+    learned = [r for r in _done(out) if r["part"] == "learning" and r["algo"] == name and r["env"] == env
+               and r["seed"] == seed and r.get("budget") == budget]
+    if not (ckpt / "rllib_checkpoint.json").exists() or not learned:
+        print(f"no learning checkpoint for {name} on {env} (seed {seed}) in {ckpt_dir}", flush=True)
+        return
+    record = {"part": "eval", "algo": name, "env": env, "seed": seed, "budget": budget,
+              "env_steps": max(r["env_steps"] for r in learned)}
+    if _key(record) in done:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_dir = Path(tmp) / ckpt.name
+        shutil.copytree(ckpt, copy_dir)
+        res = evaluate_checkpoint(copy_dir, episodes=episodes, seed=10_000 + seed, log=False)
+    m = res.metrics()
+    _emit(out, {**record, "eval_episodes": episodes,
+                "eval_return_mean": m["eval/checkpoint/episode_return_mean"],
+                "eval_return_std": m["eval/checkpoint/episode_return_std"], "deterministic": True})
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--parts", default="throughput", help="comma list: throughput,learning")
+    p.add_argument("--parts", default="throughput", help="comma list: throughput,learning,evaluate")
     p.add_argument("--algos", default=None, help="comma list of wpo,sac,bare (default: all for throughput, "
                    "wpo,sac for learning)")
     p.add_argument("--env", default="dmc/cartpole-swingup")
     p.add_argument("--seeds", default="0")
     p.add_argument("--window", type=int, default=400, help="env steps timed with training (throughput)")
     p.add_argument("--learning-steps", type=int, default=100_000)
+    p.add_argument("--eval-episodes", type=int, default=5, help="deterministic episodes (evaluate part)")
     p.add_argument("--hidden", default="256,256,256", help="widths of every MLP (all algorithms)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (CPUs given to the process)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
@@ -269,6 +301,11 @@ def main(argv: list[str] | None = None) -> None:
         for seed in seeds:
             for name in (args.algos or "wpo,sac").split(","):
                 learning(name, args.env, seed, args.learning_steps, hidden, out, done, Path(args.ckpt_dir))
+    if "evaluate" in parts:
+        for seed in seeds:
+            for name in (args.algos or "wpo,sac").split(","):
+                evaluate(name, args.env, seed, args.learning_steps, args.eval_episodes, out, done,
+                         Path(args.ckpt_dir))
 
 
 if __name__ == "__main__":
