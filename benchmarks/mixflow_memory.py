@@ -143,6 +143,7 @@ def measure_one(cfg: dict) -> dict:
         return meta_gradient(inner, outer, opt, theta, state, eta, bs, out_batch, cfg["engine"])
 
     step(batches[:1])  # warm-up: first-call costs (dispatcher, torch.func setup) out of the timing
+    load_before = os.getloadavg()[0]
     times, cpu_times = [], []
     for _ in range(cfg.get("reps", 1)):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -160,10 +161,112 @@ def measure_one(cfg: dict) -> dict:
         "rss_delta_bytes": (rss1 - rss0) * 1024,
         "time_s": min(times),
         "cpu_time_s": min(cpu_times),
+        "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "param_bytes": tensor_bytes(theta),
         "rater_param_bytes": tensor_bytes(eta),
         "torch": torch.__version__,
     }
+
+
+def profile_components(cfg: dict) -> dict:
+    """CPU time of the pieces of one inner step's meta-gradient work, MixFlow-MG vs reverse-over-reverse.
+
+    On one batch, in the engines' chunks of ``microbatch`` examples, with weights w = softmax(φ_η) and a
+    random cotangent v (|θ|-shaped), each piece timed as the min over ``reps`` of process CPU time:
+    - ``grad``: g = Σ_i w_i ∇ℓ_i (the MixFlow forward; also SGD's plain gradient);
+    - ``jvp_func``: torch.func.jvp of θ ↦ (g, ℓ) in direction v (the MixFlow backward: primal g again
+      plus its tangent ∇²L·v and ∇ℓ·v);
+    - ``jvp_forward_ad``: the same JVP with ``torch.autograd.forward_ad`` dual tensors through
+      ``autograd.grad(create_graph=True)`` (no torch.func transforms);
+    - ``ror_forward``: g with ``create_graph=True`` (the reverse engine's forward of one step);
+    - ``ror_backward``: the VJP of that graph, vᵀ∂g/∂(θ, w) (the reverse engine's backward of one step);
+    - ``hvp_reverse_recompute``: ror_forward + ror_backward from the saved inputs (what a backward that
+      recomputes and double-backpropagates would cost: reverse_remat's per-step backward).
+    Per step, reverse costs ror_forward + ror_backward; MixFlow costs grad + jvp_func. Also the top ops
+    of jvp_func by self CPU time (torch.profiler).
+    """
+    import torch
+    from torch.autograd import forward_ad
+    from torch.profiler import ProfilerActivity, profile
+
+    from algorithms.meta.engines import _chunks, slice_batch
+
+    torch.set_num_threads(cfg.get("threads", 1))
+    inner, _, theta, eta, batch_fn = build_problem(cfg["model"], microbatch=cfg.get("microbatch") or None)
+    b = batch_fn()
+    with torch.no_grad():
+        w = inner.weights(eta, b)
+    g = torch.Generator().manual_seed(1)
+    v = tuple(torch.randn(t.shape, generator=g) * 1e-2 for t in theta)
+    chunks = [(slice_batch(b, a, e), w[a:e]) for a, e in _chunks(w.shape[0], inner.microbatch)]
+
+    def grad_only():
+        for chunk, w_c in chunks:
+            p = tuple(t.detach().requires_grad_() for t in theta)
+            with torch.enable_grad():
+                torch.autograd.grad((w_c * inner.per_example_loss(p, chunk)).sum(), p)
+
+    def jvp_func():
+        for chunk, w_c in chunks:
+            def weighted(p, chunk=chunk, w_c=w_c):
+                losses = inner.per_example_loss(p, chunk)
+                return (w_c * losses).sum(), losses
+            torch.func.jvp(lambda p, f=weighted: torch.func.grad(f, has_aux=True)(p), (theta,), (v,))
+
+    def jvp_forward_ad():
+        for chunk, w_c in chunks:
+            with forward_ad.dual_level(), torch.enable_grad():
+                p = tuple(forward_ad.make_dual(t.detach(), d).requires_grad_() for t, d in zip(theta, v, strict=True))
+                losses = inner.per_example_loss(p, chunk)
+                gs = torch.autograd.grad((w_c * losses).sum(), p, create_graph=True)
+                _ = [forward_ad.unpack_dual(x).tangent for x in (*gs, losses)]
+
+    graphs: list = []
+
+    def ror_forward():
+        graphs.clear()
+        for chunk, w_c in chunks:
+            p = tuple(t.detach().requires_grad_() for t in theta)
+            wc = w_c.detach().requires_grad_()
+            with torch.enable_grad():
+                gs = torch.autograd.grad((wc * inner.per_example_loss(p, chunk)).sum(), p, create_graph=True)
+            graphs.append((gs, p, wc))
+
+    def ror_backward():
+        for gs, p, wc in graphs:
+            torch.autograd.grad(gs, (*p, wc), v, allow_unused=True)
+
+    def hvp_reverse_recompute():
+        ror_forward()
+        ror_backward()
+
+    def cpu(fn, reps=cfg.get("reps", 3), setup=None):
+        best = float("inf")
+        for _ in range(reps + 1):  # the first call is a warm-up
+            if setup:
+                setup()
+            c0 = time.process_time()
+            fn()
+            best = min(best, time.process_time() - c0)
+        return best
+
+    out = {**cfg, "load_avg_1min_start": round(os.getloadavg()[0], 2)}
+    out["grad_s"] = cpu(grad_only)
+    out["jvp_func_s"] = cpu(jvp_func)
+    out["jvp_forward_ad_s"] = cpu(jvp_forward_ad)
+    out["ror_forward_s"] = cpu(ror_forward)
+    out["ror_backward_s"] = cpu(ror_backward, setup=ror_forward)
+    out["hvp_reverse_recompute_s"] = cpu(hvp_reverse_recompute)
+    out["per_step_reverse_s"] = out["ror_forward_s"] + out["ror_backward_s"]
+    out["per_step_mixflow_s"] = out["grad_s"] + out["jvp_func_s"]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        jvp_func()
+    ev = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ev)
+    out["jvp_func_top_ops"] = [[e.key, e.count, round(e.self_cpu_time_total / total, 3)] for e in ev[:15]]
+    out["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
+    out["torch"] = torch.__version__
+    return out
 
 
 MICROBATCH = {"mlp": 64, "lm": 2, "lm_tokens": 4}
@@ -171,20 +274,23 @@ MICROBATCH = {"mlp": 64, "lm": 2, "lm_tokens": 4}
 
 
 def key(cfg: dict) -> tuple:
-    return (cfg["model"], cfg["T"], cfg["engine"], cfg["opt"], cfg["microbatch"])
+    """A measured row's identity; ``session`` tells re-measurements apart (None for the first ones)."""
+    return (cfg["model"], cfg["T"], cfg["engine"], cfg["opt"], cfg["microbatch"], cfg.get("session"))
 
 
 def summary(path: Path) -> list[dict]:
     """Per measured row: memory and CPU-time ratios against ``reverse`` at the same (model, T, opt)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    ref = {(r["model"], r["T"], r["opt"]): r for r in rows if r["engine"] == "reverse" and "error" not in r}
+    ref = {(r["model"], r["T"], r["opt"], r.get("session")): r for r in rows
+           if r["engine"] == "reverse" and "error" not in r}
     out = []
     for r in rows:
-        base = ref.get((r["model"], r["T"], r["opt"]))
+        base = ref.get((r["model"], r["T"], r["opt"], r.get("session")))
         if base is None or "error" in r:
             continue
         out.append({
             "model": r["model"], "T": r["T"], "opt": r["opt"], "engine": r["engine"], "microbatch": r["microbatch"],
+            "session": r.get("session"), "cpu_time_s": round(r["cpu_time_s"], 2),
             "peak_MB": round(r["peak_live_bytes"] / 1e6, 1),
             "memory_saving_vs_reverse": round(base["peak_live_bytes"] / r["peak_live_bytes"], 2),
             "cpu_time_vs_reverse": round(r["cpu_time_s"] / base["cpu_time_s"], 2),
@@ -202,12 +308,24 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--whole-batch-T", nargs="*", type=int, default=[8],
                     help="T values at which MixFlow is also measured without microbatching")
+    ap.add_argument("--session", default=None,
+                    help="tag of a re-measurement (rows with another tag, or none, are not skipped)")
+    ap.add_argument("--microbatch", type=int, default=None, help="override the model's default chunk size")
+    ap.add_argument("--no-whole-batch", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--profile", help="JSON config (model, microbatch, reps): CPU time per component of one "
+                    "inner step (profile_components); appended to benchmarks/results/mixflow_profile.jsonl")
     ap.add_argument("--summary", action="store_true", help="print ratios against reverse from the results file")
     args = ap.parse_args()
     if args.summary:
         for row in summary(args.out):
             print(json.dumps(row))
+        return
+    if args.profile:
+        line = json.dumps(profile_components(json.loads(args.profile)))
+        print(line, flush=True)
+        with (RESULTS.parent / "mixflow_profile.jsonl").open("a") as f:
+            f.write(line + "\n")
         return
     if args.one:
         print(json.dumps(measure_one(json.loads(args.one))), flush=True)
@@ -219,13 +337,16 @@ def main() -> None:
     for model in args.models:
         for T in args.T:
             for opt in args.opt:
-                runs = [(e, MICROBATCH[model]) for e in args.engines]
+                mb = MICROBATCH[model] if args.microbatch is None else args.microbatch
+                runs = [(e, mb) for e in args.engines]
                 # MixFlow on the whole batch too, to show what microbatching the JVP buys.
-                if T in args.whole_batch_T:
+                if T in args.whole_batch_T and not args.no_whole_batch:
                     runs += [(e, 0) for e in args.engines if e.startswith("mixflow")]
                 for engine, microbatch in runs:
                     cfg = {"model": model, "T": T, "engine": engine, "opt": opt, "microbatch": microbatch,
                            "reps": args.reps}
+                    if args.session:
+                        cfg["session"] = args.session
                     if key(cfg) in done:
                         continue
                     proc = subprocess.run(

@@ -70,6 +70,26 @@ def test_auroc_hand_computed_and_brute_force():
     assert auroc(-s, c) == pytest.approx(1 - sum(pairs) / len(pairs))
 
 
+def test_steps_to_reach_and_compute_saved_hand_computed():
+    from algorithms.datarater.evaluation import Curve, break_even_trainings, compute_saved, steps_to_reach
+
+    cv = Curve([10, 20, 30, 40], [3.0, 2.5, 2.0, 1.5])
+    assert steps_to_reach(cv, 2.2) == 30.0  # first evaluated step with loss <= 2.2
+    # Interpolated: the line from (20, 2.5) to (30, 2.0) crosses 2.2 at 20 + 10 * 0.3 / 0.5 = 26.
+    assert steps_to_reach(cv, 2.2, interpolate=True) == pytest.approx(26.0)
+    assert steps_to_reach(cv, 3.5, interpolate=True) == 10.0  # already below at the first evaluation
+    assert steps_to_reach(cv, 1.0) is None
+    # S = 40 unfiltered steps of F = 10; filtered reaches the target at s* = 26 with rater cost 1 per step:
+    # saved = 1 − 26·11 / 400 = 0.285; with C_meta = 57: 1 − (286 + 57)/400 = 0.1425.
+    assert compute_saved(26.0, 40, 10.0, 1.0) == pytest.approx(0.285)
+    assert compute_saved(26.0, 40, 10.0, 1.0, 57.0) == pytest.approx(0.1425)
+    # Break-even: 57 / (400 − 286) = 0.5 trainings; 1140 FLOPs of meta-training need 10.
+    assert break_even_trainings(26.0, 40, 10.0, 1.0, 57.0) == pytest.approx(0.5)
+    assert break_even_trainings(26.0, 40, 10.0, 1.0, 1140.0) == pytest.approx(10.0)
+    assert break_even_trainings(40.0, 40, 10.0, 1.0, 57.0) == float("inf")  # no saving per training
+    assert compute_saved(None, 40, 10.0, 1.0) != compute_saved(None, 40, 10.0, 1.0)  # NaN
+
+
 # --- digits meta-training ------------------------------------------------------------------------------
 
 

@@ -7,8 +7,15 @@ Compute accounting (FLOPs, counted with ``torch.utils.flop_counter.FlopCounterMo
 - including meta-training:         C_f(s) + C_meta                                (all meta-steps)
 
 Compute saved to reach the unfiltered model's final held-out loss L_u(S):
-    s* = first evaluated step with L_f(s*) ≤ L_u(S)    (None if never reached)
+    s* = first step at which the filtered curve reaches L_u(S): the first evaluated step s_j with
+         L_f(s_j) ≤ L_u(S), linearly interpolated between (s_{j−1}, L_f(s_{j−1})) and (s_j, L_f(s_j))
+         (None if never reached)
     saved = 1 − C_f(s*) / C_u(S)        (reported with and without C_meta)
+
+The rater is meta-trained once and can filter data for many trainings (the paper amortises it that
+way), so the meta-training cost is also reported as the number of trainings after which it is repaid:
+
+    n_break-even = C_meta / (C_u(S) − C_f(s*))        (inf if filtering saves nothing per training)
 """
 
 from __future__ import annotations
@@ -76,19 +83,43 @@ def train_fresh(
     return curve
 
 
-def steps_to_reach(curve: Curve, target: float) -> int | None:
-    """First evaluated step at which the held-out loss is ≤ target (None if never)."""
+def steps_to_reach(curve: Curve, target: float, interpolate: bool = False) -> float | None:
+    """First step at which the held-out loss is ≤ target (None if never).
+
+    Without ``interpolate``: the first evaluated step s_j with L(s_j) ≤ target. With it: the step where
+    the straight line from (s_{j−1}, L(s_{j−1})) to (s_j, L(s_j)) crosses the target (s_j itself when
+    j is the first evaluation), so the answer is not rounded up to the evaluation interval.
+    """
+    prev: tuple[int, float] | None = None
     for s, loss in zip(curve.steps, curve.losses, strict=True):
         if loss <= target:
-            return s
+            if not interpolate or prev is None or prev[1] == loss:
+                return float(s)
+            s0, l0 = prev
+            return s0 + (s - s0) * (l0 - target) / (l0 - loss)
+        prev = (s, loss)
     return None
 
 
 def compute_saved(
-    steps_needed: int | None, steps_baseline: int, flops_train: float, flops_rate_per_step: float,
+    steps_needed: float | None, steps_baseline: int, flops_train: float, flops_rate_per_step: float,
     flops_meta: float = 0.0,
 ) -> float:
     """saved = 1 − (s*·(F_train + F_rate_step) + C_meta) / (S·F_train); NaN if the target is never reached."""
     if steps_needed is None:
         return float("nan")
     return 1.0 - (steps_needed * (flops_train + flops_rate_per_step) + flops_meta) / (steps_baseline * flops_train)
+
+
+def break_even_trainings(
+    steps_needed: float | None, steps_baseline: int, flops_train: float, flops_rate_per_step: float,
+    flops_meta: float,
+) -> float:
+    """n = C_meta / (S·F_train − s*·(F_train + F_rate_step)): filtered trainings that repay meta-training.
+
+    inf if filtering saves nothing per training, NaN if the target is never reached.
+    """
+    if steps_needed is None:
+        return float("nan")
+    saved_per_training = steps_baseline * flops_train - steps_needed * (flops_train + flops_rate_per_step)
+    return flops_meta / saved_per_training if saved_per_training > 0 else float("inf")

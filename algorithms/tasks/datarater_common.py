@@ -11,6 +11,23 @@ Per iteration: ``meta_steps_per_iteration`` meta-steps of the population, then m
 
 and every ``eval_every`` iterations the evaluation (eval/...) and a score histogram per corruption
 type (PNG in ``artifact_dir``).
+
+Evaluation protocol (algorithms/datarater/evaluation.py has the formulas):
+1. Fresh inner models (Adam, ``eval_lr``, batches of N = ``eval_batch_size``) are trained for
+   S = ``eval_steps`` steps on unfiltered data and, for every ρ in ``eval_rhos``, on batch-top-K
+   filtered data (N kept of ⌈N/(1−ρ)⌉ candidates scored by the current rater). Each condition is run
+   with the same ``eval_seeds`` model initialisations (paired); the held-out loss curves (clean
+   held-out set, every ``eval_interval`` steps) are averaged over these seeds.
+2. Target: the unfiltered mean curve's final loss L_u(S). s*(ρ): the step where the filtered mean curve
+   first reaches it (linear interpolation between evaluations).
+3. Compute in FLOPs (torch's FLOP counter): a training step F_train (forward + backward on N), the
+   rater's inference on all ⌈N/(1−ρ)⌉ candidates of a step, and meta-training C_meta = meta-steps x
+   FLOPs of one population meta-step (counted with the reverse engine's products; the MixFlow engines
+   recompute the inner step in their backward, so for them C_meta is a lower bound).
+4. Reported per ρ: eval/steps_saved (1 − s*/S), eval/compute_saved (rater inference counted),
+   eval/compute_saved_with_meta (C_meta counted for this one training) and
+   eval/break_even_trainings (C_meta / FLOPs saved per training: how many trainings one meta-trained
+   rater must filter to repay its meta-training). NaN where the target is never reached.
 """
 
 from __future__ import annotations
@@ -22,7 +39,13 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator
 
-from algorithms.datarater.evaluation import compute_saved, count_flops, steps_to_reach, train_fresh
+from algorithms.datarater.evaluation import (
+    break_even_trainings,
+    compute_saved,
+    count_flops,
+    steps_to_reach,
+    train_fresh,
+)
 from algorithms.datarater.filtering import auroc, candidates_for
 from algorithms.datarater.meta_training import MetaSettings, RaterPopulation
 from algorithms.datarater.objective import Batch
@@ -97,7 +120,9 @@ class DataRaterTask(Task):
             {"num_cpus": c.actor_num_cpus, "num_gpus": c.actor_num_gpus},
         )
         self.iteration = 0
-        self.last_eval: dict[str, float] = {}
+        # Every evaluation key is reported from the first iteration on (NaN until the first evaluation),
+        # so a spec may name one as its Tune metric (Tune rejects results that lack the metric).
+        self.last_eval: dict[str, float] = dict.fromkeys(self.eval_metric_names(), float("nan"))
 
     # --- to implement ---
     def build_problem(self) -> Any:
@@ -173,6 +198,18 @@ class DataRaterTask(Task):
             f_meta = float("nan")
         return {"train_step": f_train, "rate_example": f_rate, "meta_step": f_meta}
 
+    def eval_metric_names(self) -> list[str]:
+        """The keys :meth:`evaluate` reports (empty when ``eval_every`` is 0)."""
+        if not self.config.eval_every:
+            return []
+        names = ["eval/loss/unfiltered", "eval/flops/train_step", "eval/flops/rate_example",
+                 "eval/flops/meta_training", "eval/flops/unfiltered_run"]
+        for rho in self.config.eval_rhos:
+            tag = f"rho_{rho:g}"
+            names += [f"eval/{k}/{tag}" for k in ("loss", "steps_to_unfiltered_loss", "steps_saved", "flops/rate_step",
+                                                  "compute_saved", "compute_saved_with_meta", "break_even_trainings")]
+        return names
+
     def evaluate(self) -> dict[str, float]:
         c, p = self.config, self.problem
         heldout = self.heldout_set()
@@ -192,19 +229,25 @@ class DataRaterTask(Task):
         target = base.losses[-1]
         fl = self.flops()
         meta_total = fl["meta_step"] * self.population.meta_steps
+        S = c.eval_steps
         out = {"eval/loss/unfiltered": target, "eval/flops/train_step": fl["train_step"],
-               "eval/flops/rate_example": fl["rate_example"], "eval/flops/meta_training": meta_total}
+               "eval/flops/rate_example": fl["rate_example"], "eval/flops/meta_training": meta_total,
+               "eval/flops/unfiltered_run": S * fl["train_step"]}
         for rho in c.eval_rhos:
             cv = curve(rho)
-            s_star = steps_to_reach(cv, target)
+            s_star = steps_to_reach(cv, target, interpolate=True)
             rate_per_step = candidates_for(c.eval_batch_size, rho) * fl["rate_example"]
             tag = f"rho_{rho:g}"
             out[f"eval/loss/{tag}"] = cv.losses[-1]
-            out[f"eval/steps_to_unfiltered_loss/{tag}"] = float(s_star) if s_star else float("nan")
-            out[f"eval/steps_saved/{tag}"] = compute_saved(s_star, c.eval_steps, 1.0, 0.0)
-            out[f"eval/compute_saved/{tag}"] = compute_saved(s_star, c.eval_steps, fl["train_step"], rate_per_step)
+            out[f"eval/steps_to_unfiltered_loss/{tag}"] = float(s_star) if s_star is not None else float("nan")
+            out[f"eval/steps_saved/{tag}"] = compute_saved(s_star, S, 1.0, 0.0)
+            out[f"eval/flops/rate_step/{tag}"] = rate_per_step
+            out[f"eval/compute_saved/{tag}"] = compute_saved(s_star, S, fl["train_step"], rate_per_step)
             out[f"eval/compute_saved_with_meta/{tag}"] = compute_saved(
-                s_star, c.eval_steps, fl["train_step"], rate_per_step, meta_total)
+                s_star, S, fl["train_step"], rate_per_step, meta_total)
+            out[f"eval/break_even_trainings/{tag}"] = break_even_trainings(
+                s_star, S, fl["train_step"], rate_per_step, meta_total)
+        assert out.keys() == set(self.eval_metric_names()), "eval_metric_names() is out of date"
         self.write_histogram()
         return out
 
