@@ -13,8 +13,10 @@ resumes; --force measures again):
 - ``deep_sea`` (EVE's default settings): for sizes N = 10, 12, ... (bsuite ids deep_sea/0, 1, ...), whether the agent solves
   deep_sea by bsuite's rule (running fraction of bad episodes < 0.9 before episode 2^N + 100; the run
   stops when solved or after min(2^N + 100, 10,000) episodes), for EVE and the baseline, one seed.
-  Sizes go up until an agent fails a size (or --max-size, or --deadline-min); the summary line
+  The baseline runs first. Sizes go up until an agent fails a size (or --max-size, or --deadline-min); the summary line
   ``largest_solved`` gives the largest size solved with every smaller size solved too.
+Every line records the load average (1, 5, 15 min); throughput lines also give CPU-time rates
+(``env_steps_per_cpu_s``, driver process) and the ratios on CPU time, which depend less on the load.
 
 Goals (issue 5): EVE solves N >= 30 with one network; EVE's time per step <= 1.5x the baseline's;
 EVE's throughput >= 5x RLlib DQN's (47 env steps/s measured earlier on this machine).
@@ -51,7 +53,8 @@ def _done_keys(force: bool) -> set[str]:
 
 
 def _write(line: dict[str, Any]) -> None:
-    line = {**line, "host": platform.node(), "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    line = {**line, "host": platform.node(), "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with RESULTS.open("a") as f:
         f.write(json.dumps(line) + "\n")
@@ -93,21 +96,27 @@ def measure_throughput(iters: int, seed: int, force: bool) -> None:
              "DQN": dqn_config(env, seed).build_algo()}
     steps = {k: 0 for k in algos}
     secs = {k: 0.0 for k in algos}
+    cpu = {k: 0.0 for k in algos}  # driver-process CPU time: all three run in this process (no remote runners)
     for algo in algos.values():  # warm-up (burn-in, first updates, lazy imports)
         algo.train()
     for _ in range(iters):
         for name, algo in algos.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             r = algo.train()
             secs[name] += time.perf_counter() - t0
+            cpu[name] += time.process_time() - c0
             steps[name] += int((r.get("env_runners") or {}).get("num_env_steps_sampled", 0))
     rate = {k: steps[k] / secs[k] for k in algos}
+    cpu_rate = {k: steps[k] / cpu[k] for k in algos}
     for name in algos:
         _write({"key": keys[name], "bench": "throughput", "algo": name, "env": env, "batch": BATCH,
                 "updates_per_env_step": 1, "iters": iters, "env_steps": steps[name], "seconds": secs[name],
-                "env_steps_per_s": rate[name], "s_per_step": 1.0 / rate[name],
+                "cpu_seconds": cpu[name], "env_steps_per_s": rate[name], "s_per_step": 1.0 / rate[name],
+                "env_steps_per_cpu_s": cpu_rate[name],
                 "eve_time_per_step_over_baseline": rate["baseline"] / rate["EVE"],
-                "eve_throughput_over_dqn": rate["EVE"] / rate["DQN"]})
+                "eve_throughput_over_dqn": rate["EVE"] / rate["DQN"],
+                "eve_cpu_per_step_over_baseline": cpu_rate["baseline"] / cpu_rate["EVE"],
+                "eve_cpu_throughput_over_dqn": cpu_rate["EVE"] / cpu_rate["DQN"]})
     for algo in algos.values():
         algo.stop()
 
@@ -137,7 +146,9 @@ def solve_deep_sea(exploration: str, index: int, seed: int, deadline: float) -> 
 def measure_deep_sea(max_size: int, seed: int, deadline: float, force: bool) -> None:
     done = _done_keys(force)
     lines = [json.loads(x) for x in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
-    for name, exploration in (("EVE", "posterior"), ("baseline", "epsilon_greedy")):
+    # The baseline first: it stops at its first failed size (its budget at size 10 is 1,124 episodes),
+    # so under a deadline both arms get measured; EVE then climbs until it fails a size.
+    for name, exploration in (("baseline", "epsilon_greedy"), ("EVE", "posterior")):
         for index in range(0, (max_size - 10) // 2 + 1):
             key = f"deep_sea/{name}/deep_sea-{index}/seed{seed}"
             if key in done:

@@ -166,3 +166,22 @@ def test_episode_log_from_real_umbrella_and_chain_runs():
         log.add_episode("catch/0", episode_return=1.0)
     with pytest.raises(ValueError, match="grid"):
         bs.BsuiteEpisodeLog(grid="log")
+
+
+def test_episode_log_public_ids_and_budget():
+    log = bs.BsuiteEpisodeLog(grid="every")
+    assert log.bsuite_ids() == []
+    assert log.scores_next_episode("deep_sea/0")  # nothing logged yet
+    log.add_episode("umbrella_length/0", episode_return=1.0, regret=0.0)
+    log.add_episode("deep_sea/0", episode_return=0.0, bad=1.0)
+    assert log.bsuite_ids() == ["umbrella_length/0", "deep_sea/0"]
+    assert log.experiment("deep_sea/0").kwargs["size"] == 10
+    assert log.scores_next_episode("deep_sea/0") and log.scores_next_episode("umbrella_length/0")
+    log.add_episode("deep_sea/0", episode_return=1.0, bad=0.0)  # bad fraction 1/2 < 0.9: solved
+    assert log.solved("deep_sea/0") and not log.scores_next_episode("deep_sea/0")
+    budget = log.experiment("umbrella_length/0").num_episodes
+    for _ in range(budget - 1):
+        log.add_episode("umbrella_length/0", episode_return=1.0, regret=0.0)
+    assert log.num_episodes("umbrella_length/0") == budget and not log.scores_next_episode("umbrella_length/0")
+    with pytest.raises(ValueError, match="only"):
+        log.experiment("catch/0")

@@ -17,12 +17,12 @@ from algorithms.eve.exploration import (
     posterior_std,
 )
 from algorithms.eve.losses import (
-    linear_squared_gradient_sum,
     linearised_q_sample,
     nstep_q_targets,
     q_epistemic_variance,
     q_gradients,
     return_density_nll,
+    sampled_q_targets,
 )
 from algorithms.networks import NetworkConfig, build_mlp
 from algorithms.uncertainty import delta_variance, flatten_params, module_fn, module_params
@@ -61,19 +61,64 @@ def test_nstep_q_targets_q_learning_and_double_q():
     assert torch.allclose(nstep_q_targets(ret, disc, q_targ, q_online), torch.tensor([1.0 + 0.9 * 1.0, 0.5]))
 
 
+def test_sampled_q_targets_hand_cases_and_optimism():
+    ret, disc = torch.tensor([1.0]), torch.tensor([0.5])
+    q_targ = torch.tensor([[2.0, 1.0]])
+    q_online = torch.tensor([[3.0, 0.0]])
+    noise = torch.tensor([[0.0, 4.0]])  # the draw makes action 1 the sample's best
+    # Q-learning on the sample: max(2, 5) = 5
+    assert sampled_q_targets(ret, disc, q_targ, noise).item() == pytest.approx(1.0 + 0.5 * 5.0)
+    # double Q on the sample: argmax(3 + 0, 0 + 4) = 1, valued by the sampled target 1 + 4 = 5
+    assert sampled_q_targets(ret, disc, q_targ, noise, q_online).item() == pytest.approx(1.0 + 0.5 * 5.0)
+    # double Q on the mean: argmax(3, 0) = 0, valued by the sampled target 2 + 0
+    assert sampled_q_targets(ret, disc, q_targ, noise, q_online, argmax="mean").item() == pytest.approx(2.0)
+    zero = torch.zeros(1, 2)
+    assert sampled_q_targets(ret, disc, q_targ, zero, q_online).item() == nstep_q_targets(ret, disc, q_targ, q_online).item()
+    # optimism in closed form: two equal values, independent N(0, s²) noise: E[max] = s / sqrt(pi)
+    gen = torch.Generator().manual_seed(0)
+    n, s_ = 200_000, 0.3
+    noise = s_ * torch.randn(n, 2, generator=gen, dtype=torch.float64)
+    equal = torch.zeros(n, 2, dtype=torch.float64)
+    ret, disc = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+    sample = sampled_q_targets(ret, disc, equal, noise, equal.clone()).mean().item()
+    mean = sampled_q_targets(ret, disc, equal, noise, equal.clone(), argmax="mean").mean().item()
+    assert sample == pytest.approx(s_ / math.sqrt(math.pi), abs=4e-3)
+    assert mean == pytest.approx(0.0, abs=4e-3)
+    with pytest.raises(ValueError, match="argmax"):
+        sampled_q_targets(ret, disc, equal, noise, argmax="max")
+
+
 @pytest.mark.parametrize("norm", ["none", "layer"])
-def test_linear_squared_gradient_sum_equals_per_example_gradients(norm):
+def test_fisher_on_the_loss_forward_pass_equals_per_example_gradients(norm):
+    """The learner's path: mean_sq_grad_fast with retain_graph on a forward pass that the loss reuses."""
+    from algorithms.uncertainty.fast import mean_sq_grad_fast_with_batch
+
     net = _net(norm)
     obs = torch.randn(7, 5, dtype=torch.float64)
     actions = torch.randint(3, (7,))
-    sq, q = linear_squared_gradient_sum(net, obs, actions)
+    captured = {}
+
+    def q_taken(m):
+        captured["q"] = m(obs)
+        return captured["q"].gather(1, actions[:, None])[:, 0]
+
+    mean_sq, batch = mean_sq_grad_fast_with_batch(net, q_taken, retain_graph=True)
     grads = q_gradients(module_fn(net), module_params(net), obs, actions)  # vmap + jacrev, [B, P]
-    assert torch.allclose(sq, grads.square().sum(0), atol=1e-12)
-    assert torch.allclose(q.detach(), net(obs))
+    assert batch == 7 and torch.allclose(mean_sq, grads.square().mean(0), atol=1e-12)
     # brute force for one parameter entry: autograd per example
     first = next(net.parameters())
     brute = sum(torch.autograd.grad(net(obs[b : b + 1])[0, actions[b]], first)[0].square() for b in range(7))
-    assert torch.allclose(sq[: first.numel()], brute.reshape(-1), atol=1e-12)
+    assert torch.allclose(mean_sq[: first.numel()], brute.reshape(-1) / 7, atol=1e-12)
+    # the captured forward pass still has its graph: a loss backpropagates through it
+    q = captured["q"]
+    assert torch.allclose(q.detach(), net(obs))
+    q.gather(1, actions[:, None]).sum().backward()
+    assert torch.allclose(first.grad, sum(torch.autograd.grad(net(obs[b : b + 1])[0, actions[b]], first)[0]
+                                          for b in range(7)), atol=1e-12)
+    with pytest.raises(RuntimeError):  # without retain_graph the graph is freed after the Fisher's pass
+        captured.clear()
+        mean_sq_grad_fast_with_batch(net, q_taken)
+        captured["q"].sum().backward()
 
 
 def test_linearised_q_sample_mean_variance_and_linear_case():
@@ -356,3 +401,40 @@ def test_runner_and_learner_wiring_without_ray():
             assert stats["q_epistemic_std"] > 0 and stats["num_data"] == 200
         else:
             assert float(runner.module.fisher_diag.abs().sum()) == 0 and learner.uncertainty_stats() == {}
+
+
+@pytest.mark.slow
+def test_eve_solves_deep_sea_10_for_more_seeds_without_ray():
+    """Seeds 1 and 2 (seed 0 runs through RLlib above): EVE's own runner and learner in the core's order
+    (sample one step, insert, the updates due, sync), stopped when solved by bsuite's rule or after the
+    2^10 + 100 = 1124-episode budget. Before target_argmax="sample" seed 1 failed."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    from algorithms.diagnostics.bsuite_scoring import BsuiteEpisodeLog, deep_sea_episode_budget
+    from algorithms.eve.config import EVEConfig
+    from algorithms.eve.env_runner import EVEEnvRunner
+    from algorithms.offpolicy.ratio import updates_due
+    from orchestration.spec import import_builtin_envs
+
+    import_builtin_envs()
+    torch.set_num_threads(1)
+    for seed in (1, 2):
+        cfg = EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=seed)
+        cfg.validate()
+        runner = EVEEnvRunner(config=cfg)
+        spec = cfg.get_multi_rl_module_spec(
+            spaces={DEFAULT_MODULE_ID: (runner.observation_space, runner.action_space)})
+        learner = cfg.get_default_learner_class()(config=cfg, module_spec=spec)
+        learner.build()
+        log = BsuiteEpisodeLog()
+        while not log.solved("deep_sea/0") and log.num_episodes("deep_sea/0") < deep_sea_episode_budget(10):
+            learner.insert(runner.sample(num_timesteps=1))
+            due = updates_due(learner.replay.num_env_steps, int(cfg.train_batch_size_per_learner),
+                              float(cfg.samples_per_insert), learner.num_updates, int(cfg.learning_starts))
+            learner.run_updates(due, {})
+            runner.set_state({"rl_module": learner.module[DEFAULT_MODULE_ID].get_state(inference_only=True)})
+            for env in runner.envs:
+                for record in env.drain():
+                    log.add_info(record["bsuite_id"], record)
+        assert log.solved("deep_sea/0"), (seed, log.metrics())
+        assert log.solved_episode("deep_sea/0") < 1124

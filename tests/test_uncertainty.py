@@ -377,3 +377,31 @@ def test_sample_posterior_statistics_and_purity():
     assert s1["b"].shape == (2, 2) and s1["b"].dtype == F64
     zero = sample_posterior(params, fisher, num_data, damping, torch.Generator().manual_seed(7), scale=0.0)
     assert all(torch.equal(zero[k], params[k]) for k in params)
+
+
+@pytest.mark.parametrize("norm", ["none", "layer", "rms"])
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+def test_linearised_forward_equals_torch_func_jvp(norm, activation):
+    from algorithms.networks import NetworkConfig, build_mlp
+    from algorithms.uncertainty.fast import linearised_forward
+
+    net = build_mlp(5, 3, NetworkConfig(hidden=[8, 6], norm=norm, activation=activation), seed=1).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    delta = torch.randn(sum(p.numel() for p in params.values()), dtype=torch.float64)
+    y, dy = linearised_forward(net, x, delta)
+    tangents = unflatten_like(delta, params)
+    y_ref, dy_ref = torch.func.jvp(lambda p: torch.func.functional_call(net, p, (x,)), (params,), (tangents,))
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dy, dy_ref, rtol=1e-10, atol=1e-12)
+    # first order: f(θ + hδ) − f(θ) = h J δ + O(h²)
+    h = 1e-6
+    shifted = {k: v + h * tangents[k] for k, v in params.items()}
+    fd = (torch.func.functional_call(net, shifted, (x,)) - net(x)) / h
+    torch.testing.assert_close(fd, dy, rtol=1e-4, atol=1e-5)
+    # a dict tangent and a module outside the fast path (torch.func.jvp fallback) agree
+    torch.testing.assert_close(linearised_forward(net, x, tangents)[1], dy)
+    wrapped = torch.nn.Sequential(torch.nn.Flatten(), net)
+    torch.testing.assert_close(linearised_forward(wrapped, x, delta)[1], dy, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="entries"):
+        linearised_forward(net, x, delta[:-1])

@@ -215,7 +215,9 @@ class BsuiteEpisodeLog:
         self._solved_at: dict[str, int | None] = {}
         self._experiments: dict[str, Any] = {}
 
-    def _experiment(self, bsuite_id: str):
+    def experiment(self, bsuite_id: str):
+        """The scored experiment of ``bsuite_id`` (:class:`algorithms.envs.bsuite.BsuiteExperiment`); raises
+        for ids of experiments not scored here."""
         if bsuite_id not in self._experiments:
             from algorithms.envs.bsuite import bsuite_experiment
 
@@ -236,7 +238,7 @@ class BsuiteEpisodeLog:
     ) -> None:
         """One finished episode: its return, and what its experiment scores (deep_sea: `bad`,
         umbrella_length: `regret`, memory_len: `perfect`; discounting_chain: the return)."""
-        exp = self._experiment(bsuite_id)
+        exp = self.experiment(bsuite_id)
         needed = {"deep_sea": ("bad", bad), "umbrella_length": ("regret", regret),
                   "memory_len": ("perfect", perfect)}.get(exp.name)
         if needed is not None and needed[1] is None:
@@ -268,25 +270,38 @@ class BsuiteEpisodeLog:
             perfect=info.get("episode_perfect"),
         )
 
+    def bsuite_ids(self) -> list[str]:
+        """The bsuite ids with at least one logged episode, in the order they were first logged."""
+        return list(self._records)
+
+    def scores_next_episode(self, bsuite_id: str) -> bool:
+        """Whether one more episode of ``bsuite_id`` would count: False once a deep_sea run is finished
+        (solved or out of budget) or another experiment has its ``NUM_EPISODES``, since bsuite's analysis
+        reads no episode beyond that."""
+        exp = self.experiment(bsuite_id)
+        if exp.name == "deep_sea":
+            return not self.finished(bsuite_id)
+        return self.num_episodes(bsuite_id) < exp.num_episodes
+
     def num_episodes(self, bsuite_id: str) -> int:
-        rec = self._records.get(self._experiment(bsuite_id).bsuite_id)
+        rec = self._records.get(self.experiment(bsuite_id).bsuite_id)
         return len(rec["return"]) if rec else 0
 
     def solved_episode(self, bsuite_id: str) -> int | None:
         """deep_sea: the episode at which the bad fraction first dropped below 0.9, else None."""
-        exp = self._experiment(bsuite_id)
+        exp = self.experiment(bsuite_id)
         if exp.name != "deep_sea":
             raise ValueError(f"solved_episode is defined for deep_sea only; got {bsuite_id!r}")
         return self._solved_at.get(exp.bsuite_id)
 
     def solved(self, bsuite_id: str) -> bool:
         """deep_sea: solved by bsuite's rule (before episode 2^N + 100)."""
-        return deep_sea_solved(self._experiment(bsuite_id).kwargs["size"], self.solved_episode(bsuite_id))
+        return deep_sea_solved(self.experiment(bsuite_id).kwargs["size"], self.solved_episode(bsuite_id))
 
     def finished(self, bsuite_id: str) -> bool:
         """True when the run can stop: deep_sea solved or past min(2^N + 100, 10,000) episodes;
         other experiments at their NUM_EPISODES."""
-        exp = self._experiment(bsuite_id)
+        exp = self.experiment(bsuite_id)
         if exp.name == "deep_sea":
             return self.solved(bsuite_id) or self.num_episodes(bsuite_id) >= deep_sea_episode_budget(exp.kwargs["size"])
         return self.num_episodes(bsuite_id) >= exp.num_episodes

@@ -124,7 +124,7 @@ def _install_persistence(algorithm: Any) -> None:
 def bsuite_result_metrics(log: BsuiteEpisodeLog) -> dict[str, float]:
     """The log's metrics plus the finished flags (``exploration/deep_sea_finished``, ``credit/bsuite_finished``)."""
     out = log.metrics()
-    ids = list(log._records)
+    ids = log.bsuite_ids()
     deep = [i for i in ids if i.startswith("deep_sea/")]
     other = [i for i in ids if not i.startswith("deep_sea/")]
     if deep:
@@ -185,12 +185,8 @@ def make_bsuite_callback(settings: BsuiteSettings) -> type[RLlibCallback]:
             setattr(algorithm, _ATTR, log)
             for record in _flatten_items(items):
                 bsuite_id = record["bsuite_id"]
-                exp = log._experiment(bsuite_id)
-                if exp.name == "deep_sea" and log.finished(bsuite_id):
-                    continue
-                if exp.name != "deep_sea" and log.num_episodes(bsuite_id) >= exp.num_episodes:
-                    continue
-                log.add_info(bsuite_id, record)
+                if log.scores_next_episode(bsuite_id):
+                    log.add_info(bsuite_id, record)
             metrics = bsuite_result_metrics(log)
             _nest(result, metrics)
             finished = [v for k, v in metrics.items() if k.endswith("_finished")]

@@ -25,6 +25,7 @@ from algorithms.offpolicy.config import OffPolicyConfig, _check
 
 RESAMPLE_MODES = ("episode", "steps")
 EXPLORATION_MODES = ("posterior", "epsilon_greedy", "greedy")
+TARGET_ARGMAX_MODES = ("sample", "mean")
 
 
 class EVEConfig(OffPolicyConfig):
@@ -77,6 +78,9 @@ class EVEConfig(OffPolicyConfig):
         self.target_sampling: bool = True
         """With exploration='posterior': bootstrap from a linearised posterior sample of the target network,
         drawn per update (uncertainty-carrying targets; see algorithms.eve.learner)."""
+        self.target_argmax: str = "sample"
+        """With target_sampling and double_q: which values pick the bootstrap action. sample: the posterior
+        sample's (Q_θ̂ + J δ of the online net, with the target's draw δ); mean: Q_θ̂ (zero-mean target noise)."""
         self.uncertainty_batch_size: int = 64
         """Replay states on which the epistemic std of Q (a Delta Variance) is reported each iteration."""
 
@@ -97,6 +101,7 @@ class EVEConfig(OffPolicyConfig):
         epsilon_final: float | None = NotProvided,
         epsilon_timesteps: int | None = NotProvided,
         target_sampling: bool | None = NotProvided,
+        target_argmax: str | None = NotProvided,
         uncertainty_batch_size: int | None = NotProvided,
         **kwargs: Any,
     ) -> EVEConfig:
@@ -116,6 +121,8 @@ class EVEConfig(OffPolicyConfig):
         _check(0.0 <= float(self.fisher_decay) < 1.0, "fisher_decay", self.fisher_decay, "a number in [0, 1)")
         _check(self.perturbation in ("linearised", "parameters"), "perturbation", self.perturbation,
                "linearised, parameters")
+        _check(self.target_argmax in TARGET_ARGMAX_MODES, "target_argmax", self.target_argmax,
+               ", ".join(TARGET_ARGMAX_MODES))
         _check(self.resample in RESAMPLE_MODES, "resample", self.resample, ", ".join(RESAMPLE_MODES))
         for key in ("resample_every", "uncertainty_batch_size"):
             v = getattr(self, key)

@@ -6,18 +6,30 @@ Per update (``compute_loss_for_module``), on a replay batch of B transitions:
 2. targets G_b = R_b + d_b · Q_targ(s'_b, argmax_a Q_θ(s'_b, a)) (double Q; ``double_q``) from the
    replay's n-step fields, and the loss −log N(G; Q_θ(s, a), σ²) (:func:`losses.return_density_nll`);
 3. with exploration="posterior": the batch Fisher f_t = Σ_b (∇_θQ_θ(s_b, a_b))² / (B σ²) at the current
-   θ (:func:`losses.linear_squared_gradient_sum`), folded into the running estimate
+   θ (:func:`algorithms.uncertainty.fast.mean_sq_grad_fast`, one extra backward
+   pass on the same forward pass), folded into the running estimate
    (:class:`algorithms.uncertainty.RunningDiagonalFisher`, EMA), and written with N = transitions
    inserted into the module's buffers ``fisher_diag`` and ``num_data`` (they reach the env runners with
    the weights).
 
 With ``target_sampling`` (and exploration="posterior") each update bootstraps from a linearised posterior
-sample of the target network, Q̃(s', a) = Q_targ(s', a) + ∇_θQ_targ(s', a)ᵀ δ with δ = (N·diag F + λ)^{-1/2} ⊙ ε
-(ε from the learner's seeded generator; :func:`losses.linearised_q_sample`): zero-mean noise whose variance
-is the Delta Variance of Q(s', a), so G = r + γ max_a Q̃(s', a) is optimistic by about the epistemic std
-of the next state, and Q-learning carries that uncertainty back along trajectories (as randomised value
-functions do, Osband et al. 2016). Perturbing the target network's weights directly instead shifts the
-mean of a ReLU network's output as well, which on deep_sea made the targets pessimistic.
+sample of the Q-function, drawn per update: δ = (N·diag F + λ)^{-1/2} ⊙ ε (ε from the learner's seeded
+generator) perturbs the target network's values, Q̃_targ(s', a) = Q_targ(s', a) + ∇_θQ_targ(s', a)ᵀ δ
+(:func:`losses.linearised_q_perturbation`; targets by :func:`losses.sampled_q_targets`), and, with ``target_argmax="sample"`` (default), the same draw
+perturbs the online values that pick the bootstrap action under double Q-learning,
+a* = argmax_a [Q_θ(s', a) + ∇_θQ_targ(s', a)ᵀ δ]. The target is then the Q-learning target of one posterior
+sample of Q, G = r + γ Q̃_targ(s', a*), whose mean is above r + γ Q_targ(s', argmax_a Q_θ(s', a)) by about the
+epistemic std of the next state's action values (the expected maximum of the sampled values); Q-learning
+carries that optimism back along trajectories, so the mean Q prefers actions leading to less-known states
+(as the targets of randomised value functions and bootstrapped ensembles do, Osband et al. 2016, 2018).
+Why this is the default: with ``target_argmax="mean"`` (the action picked by Q_θ alone) the target noise
+has mean zero, no uncertainty reaches the Q values of well-visited states, and acting there is decided by
+learning noise: on deep_sea-10 seed 1 the first state's action gap settled at -0.017 ± 0.015 (posterior
+std) with the reward found once, and the run failed; with "sample" seeds 0, 1, 2 solve it (issue 5 report).
+A diagonal posterior gives each rarely visited input its own independent noise but no correlation along
+a chain of states, so the per-episode samples alone do not explore deeply; the propagated optimism does.
+Perturbing the target network's weights directly instead shifts the mean of a ReLU network's output as
+well, which on deep_sea made the targets pessimistic.
 
 ``uncertainty_stats()`` (once per iteration): the epistemic std of Q, sqrt(∇_θQᵀ (N·diag F + λ)⁻¹ ∇_θQ)
 (a Delta Variance) on ``uncertainty_batch_size`` replay states at their greedy action, and the
@@ -33,14 +45,14 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from torch import Tensor
 
 from algorithms.eve.losses import (
-    linear_squared_gradient_sum,
-    linearised_q_sample,
+    linearised_q_perturbation,
     nstep_q_targets,
     posterior_std_stats,
     q_epistemic_variance,
     q_gradients,
     q_value_stats,
     return_density_nll,
+    sampled_q_targets,
 )
 from algorithms.offpolicy.learner import OffPolicyLearner
 from algorithms.uncertainty import RunningDiagonalFisher, module_fn, module_params
@@ -65,25 +77,33 @@ class EVELearner(OffPolicyLearner):
         module = self.module[module_id].unwrapped()
         obs, actions = batch["obs"].float(), batch["action"].long()
         if self.track_posterior:
-            sq_sum, q = linear_squared_gradient_sum(module.q, obs, actions)
-            # RunningDiagonalFisher.update squares and averages its rows: one row sqrt(Σ_b g_b² / B)
-            # gives exactly f_t = Σ_b g_b² / (B σ²).
-            self.fisher.update((sq_sum.detach() / obs.shape[0]).sqrt().unsqueeze(0))
+            # One forward pass serves the Fisher and the loss: Q_θ(s, ·) is captured and the Fisher's
+            # backward pass (uncertainty.fast, per-layer sums of squared per-example gradients) keeps its graph.
+            captured: dict[str, Tensor] = {}
+
+            def q_taken_fn(net: torch.nn.Module) -> Tensor:
+                captured["q"] = net(obs)
+                return captured["q"].gather(1, actions.unsqueeze(1)).squeeze(1)
+
+            self.fisher.update_from_module(module.q, q_taken_fn, retain_graph=True)
+            q = captured["q"]
             module.fisher_diag.copy_(self.fisher.fisher)
             module.num_data.fill_(float(self.replay.num_transitions))
         else:
             q = module.q(obs)
         q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
         boot = batch["bootstrap_obs"].float()
+        with torch.no_grad():
+            next_online = module.q(boot) if config.double_q else None
         if self.track_posterior and config.target_sampling:
             std = self.fisher.covariance(float(self.replay.num_transitions)).sqrt()
             eps = torch.randn(std.shape, generator=self.generator, device=self.generator.device).to(std)
-            next_target = linearised_q_sample(module.target_q, boot, float(config.posterior_scale) * std * eps)
+            q_targ, noise = linearised_q_perturbation(module.target_q, boot, float(config.posterior_scale) * std * eps)
+            targets = sampled_q_targets(batch["nstep_return"], batch["bootstrap_discount"], q_targ, noise,
+                                        next_online, argmax=config.target_argmax)
         else:
             with torch.no_grad():
                 next_target = module.target_q(boot)
-        with torch.no_grad():
-            next_online = module.q(boot) if config.double_q else None
             targets = nstep_q_targets(batch["nstep_return"], batch["bootstrap_discount"], next_target, next_online)
         loss, stats = return_density_nll(q_taken, targets, float(config.noise_var))
         self.record(module_id, **stats, **q_value_stats(q.detach()))

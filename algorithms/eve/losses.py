@@ -20,7 +20,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from algorithms.uncertainty import Params, apply_covariance, per_example_jacobian, unflatten_like
+from algorithms.uncertainty import Params, apply_covariance, per_example_jacobian
+from algorithms.uncertainty.fast import linearised_forward
 
 
 def return_density_nll(q_taken: Tensor, returns: Tensor, noise_var: float) -> tuple[Tensor, dict[str, Tensor]]:
@@ -67,6 +68,34 @@ def nstep_q_targets(
     return (nstep_return + bootstrap_discount * boot).detach()
 
 
+def sampled_q_targets(
+    nstep_return: Tensor,
+    bootstrap_discount: Tensor,
+    next_q_target: Tensor,
+    noise: Tensor,
+    next_q_online: Tensor | None = None,
+    argmax: str = "sample",
+) -> Tensor:
+    """Q-learning targets of a (linearised) posterior sample of Q, detached [B]:
+
+        Q̃_targ(s'_b, ·) = Q_targ(s'_b, ·) + ε_b        (ε_b = J_b δ: ``noise`` [B, A])
+        G_b = R_b + d_b · Q̃_targ(s'_b, a*_b)
+
+    with a*_b = argmax_a Q̃_targ(s'_b, a) when ``next_q_online`` is None, else (double Q-learning) the argmax
+    of the online values perturbed by the same draw, Q_θ(s'_b, ·) + ε_b (``argmax="sample"``), or of the
+    unperturbed Q_θ(s'_b, ·) (``argmax="mean"``). With "sample" the selection sees the noise, so E[G] exceeds
+    the unperturbed target by E[max] of the noisy values: for two equal values with independent N(0, s²)
+    noise by s/√π. With "mean" the noise has mean zero in G.
+    """
+    if argmax not in ("sample", "mean"):
+        raise ValueError(f"argmax={argmax!r} is not supported; allowed values: ('sample', 'mean')")
+    if noise.shape != next_q_target.shape:
+        raise ValueError(f"noise {tuple(noise.shape)} and next_q_target {tuple(next_q_target.shape)} differ")
+    if next_q_online is not None and argmax == "sample":
+        next_q_online = next_q_online + noise
+    return nstep_q_targets(nstep_return, bootstrap_discount, next_q_target + noise, next_q_online)
+
+
 def q_of_action_fn(q_fn: Callable[[Params, Tensor], Tensor]) -> Callable[[Params, Tensor, Tensor], Tensor]:
     """u_θ(s, a) = Q_θ(s)[a] for ONE (s, a), from ``q_fn(params, s) -> [A]`` (for per-example Jacobians).
 
@@ -88,85 +117,22 @@ def q_gradients(
     return jac[:, 0, :]
 
 
-def linear_squared_gradient_sum(
-    network: torch.nn.Module, obs: Tensor, actions: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Σ_b (∇_θ Q_θ(s_b, a_b))² [P] (elementwise square, flat layout of ``named_parameters``) in one
-    forward and one backward pass, for networks whose parameters all sit in ``nn.Linear`` layers and
-    elementwise-affine ``nn.LayerNorm`` layers. Also returns Q_θ(s_b, ·) [B, A] with its graph (so a
-    loss can reuse the forward pass).
-
-    Why it is exact: example b's output depends only on its own activations, so the gradient of
-    Σ_b Q_b with respect to layer output y_b is the per-example ∂Q_b/∂y_b =: δ_b. A Linear layer
-    y = W x + c has per-example gradients δ_b x_bᵀ (W) and δ_b (c), so
-        Σ_b (∂Q_b/∂W)² = (δ²)ᵀ (x²),   Σ_b (∂Q_b/∂c)² = Σ_b δ_b²
-    (the "sum of squared gradients" of Dangel et al. 2020, BackPACK); a LayerNorm y = γ ⊙ x̂ + β gives
-    Σ_b (δ_b ⊙ x̂_b)² and Σ_b δ_b². Cost: one extra backward pass, whatever B is.
-    """
-    layers = [(n, m) for n, m in network.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.LayerNorm)]
-    owned = {f"{n}.{k}" if n else k for n, m in layers for k, _ in m.named_parameters(recurse=False)}
-    names = [n for n, p in network.named_parameters() if p.requires_grad]
-    if set(names) - owned:
-        raise ValueError(
-            f"linear_squared_gradient_sum supports Linear/LayerNorm parameters only; found {sorted(set(names) - owned)}"
-        )
-    inputs: dict[str, Tensor] = {}
-    outputs: dict[str, Tensor] = {}
-
-    def hook(name: str):
-        def fn(module: torch.nn.Module, args: tuple, out: Tensor) -> None:
-            x = args[0]
-            if isinstance(module, torch.nn.LayerNorm):
-                x = torch.nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
-            inputs[name] = x.detach()
-            outputs[name] = out
-
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers]
-    try:
-        with torch.enable_grad():
-            q = network(obs)
-            q_taken = q.gather(1, actions.long().reshape(-1, 1)).squeeze(1)
-            order = [n for n, _ in layers]
-            deltas = torch.autograd.grad(q_taken.sum(), [outputs[n] for n in order], allow_unused=True,
-                                         retain_graph=True)
-    finally:
-        for h in handles:
-            h.remove()
-    sq: dict[str, Tensor] = {}
-    for (name, module), delta in zip(layers, deltas, strict=True):
-        prefix = f"{name}." if name else ""
-        if delta is None:
-            delta = torch.zeros_like(outputs[name])
-        d2 = delta.detach().reshape(-1, delta.shape[-1]).square()
-        x = inputs[name].reshape(-1, inputs[name].shape[-1])
-        if isinstance(module, torch.nn.Linear):
-            sq[prefix + "weight"] = d2.T @ x.square()
-        elif module.weight is not None:
-            sq[prefix + "weight"] = (d2 * x.square()).sum(0)
-        if getattr(module, "bias", None) is not None:
-            sq[prefix + "bias"] = d2.sum(0)
-    flat = torch.cat([sq[n].reshape(-1) for n in names])
-    return flat, q
+def linearised_q_perturbation(network: torch.nn.Module, obs: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """(Q_θ̂(s_b, ·), J_b δ) [B, A] each, with J_b = ∂Q_θ(s_b, ·)/∂θ at θ̂ and δ [P] a parameter perturbation
+    (flat ``named_parameters`` order), in one forward-mode pass, detached
+    (:func:`algorithms.uncertainty.fast.linearised_forward`: by hand for MLPs, else ``torch.func.jvp``)."""
+    return linearised_forward(network, obs, delta)
 
 
 def linearised_q_sample(network: torch.nn.Module, obs: Tensor, delta: Tensor) -> Tensor:
-    """Q of a linearised posterior sample, Q_θ̂(s_b, ·) + J_b δ [B, A] with J_b = ∂Q_θ(s_b, ·)/∂θ at θ̂ and
-    δ [P] a parameter perturbation (flat ``named_parameters`` order), by one forward-mode pass (jvp).
+    """Q of a linearised posterior sample, Q_θ̂(s_b, ·) + J_b δ [B, A] (:func:`linearised_q_perturbation`).
 
     For δ ~ N(0, Σ) each Q(s_b, a) is Gaussian with mean Q_θ̂(s_b, a) and variance J Σ Jᵀ, the Delta
     Variance (Schmitt et al. 2025): the sample has the posterior's spread and none of the mean shift that
     perturbing a nonlinear network's weights adds. Exact (equal to Q_{θ̂+δ}) for networks linear in θ.
     """
-    params = {k: v.detach() for k, v in network.named_parameters()}
-    tangents = unflatten_like(delta.to(next(iter(params.values()))), params)
-
-    def fn(p: Params) -> Tensor:
-        return torch.func.functional_call(network, p, (obs,))
-
-    q, dq = torch.func.jvp(fn, (params,), (tangents,))
-    return (q + dq).detach()
+    q, dq = linearised_q_perturbation(network, obs, delta)
+    return q + dq
 
 
 def q_epistemic_variance(q_grads: Tensor, covariance: Tensor, params: Params) -> Tensor:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from algorithms.networks.builders import MLP, RMSNorm
 from algorithms.uncertainty.params import Params, as_flat
 
 FAST_LAYERS = (nn.Linear, nn.LayerNorm)
@@ -30,10 +31,13 @@ Forward = Callable[[nn.Module], Tensor]
 ``lambda m: m(obs).gather(1, actions[:, None])[:, 0]`` for Q(s, a)."""
 
 
-def _layer_terms(module: nn.Module, forward: Forward) -> tuple[list[str], int, bool, Iterator]:
+def _layer_terms(
+    module: nn.Module, forward: Forward, retain_graph: bool = False
+) -> tuple[list[str], int, bool, Iterator]:
     """Runs ``forward`` with hooks; returns the trainable parameter names, B, whether u is [B] (scalar per
     example) and an iterator over the K outputs of {param name: (kind, g [B, out], x or x̂ [B, in])}, kind
-    one of "weight_linear", "weight_norm", "bias"."""
+    one of "weight_linear", "weight_norm", "bias". ``retain_graph`` keeps forward's graph after the last
+    backward pass (so a loss can reuse the same forward pass)."""
     owners = dict(module.named_modules())
     names = [name for name, p in module.named_parameters() if p.requires_grad]
     if not names:
@@ -76,7 +80,7 @@ def _layer_terms(module: nn.Module, forward: Forward) -> tuple[list[str], int, b
         num_out = outputs.shape[1]
         for k in range(num_out):
             grads = torch.autograd.grad(outputs[:, k].sum(), [captured[n][0][1] for n in layer_names],
-                                        retain_graph=k + 1 < num_out, allow_unused=True)
+                                        retain_graph=retain_graph or k + 1 < num_out, allow_unused=True)
             by_layer = {}
             for n, g in zip(layer_names, grads, strict=True):
                 g = torch.zeros_like(captured[n][0][1]) if g is None else g.detach()
@@ -92,9 +96,15 @@ def _layer_terms(module: nn.Module, forward: Forward) -> tuple[list[str], int, b
     return names, outputs.shape[0], u.dim() == 1, per_output()
 
 
-def mean_sq_grad_fast_with_batch(module: nn.Module, forward: Forward) -> tuple[Tensor, int]:
-    """:func:`mean_sq_grad_fast` and the batch size B."""
-    names, batch, _, per_output = _layer_terms(module, forward)
+def mean_sq_grad_fast_with_batch(
+    module: nn.Module, forward: Forward, *, retain_graph: bool = False
+) -> tuple[Tensor, int]:
+    """:func:`mean_sq_grad_fast` and the batch size B.
+
+    With ``retain_graph`` the graph of ``forward``'s outputs survives, so a caller that keeps them (e.g.
+    Q_θ(s, ·) captured inside ``forward``) can backpropagate a loss through the same forward pass: the
+    diagonal Fisher costs one extra backward pass per output and no extra forward pass (EVE's learner)."""
+    names, batch, _, per_output = _layer_terms(module, forward, retain_graph)
     params = dict(module.named_parameters())
     sums = {name: torch.zeros_like(params[name]) for name in names}
     for terms in per_output:
@@ -150,3 +160,101 @@ def delta_variance_fast(module: nn.Module, forward: Forward, covariance: Tensor 
         columns.append(var)
     out = torch.stack(columns, dim=1)
     return out[:, 0] if scalar else out
+
+
+# -- forward mode: J δ for MLPs ----------------------------------------------------------------------
+def _leaf_sequence(module: nn.Module) -> list[nn.Module] | None:
+    """The leaf modules of ``module`` in execution order when it is a plain chain (nn.Sequential or
+    ModuleList of chains, or a network with ``blocks`` then ``output`` as built by
+    :func:`algorithms.networks.build_mlp`), else None."""
+    if isinstance(module, MLP):
+        seq = [leaf for block in module.blocks for leaf in (_leaf_sequence(block) or [None])]
+        if module.output is not None:
+            seq.append(module.output)
+        return None if any(m is None for m in seq) else seq
+    if isinstance(module, nn.Sequential | nn.ModuleList):
+        seq = [leaf for child in module for leaf in (_leaf_sequence(child) or [None])]
+        return None if any(m is None for m in seq) else seq
+    return [module] if isinstance(module, _JVP_LEAVES) else None
+
+
+_ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.ELU, nn.GELU, nn.SiLU, nn.Identity)
+_JVP_LEAVES = (nn.Linear, nn.LayerNorm, RMSNorm, *_ELEMENTWISE)
+
+
+def _leaf_jvp(leaf: nn.Module, x: Tensor, dx: Tensor, dp: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(leaf(x), d leaf(x)) for an input tangent dx and parameter tangents dp (by local name)."""
+    if isinstance(leaf, nn.Linear):
+        y = F.linear(x, leaf.weight, leaf.bias)
+        dy = F.linear(dx, leaf.weight) + F.linear(x, dp["weight"], dp.get("bias"))
+        return y, dy
+    if isinstance(leaf, nn.Identity):
+        return x, dx
+    if isinstance(leaf, nn.ReLU):
+        mask = x > 0
+        return x * mask, dx * mask
+    if isinstance(leaf, nn.Tanh):
+        y = torch.tanh(x)
+        return y, dx * (1 - y * y)
+    if isinstance(leaf, nn.LayerNorm):
+        if len(leaf.normalized_shape) != 1:
+            raise ValueError("the forward-mode fast path supports LayerNorm over the last dimension only")
+        mu = x.mean(-1, keepdim=True)
+        inv = torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + leaf.eps)
+        xhat = (x - mu) * inv
+        dxhat = inv * (dx - dx.mean(-1, keepdim=True) - xhat * (dx * xhat).mean(-1, keepdim=True))
+        if leaf.weight is None:
+            return xhat, dxhat
+        y = xhat * leaf.weight + (leaf.bias if leaf.bias is not None else 0.0)
+        dy = dxhat * leaf.weight + xhat * dp["weight"] + (dp["bias"] if leaf.bias is not None else 0.0)
+        return y, dy
+    if isinstance(leaf, RMSNorm):
+        if len(leaf.shape) != 1:
+            raise ValueError("the forward-mode fast path supports RMSNorm over the last dimension only")
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + leaf.eps)
+        dr = -(r**3) * (x * dx).mean(-1, keepdim=True)
+        y = leaf.weight * x * r + leaf.bias
+        dy = dp["weight"] * x * r + leaf.weight * (dx * r + x * dr) + dp["bias"]
+        return y, dy
+    # other elementwise activations: their own jvp (no parameters)
+    return torch.func.jvp(leaf, (x,), (dx,))
+
+
+def linearised_forward(module: nn.Module, x: Tensor, tangent: Tensor | Params) -> tuple[Tensor, Tensor]:
+    """(f_θ(x), J_θ f_θ(x) · δ): the output and its directional derivative along a parameter perturbation δ,
+    i.e. the first-order (linearised) change f_{θ+δ}(x) − f_θ(x) ≈ J δ, without building a graph.
+
+    ``tangent`` is δ as a [P] vector in ``named_parameters()`` order or a dict by parameter name. For chains
+    of ``nn.Linear``, ``nn.LayerNorm``, the project's RMSNorm and elementwise activations (e.g. networks from
+    :func:`algorithms.networks.build_mlp`) the tangent is pushed through layer by layer by hand
+    (Linear: dy = dx Wᵀ + x δWᵀ + δb; ReLU: dy = dx ⊙ 1[x > 0]; LayerNorm with x̂ = (x − μ)/s:
+    dx̂ = (dx − mean(dx) − x̂ ⊙ mean(dx ⊙ x̂))/s, dy = γ ⊙ dx̂ + δγ ⊙ x̂ + δβ), which costs about two
+    forward passes; any other module goes through ``torch.func.jvp`` (same values, more overhead).
+    """
+    params = {name: p for name, p in module.named_parameters()}
+    if isinstance(tangent, dict):
+        tangents = tangent
+    else:
+        flat = tangent.reshape(-1)
+        if flat.numel() != sum(p.numel() for p in params.values()):
+            raise ValueError(f"tangent has {flat.numel()} entries; the module has "
+                             f"{sum(p.numel() for p in params.values())} parameters")
+        tangents, start = {}, 0
+        for name, p in params.items():
+            tangents[name] = flat[start : start + p.numel()].view_as(p).to(p.dtype)
+            start += p.numel()
+    with torch.no_grad():
+        leaves = _leaf_sequence(module)
+        if leaves is None:
+            def fn(p: Params) -> Tensor:
+                return torch.func.functional_call(module, p, (x,))
+
+            y, dy = torch.func.jvp(fn, ({k: v.detach() for k, v in params.items()},), (tangents,))
+            return y.detach(), dy.detach()
+        prefix = {id(m): name for name, m in module.named_modules()}
+        dx = torch.zeros_like(x)
+        for leaf in leaves:
+            name = prefix[id(leaf)]
+            local = {k: tangents[f"{name}.{k}" if name else k] for k, _ in leaf.named_parameters(recurse=False)}
+            x, dx = _leaf_jvp(leaf, x, dx, local)
+        return x, dx

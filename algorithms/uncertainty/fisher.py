@@ -147,12 +147,15 @@ class RunningDiagonalFisher:
             self.moment.add_(batch_fisher - self.moment, alpha=batch_size / self.count)
         return self.fisher
 
-    def update_from_module(self, module: nn.Module, forward: Callable[[nn.Module], Tensor]) -> Tensor:
-        """:meth:`update` for MLPs via :func:`algorithms.uncertainty.fast.mean_sq_grad_fast` (no per-example gradients materialised)."""
+    def update_from_module(
+        self, module: nn.Module, forward: Callable[[nn.Module], Tensor], *, retain_graph: bool = False
+    ) -> Tensor:
+        """:meth:`update` for MLPs via :func:`algorithms.uncertainty.fast.mean_sq_grad_fast` (no per-example
+        gradients materialised); ``retain_graph`` keeps ``forward``'s graph for a loss on the same pass."""
         names = [n for n, p in module.named_parameters() if p.requires_grad]
         if names != self.names:
             raise ValueError(f"module parameters are {names}; this estimate was built for {self.names}")
-        return self.update_mean_sq_grad(*mean_sq_grad_fast_with_batch(module, forward))
+        return self.update_mean_sq_grad(*mean_sq_grad_fast_with_batch(module, forward, retain_graph=retain_graph))
 
     def update_from(self, fn: QueryFn, params: Params, inputs: Tensor | Sequence[Tensor]) -> Tensor:
         """:meth:`update` with the Jacobians of ``fn(params, *z)`` on a batch of inputs (torch.func)."""
