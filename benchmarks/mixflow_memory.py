@@ -43,11 +43,41 @@ results file and ``--summary``):
   x T) / (that part) and grows with tokens per batch and with T.
 - The outer loss's activations were a second constant (they were kept until the backward); the outer
   gradient is now taken eagerly on a detached θ_T and in microbatches, for every engine.
-- Time: MixFlow saves only inputs, so its backward recomputes the inner forward and backward once
-  more before the tangent pass; on CPU, where memory traffic is cheap, that extra work is not won
-  back, and small microbatches add per-call overhead. torch.func.jvp over torch.func.grad and plain
-  ``torch.autograd.forward_ad`` dual tensors through ``autograd.grad`` cost the same here (1.17 s vs
-  1.13 s CPU for LM T=4; reverse 0.80 s).
+- Time (``--profile``: CPU time of each piece of one inner step on one batch, rows in
+  results/mixflow_profile.jsonl). Per inner step, ``reverse`` costs the gradient with create_graph
+  (``ror_forward``) plus the VJP of that graph (``ror_backward``); MixFlow costs the plain gradient in
+  its forward (``grad``) plus the JVP of the gradient in its backward (``jvp_func``), whose primal
+  pass recomputes the inner forward and backward. Session s2 (load average 9-14 on 2 cores; CPU
+  seconds), lm_tokens in chunks of 4 sequences: grad 0.39, jvp_func 1.27 (jvp_forward_ad 1.25, so
+  torch.func itself is not the cost), ror_forward 0.32, ror_backward 0.82, a recompute plus double
+  backward 1.21; per step reverse 1.13 vs MixFlow 1.66 (1.46x; the full T = 8 step: 15.6 vs 10.5 s,
+  1.48x). The tangent part of the JVP (~0.9) costs about what reverse's double backward costs; the
+  excess is the recomputation (one more inner forward+backward per step, 0.39) that saving only
+  inputs requires, and ``aten::mm`` is 46% of the JVP's self time: the work is compute-bound. So on a
+  CPU, where ``reverse`` is limited by FLOPs and not by memory traffic, no engine that saves only its
+  inputs can reach <= 1.0x reverse: the floor is about (3F + 3F + 4F) / (3F + 4F) ~ 1.4x with F one
+  forward pass. In JAX on accelerators the reverse-over-reverse baseline is bound by memory traffic
+  and XLA fuses the primal and tangent passes; eager PyTorch on CPU has neither.
+- Small chunks are what is fixable: at ``lm`` (8 x 64 tokens) in chunks of 2 sequences the
+  per-op cost of many small calls (``_has_same_storage_numel``, ``alias``, ``view``, ``copy_``: 11% of
+  the JVP's self time in ~4,300 calls) makes the JVP 2.5x slower than on the whole batch (0.34 vs
+  0.14 s; the whole-batch double backward route: 0.12 s), while a
+  recompute plus double backward of the same chunks costs 0.21 s. ``WeightedInnerLoss(hvp="reverse")``
+  (``--hvp reverse``) gets the same products that way from the same saved inputs; larger chunks
+  (``--microbatch``) trade memory for time.
+
+Re-measured (session "s2", 2026-11-26, CPU seconds of one step, load average 9-43 on 2 cores, so
+wall time is not meaningful; memory is the allocator's peak, independent of load):
+- lm_tokens T = 8 (4096 tokens, SGD): reverse 1810 MB / 10.5 s; mixflow 170 MB (10.6x less) / 15.6 s
+  (1.48x); mixflow_remat 94 MB (19.2x less) / 18.5 s (1.76x). The >= 10x memory goal holds here.
+- lm T = 8 (512 tokens, SGD): reverse 212 MB / 1.41 s; mixflow 49 MB (4.4x) / 3.10 s (2.2x);
+  mixflow_remat 43 MB (5.0x) / 3.91 s (2.8x). With so few tokens the per-step parameter-sized tensors
+  and the JVP transient are a large share, and the chunks of 2 sequences pay per-op costs.
+- lm T = 8 with an Adam inner optimiser: reverse 287 MB / 1.70 s; mixflow 122 MB (2.4x) / 3.12 s
+  (1.84x); mixflow_remat 84 MB (3.4x) / 4.14 s (2.4x) (Adam's elementwise intermediates are saved
+  per step by plain mixflow; mixflow_remat drops them).
+- T = 32 at 4096 tokens was not measured (about 9 CPU minutes for the three engines; reverse would
+  need ~7 GB).
 
 One JSON line per (model, T, engine, opt) is printed as it is measured and appended to
 benchmarks/results/mixflow_memory.jsonl; configurations already in that file are skipped.
@@ -134,6 +164,10 @@ def measure_one(cfg: dict) -> dict:
 
     torch.set_num_threads(cfg.get("threads", 1))
     inner, outer, theta, eta, batch = build_problem(cfg["model"], microbatch=cfg.get("microbatch") or None)
+    if cfg.get("hvp"):
+        import dataclasses
+
+        inner = dataclasses.replace(inner, hvp=cfg["hvp"])
     opt = make_inner_optimizer(cfg["opt"], 0.1 if cfg["opt"] == "sgd" else 1e-3)
     T = cfg["T"]
     batches, out_batch = [batch() for _ in range(T)], batch()
@@ -275,7 +309,8 @@ MICROBATCH = {"mlp": 64, "lm": 2, "lm_tokens": 4}
 
 def key(cfg: dict) -> tuple:
     """A measured row's identity; ``session`` tells re-measurements apart (None for the first ones)."""
-    return (cfg["model"], cfg["T"], cfg["engine"], cfg["opt"], cfg["microbatch"], cfg.get("session"))
+    return (cfg["model"], cfg["T"], cfg["engine"], cfg["opt"], cfg["microbatch"], cfg.get("session"),
+            cfg.get("hvp", "forward"))
 
 
 def summary(path: Path) -> list[dict]:
@@ -290,7 +325,7 @@ def summary(path: Path) -> list[dict]:
             continue
         out.append({
             "model": r["model"], "T": r["T"], "opt": r["opt"], "engine": r["engine"], "microbatch": r["microbatch"],
-            "session": r.get("session"), "cpu_time_s": round(r["cpu_time_s"], 2),
+            "session": r.get("session"), "hvp": r.get("hvp", "forward"), "cpu_time_s": round(r["cpu_time_s"], 2),
             "peak_MB": round(r["peak_live_bytes"] / 1e6, 1),
             "memory_saving_vs_reverse": round(base["peak_live_bytes"] / r["peak_live_bytes"], 2),
             "cpu_time_vs_reverse": round(r["cpu_time_s"] / base["cpu_time_s"], 2),
@@ -312,6 +347,8 @@ def main() -> None:
                     help="tag of a re-measurement (rows with another tag, or none, are not skipped)")
     ap.add_argument("--microbatch", type=int, default=None, help="override the model's default chunk size")
     ap.add_argument("--no-whole-batch", action="store_true")
+    ap.add_argument("--hvp", choices=["forward", "reverse"], default=None,
+                    help="MixFlow backward products: forward-over-reverse (default) or reverse-over-reverse")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--profile", help="JSON config (model, microbatch, reps): CPU time per component of one "
                     "inner step (profile_components); appended to benchmarks/results/mixflow_profile.jsonl")
@@ -347,6 +384,8 @@ def main() -> None:
                            "reps": args.reps}
                     if args.session:
                         cfg["session"] = args.session
+                    if args.hvp and engine.startswith("mixflow"):
+                        cfg["hvp"] = args.hvp
                     if key(cfg) in done:
                         continue
                     proc = subprocess.run(

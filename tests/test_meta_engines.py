@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import pytest
@@ -115,6 +116,10 @@ def test_engines_agree(problem, opt_name, T):
     for e in ("mixflow", "mixflow_remat"):
         results[e + "_mb3"] = meta_gradient(inner_mb, outer_mb, opt, theta, opt.init(theta), eta, batches,
                                             out_batch, e)
+    # The same MixFlow structure with its products by reverse-over-reverse on the recomputed chunk.
+    results["mixflow_hvp_reverse_mb3"] = meta_gradient(
+        dataclasses.replace(inner_mb, hvp="reverse"), outer_mb, opt, theta, opt.init(theta), eta, batches,
+        out_batch, "mixflow")
     # A plain callable (no per-example structure) goes through the generic MixFlow gradient wrapper.
     results["mixflow_generic"] = meta_gradient(
         lambda p, m, b: inner(p, m, b), lambda p, b: outer(p, b), opt, theta, opt.init(theta), eta, batches,

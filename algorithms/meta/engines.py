@@ -24,6 +24,9 @@ them and what they keep alive between the forward and the backward pass:
   i.e. one forward-mode JVP of θ ↦ (∇_θL, ∇_ηL) in the cotangent direction v (forward-over-reverse,
   ``torch.func.jvp`` over ``torch.func.grad``). Ordinary autograd differentiates the optimiser's
   elementwise update Υ around it (which saves a few |θ|-sized tensors per step for Adam).
+  With a :class:`WeightedInnerLoss` whose ``hvp="reverse"``, the same backward gets these products
+  by reverse-over-reverse on the recomputed chunk instead (same saved tensors, same numbers; cheaper in
+  eager PyTorch on CPU for small chunks).
 - ``mixflow_remat``: MixFlow-MG combined with per-step rematerialisation ("combine with remat"): the
   step Function saves (θ_t, s_t, η) only and its backward recomputes the update around the MixFlow
   gradient, so not even the optimiser's intermediates are kept across steps.
@@ -103,6 +106,16 @@ class WeightedInnerLoss:
     """w(η; b) -> [B]."""
     microbatch: int | None = None
     """Examples per chunk in the MixFlow forward and backward (None: the whole batch)."""
+    hvp: str = "forward"
+    """How the MixFlow backward gets (vᵀ∂g/∂θ, vᵀ∂g/∂w) from the saved inputs: ``forward`` =
+    forward-over-reverse (torch.func.jvp of the gradient; MixFlow-MG proper), ``reverse`` =
+    reverse-over-reverse on the recomputed chunk (gradient with ``create_graph``, then its VJP). Same
+    numbers and the same saved tensors; ``reverse`` is faster in PyTorch eager on CPU (see
+    benchmarks/mixflow_memory.py), with a transient of one chunk's double-backward graph."""
+
+    def __post_init__(self) -> None:
+        if self.hvp not in ("forward", "reverse"):
+            raise ValueError(f"WeightedInnerLoss hvp={self.hvp!r}: allowed values are 'forward', 'reverse'")
 
     def __call__(self, params: Params, meta: Meta, batch: Any) -> Tensor:
         return (self.weights(meta, batch) * self.per_example_loss(params, batch)).sum()
@@ -216,6 +229,15 @@ class _MixFlowWeightedGrad(torch.autograd.Function):
         hv, dw = None, []
         for a, b in _chunks(w.shape[0], loss.microbatch):
             chunk, w_c = slice_batch(batch, a, b), w[a:b]
+            if loss.hvp == "reverse":
+                with torch.enable_grad():
+                    p = tuple(t.detach().requires_grad_() for t in params)
+                    wc = w_c.detach().requires_grad_()
+                    g = torch.autograd.grad((wc * loss.per_example_loss(p, chunk)).sum(), p, create_graph=True)
+                    *hv_c, dl_c = torch.autograd.grad(g, (*p, wc), cotangents, materialize_grads=True)
+                hv = tuple(hv_c) if hv is None else tuple(x + y for x, y in zip(hv, hv_c, strict=True))
+                dw.append(dl_c)
+                continue
 
             def weighted(p: Params, chunk=chunk, w_c=w_c) -> tuple[Tensor, Tensor]:
                 losses = loss.per_example_loss(p, chunk)
