@@ -66,7 +66,7 @@ results file and ``--summary``):
   (``--hvp reverse``) gets the same products that way from the same saved inputs; larger chunks
   (``--microbatch``) trade memory for time.
 
-Re-measured (session "s2", 2026-11-26, CPU seconds of one step, load average 9-43 on 2 cores, so
+Re-measured (session "s2", 2026-11-26, CPU seconds of one step, load average 3-43 on 2 cores, so
 wall time is not meaningful; memory is the allocator's peak, independent of load):
 - lm_tokens T = 8 (4096 tokens, SGD): reverse 1810 MB / 10.5 s; mixflow 170 MB (10.6x less) / 15.6 s
   (1.48x); mixflow_remat 94 MB (19.2x less) / 18.5 s (1.76x). The >= 10x memory goal holds here.
@@ -76,8 +76,14 @@ wall time is not meaningful; memory is the allocator's peak, independent of load
 - lm T = 8 with an Adam inner optimiser: reverse 287 MB / 1.70 s; mixflow 122 MB (2.4x) / 3.12 s
   (1.84x); mixflow_remat 84 MB (3.4x) / 4.14 s (2.4x) (Adam's elementwise intermediates are saved
   per step by plain mixflow; mixflow_remat drops them).
-- T = 32 at 4096 tokens was not measured (about 9 CPU minutes for the three engines; reverse would
-  need ~7 GB).
+- lm_tokens T = 32 (load 3-9): reverse 7004 MB / 46.5 s; mixflow 483 MB (14.5x less) / 68.4 s (1.47x;
+  it keeps the rater's small graph per step, ~13 MB here); mixflow_remat 140 MB (49.9x less) / 74.8 s
+  (1.61x).
+- ``--hvp reverse`` (the MixFlow backward's products by recompute plus double backward, load ~4):
+  lm T = 8 mixflow 42 MB (5.0x) / 2.33 s (1.66x, from 2.2x), mixflow_remat 36 MB (5.9x) / 2.57 s;
+  lm_tokens T = 8 mixflow 150 MB (12.1x) / 14.0 s (1.33x, from 1.48x). The reverse rows these
+  ratios divide by were measured at load 12-43, which inflates CPU time too; session "s3" repeats
+  the T = 8 rows back to back at one load where it finished.
 
 One JSON line per (model, T, engine, opt) is printed as it is measured and appended to
 benchmarks/results/mixflow_memory.jsonl; configurations already in that file are skipped.
