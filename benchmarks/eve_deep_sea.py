@@ -14,7 +14,8 @@ resumes; --force measures again):
   deep_sea by bsuite's rule (running fraction of bad episodes < 0.9 before episode 2^N + 100; the run
   stops when solved or after min(2^N + 100, 10,000) episodes), for EVE and the baseline, one seed.
   The baseline runs first. Sizes go up until an agent fails a size (or --max-size, or --deadline-min); the summary line
-  ``largest_solved`` gives the largest size solved with every smaller size solved too.
+  ``largest_solved`` gives the largest size solved with every smaller size solved too (also written
+  when the deadline stops the climb; ``complete`` is false then: a larger size may still be solved).
 Every line records the load average (1, 5, 15 min); throughput lines also give CPU-time rates
 (``env_steps_per_cpu_s``, driver process) and the ratios on CPU time, which depend less on the load.
 
@@ -80,8 +81,8 @@ def dqn_config(env: str, seed: int) -> Any:
     return (DQNConfig().environment(env).env_runners(num_env_runners=0, rollout_fragment_length=1)
             .debugging(seed=seed)
             .training(train_batch_size_per_learner=BATCH, training_intensity=float(BATCH),
-                      num_steps_sampled_before_learning_starts=100, lr=1e-3,
-                      model_config={"fcnet_hiddens": [64, 64]})
+                      num_steps_sampled_before_learning_starts=100, lr=1e-3)
+            .rl_module(model_config={"fcnet_hiddens": [64]})
             .reporting(min_sample_timesteps_per_iteration=1000))
 
 
@@ -158,11 +159,11 @@ def measure_deep_sea(max_size: int, seed: int, deadline: float, force: bool) -> 
                 continue
             if time.time() > deadline:
                 print(f"deadline reached before {key}", flush=True)
-                return
+                break
             out = solve_deep_sea(exploration, index, seed, deadline)
-            if not out["finished"]:
+            if not out["finished"]:  # not a result: the size was neither solved nor out of budget
                 print(f"deadline reached during {key}: {out}", flush=True)
-                return
+                break
             _write({"key": key, "bench": "deep_sea", "algo": name, "exploration": exploration, "seed": seed, **out})
             lines.append({"key": key, **out})
             if not out["solved"]:
@@ -174,9 +175,12 @@ def measure_deep_sea(max_size: int, seed: int, deadline: float, force: bool) -> 
         while solved.get(n):
             largest, n = n, n + 2
         tried = sorted(solved)
-        _write({"key": f"largest_solved/{name}/seed{seed}/{len(tried)}", "bench": "largest_solved", "algo": name,
-                "seed": seed, "largest_solved": largest, "sizes_tried": tried,
-                "first_failed": next((s for s in tried if not solved[s]), None)})
+        first_failed = next((s for s in tried if not solved[s]), None)
+        key = f"largest_solved/{name}/seed{seed}/{len(tried)}"
+        if key not in _done_keys(False):
+            _write({"key": key, "bench": "largest_solved", "algo": name, "seed": seed, "largest_solved": largest,
+                    "sizes_tried": tried, "first_failed": first_failed,
+                    "complete": first_failed is not None or (bool(tried) and max(tried) >= max_size)})
 
 
 def main() -> None:
