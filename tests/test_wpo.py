@@ -110,6 +110,22 @@ def test_cube_root_squashing():
     assert torch.allclose(L.cube_root(x), torch.tensor([-2.0, 0.0, 3.0]))
 
 
+def test_action_penalty_gradient_and_its_effect_on_the_mean_update():
+    a = torch.tensor([-3.0, -1.0, 0.2, 1.0, 1.5])
+    assert torch.equal(L.out_of_bounds_grad(a), torch.tensor([4.0, 0.0, 0.0, 0.0, -1.0]))
+    # Through the policy loss: with dQ = 0 and the penalty only, the Fisher-preconditioned mean update is
+    # Δμ ∝ σ²·mean_n c·(−2)(a_n − clip(a_n)); a mean far above the bound is pushed back down.
+    mean = torch.tensor([[3.0]], requires_grad=True)
+    std = torch.tensor([[0.5]])
+    actions = torch.tensor([[[2.5]], [[3.5]]])  # N=2, B=1, D=1, both outside
+    grad_q = 0.1 * L.out_of_bounds_grad(actions)
+    mp, sp = L.fisher_preconditioned(mean, std)
+    loss, _ = L.wpo_policy_loss(L.gaussian_grad_log_prob(actions, mp, sp), grad_q)
+    loss.backward()
+    # ∂loss/∂μ = −Σ_n σ²·(1/σ²)·dQ_n = −Σ_n dQ_n = −0.1·(−2)(1.5 + 2.5) = 0.8 > 0 (descent lowers μ)
+    assert torch.allclose(mean.grad, torch.tensor([[0.8]]))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Config
 
@@ -123,7 +139,8 @@ def test_config_defaults_and_validation_errors():
     assert (cfg.replay_capacity, cfg.learning_starts, cfg.gamma) == (1_000_000, 1000, 0.99)
     for bad, key in ((dict(num_action_samples=0), "num_action_samples"), (dict(squash_grad_q="tanh"), "squash_grad_q"),
                      (dict(samples_per_insert=-1.0), "samples_per_insert"), (dict(target_update_tau=2.0), "target_update_tau"),
-                     (dict(policy_hidden=[]), "policy_hidden")):
+                     (dict(policy_hidden=[]), "policy_hidden"),
+                     (dict(action_penalty=-1.0), "action_penalty")):
         with pytest.raises(ValueError, match=key):
             WPOConfig().environment("Pendulum-v1").training(**bad).validate()
     with pytest.raises(ValueError, match="action_space"):

@@ -61,6 +61,9 @@ class WPOConfig(OffPolicyConfig):
         """Adam learning rate of log α when dual_learning."""
         self.squash_grad_q: str = "none"
         """none | cube_root: squashing of ∇_a Q in the policy loss."""
+        self.action_penalty: float = 0.0
+        """c >= 0: the policy follows ∇_a[Q(s, a) − c·‖a − clip(a, −1, 1)‖²] (0: the reference, no penalty).
+        The unsquashed Gaussian's mean otherwise drifts outside the env's bounds (losses.out_of_bounds_grad)."""
         self.policy_hidden: list[int] = [256, 256, 256]
         """Policy widths of the reference architecture (ignored when ``network`` is set)."""
         self.critic_hidden: list[int] = [256, 256, 256]
@@ -81,6 +84,7 @@ class WPOConfig(OffPolicyConfig):
         dual_learning: bool | None = NotProvided,
         dual_lr: float | None = NotProvided,
         squash_grad_q: str | None = NotProvided,
+        action_penalty: float | None = NotProvided,
         policy_hidden: list[int] | None = NotProvided,
         critic_hidden: list[int] | None = NotProvided,
         **kwargs: Any,
@@ -99,6 +103,8 @@ class WPOConfig(OffPolicyConfig):
         for key in ("init_scale", "epsilon_mean", "epsilon_stddev", "dual_lr"):
             v = getattr(self, key)
             _check(isinstance(v, int | float) and v > 0, key, v, "a number > 0")
+        _check(isinstance(self.action_penalty, int | float) and self.action_penalty >= 0, "action_penalty",
+               self.action_penalty, "a number >= 0")
         for key in ("policy_lr", "critic_lr"):
             v = getattr(self, key)
             _check(v is None or (isinstance(v, int | float) and v > 0), key, v, "None or a number > 0")

@@ -6,6 +6,8 @@ Per batch of B transitions (REFERENCE.md, WPO):
 - policy: a_n ~ π(·|s) (N samples, constants), dQ_n = ∇_a Q(s, a_n) from the online critic (detached),
   loss −mean_b Σ_n Σ_d ∇_a log π'(a_n|s)·dQ_n with π' the Fisher-preconditioned Gaussian; no state in a
   replay batch is terminal (s_t always had an action taken), so the mask is all ones;
+- optional out-of-bounds penalty (``action_penalty`` c > 0): dQ_n += c·∇_a(−‖a_n − clip(a_n, −1, 1)‖²), the
+  policy loss of the penalised critic Q − c·‖a − clip(a)‖² (actions are in the normalised [−1, 1] space);
 - decoupled KL penalty to the target policy, α fixed unless ``dual_learning``.
 Optimisers: Adam for the policy, Adam for the critic (each clipped to ``grad_clip``), Adam for log α
 when ``dual_learning``.
@@ -33,12 +35,13 @@ class WPOSettings:
     epsilon_stddev: float = 1e-6
     dual_learning: bool = False
     squash_grad_q: str = "none"
+    action_penalty: float = 0.0
 
     @classmethod
     def from_config(cls, config: Any) -> WPOSettings:
         return cls(int(config.num_action_samples), int(config.num_target_action_samples),
                    float(config.epsilon_mean), float(config.epsilon_stddev), bool(config.dual_learning),
-                   str(config.squash_grad_q))
+                   str(config.squash_grad_q), float(config.action_penalty))
 
 
 def _sample(mean: Tensor, std: Tensor, n: int, generator: torch.Generator) -> Tensor:
@@ -75,6 +78,8 @@ def wpo_loss(policy: nn.Module, critic: nn.Module, target_policy: nn.Module, tar
     with torch.enable_grad():
         q_n = critic(obs.unsqueeze(0).expand(n_pol, *obs.shape), actions)
         grad_q = torch.autograd.grad(q_n.sum(), actions)[0]  # input gradient only: critic params untouched
+    if s.action_penalty > 0.0:
+        grad_q = grad_q + s.action_penalty * L.out_of_bounds_grad(actions.detach())
     if s.squash_grad_q == "cube_root":
         grad_q = L.cube_root(grad_q)
     mean_p, std_p = L.fisher_preconditioned(mean, std)

@@ -47,6 +47,19 @@ def cube_root(x: Tensor) -> Tensor:
     return torch.sign(x) * x.abs().pow(1.0 / 3.0)
 
 
+def out_of_bounds_grad(actions: Tensor, low: float = -1.0, high: float = 1.0) -> Tensor:
+    """∇_a of −‖a − clip(a, low, high)‖²: −2·(a − clip(a, low, high)), zero inside the bounds.
+
+    Added (times a coefficient c) to ∇_a Q, it makes the policy loss that of the penalised critic
+    Q(s, a) − c·‖a − clip(a)‖². Without it, an unsquashed Gaussian policy whose env clips actions gets
+    no signal back into the bounds and its mean can drift far outside them (bang-bang control); the
+    idea follows MO-MPO's action penalisation (Abdolmaleki et al. 2020), here as a plain penalty.
+
+    Args: actions [..., D] in the normalised action space. Returns the same shape.
+    """
+    return -2.0 * (actions - actions.clamp(low, high))
+
+
 def wpo_policy_loss(grad_log_prob: Tensor, grad_q: Tensor, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """−mean_b Σ_n Σ_d ∇_a log π(a_n|s_b) · ∇_a Q(s_b, a_n)   (Pfau et al. 2025, eq. 6; REFERENCE.md).
 
