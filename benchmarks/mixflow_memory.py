@@ -82,8 +82,10 @@ wall time is not meaningful; memory is the allocator's peak, independent of load
 - ``--hvp reverse`` (the MixFlow backward's products by recompute plus double backward, load ~4):
   lm T = 8 mixflow 42 MB (5.0x) / 2.33 s (1.66x, from 2.2x), mixflow_remat 36 MB (5.9x) / 2.57 s;
   lm_tokens T = 8 mixflow 150 MB (12.1x) / 14.0 s (1.33x, from 1.48x). The reverse rows these
-  ratios divide by were measured at load 12-43, which inflates CPU time too; session "s3" repeats
-  the T = 8 rows back to back at one load where it finished.
+  ratios divide by were measured at load 12-43. Session "s3" repeats the T = 8 rows back to back at
+  load 4-7: lm reverse 1.39 s, mixflow 3.56 s (2.57x), mixflow hvp=reverse 2.87 s (2.07x);
+  lm_tokens reverse 9.72 s, mixflow 14.75 s (1.52x), mixflow hvp=reverse 12.34 s (1.27x) at 150 MB
+  (12.1x less than reverse's 1810 MB). Repeat CPU times of one configuration differ by up to ~15%.
 
 One JSON line per (model, T, engine, opt) is printed as it is measured and appended to
 benchmarks/results/mixflow_memory.jsonl; configurations already in that file are skipped.
