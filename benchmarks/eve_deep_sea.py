@@ -86,15 +86,20 @@ def dqn_config(env: str, seed: int) -> Any:
             .reporting(min_sample_timesteps_per_iteration=1000))
 
 
-def measure_throughput(iters: int, seed: int, force: bool) -> None:
+def measure_throughput(iters: int, seed: int, force: bool, fragment: int = 1) -> None:
+    """``fragment``: rollout_fragment_length of EVE and the baseline (env steps sampled per learner call;
+    the updates per env step stay 1). RLlib's DQN keeps 1 (its training_intensity fixes the ratio)."""
     done = _done_keys(force)
     env = "bsuite/deep_sea-0"
-    keys = {name: f"throughput/{name}/{env}/batch{BATCH}/iters{iters}" for name in ("EVE", "baseline", "DQN")}
+    tag = "" if fragment == 1 else f"/fragment{fragment}"
+    keys = {name: f"throughput/{name}/{env}/batch{BATCH}/iters{iters}{tag}" for name in ("EVE", "baseline", "DQN")}
     if all(k in done for k in keys.values()):
         return
-    algos = {"EVE": eve_config("posterior", env, seed, one_update_per_step=True).build_algo(),
-             "baseline": eve_config("epsilon_greedy", env, seed, one_update_per_step=True).build_algo(),
-             "DQN": dqn_config(env, seed).build_algo()}
+    cfgs = {"EVE": eve_config("posterior", env, seed, one_update_per_step=True),
+            "baseline": eve_config("epsilon_greedy", env, seed, one_update_per_step=True)}
+    for cfg in cfgs.values():
+        cfg.rollout_fragment_length = fragment
+    algos = {**{k: c.build_algo() for k, c in cfgs.items()}, "DQN": dqn_config(env, seed).build_algo()}
     steps = {k: 0 for k in algos}
     secs = {k: 0.0 for k in algos}
     cpu = {k: 0.0 for k in algos}  # driver-process CPU time: all three run in this process (no remote runners)
@@ -111,7 +116,7 @@ def measure_throughput(iters: int, seed: int, force: bool) -> None:
     cpu_rate = {k: steps[k] / cpu[k] for k in algos}
     for name in algos:
         _write({"key": keys[name], "bench": "throughput", "algo": name, "env": env, "batch": BATCH,
-                "updates_per_env_step": 1, "iters": iters, "env_steps": steps[name], "seconds": secs[name],
+                "updates_per_env_step": 1, "iters": iters, "rollout_fragment_length": fragment if name != "DQN" else 1, "env_steps": steps[name], "seconds": secs[name],
                 "cpu_seconds": cpu[name], "env_steps_per_s": rate[name], "s_per_step": 1.0 / rate[name],
                 "env_steps_per_cpu_s": cpu_rate[name],
                 "eve_time_per_step_over_baseline": rate["baseline"] / rate["EVE"],
@@ -191,6 +196,8 @@ def main() -> None:
     ap.add_argument("--deadline-min", type=float, default=60.0, help="stop starting/continuing runs after this")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--fragment", type=int, default=1, help="rollout_fragment_length of EVE and the baseline "
+                    "in the throughput part (EVE's default is 1)")
     args = ap.parse_args()
     import torch
 
@@ -203,7 +210,7 @@ def main() -> None:
     deadline = time.time() + 60 * args.deadline_min
     what = set(args.what.split(","))
     if "throughput" in what:
-        measure_throughput(args.iters, args.seed, args.force)
+        measure_throughput(args.iters, args.seed, args.force, args.fragment)
     if "deep_sea" in what:
         measure_deep_sea(args.max_size, args.seed, deadline, args.force)
 
