@@ -361,34 +361,49 @@ def test_bsuite_scores_for_rllib_ppo_and_eve_through_a_spec(ray_local, tmp_path)
                 assert metrics["uncertainty/q_epistemic_std"] > 0
 
 
+def _runner_and_learner(cfg):
+    """EVE's env runner and learner built from ``cfg`` without Ray (the core's objects, in-process)."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    from algorithms.eve.env_runner import EVEEnvRunner
+
+    cfg.validate()
+    runner = EVEEnvRunner(config=cfg)
+    spec = cfg.get_multi_rl_module_spec(spaces={DEFAULT_MODULE_ID: (runner.observation_space, runner.action_space)})
+    learner = cfg.get_default_learner_class()(config=cfg, module_spec=spec)
+    learner.build()
+    return runner, learner
+
+
+def _core_step(runner, learner, cfg, num_timesteps: int) -> None:
+    """One round in the core's order: sample, insert, the updates due at the ratio, weight sync."""
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    from algorithms.offpolicy.ratio import updates_due
+
+    learner.insert(runner.sample(num_timesteps=num_timesteps))
+    due = updates_due(learner.replay.num_env_steps, int(cfg.train_batch_size_per_learner),
+                      float(cfg.samples_per_insert), learner.num_updates, int(cfg.learning_starts))
+    learner.run_updates(due, {})
+    runner.set_state({"rl_module": learner.module[DEFAULT_MODULE_ID].get_state(inference_only=True)})
+
+
 def test_runner_and_learner_wiring_without_ray():
     """EVE's env runner and learner on deep_sea without an Algorithm: the learner's Fisher and N reach
     the runner with the weights, each episode draws one perturbation, the Delta-Variance report is
     positive, bsuite episodes are recorded, and the baseline tracks no Fisher."""
-    from ray.rllib.core import DEFAULT_MODULE_ID
 
     from algorithms.eve.config import EVEConfig
-    from algorithms.eve.env_runner import EVEEnvRunner
-    from algorithms.offpolicy.ratio import updates_due
     from orchestration.spec import import_builtin_envs
 
     import_builtin_envs()
     torch.set_num_threads(1)
     for exploration in ("posterior", "epsilon_greedy"):
         cfg = EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=0).training(exploration=exploration)
-        cfg.validate()
-        runner = EVEEnvRunner(config=cfg)
-        spec = cfg.get_multi_rl_module_spec(
-            spaces={DEFAULT_MODULE_ID: (runner.observation_space, runner.action_space)})
-        learner = cfg.get_default_learner_class()(config=cfg, module_spec=spec)
-        learner.build()
+        runner, learner = _runner_and_learner(cfg)
         runner.record_bsuite_episodes = True
         for _ in range(50):  # 200 env steps = 20 episodes of deep_sea size 10
-            learner.insert(runner.sample(num_timesteps=4))
-            due = updates_due(learner.replay.num_env_steps, int(cfg.train_batch_size_per_learner),
-                              float(cfg.samples_per_insert), learner.num_updates, int(cfg.learning_starts))
-            learner.run_updates(due, {})
-            runner.set_state({"rl_module": learner.module[DEFAULT_MODULE_ID].get_state(inference_only=True)})
+            _core_step(runner, learner, cfg, 4)
         assert learner.replay.num_env_steps == 200 and learner.num_updates == (200 - 100) * 16 // 32
         episodes = runner.metrics.peek("bsuite_episodes")
         assert len(episodes) == 20 and all(e["bsuite_id"] == "deep_sea/0" for e in episodes)
@@ -408,31 +423,19 @@ def test_eve_solves_deep_sea_10_for_more_seeds_without_ray():
     """Seeds 1 and 2 (seed 0 runs through RLlib above): EVE's own runner and learner in the core's order
     (sample one step, insert, the updates due, sync), stopped when solved by bsuite's rule or after the
     2^10 + 100 = 1124-episode budget. Before target_argmax="sample" seed 1 failed."""
-    from ray.rllib.core import DEFAULT_MODULE_ID
 
     from algorithms.diagnostics.bsuite_scoring import BsuiteEpisodeLog, deep_sea_episode_budget
     from algorithms.eve.config import EVEConfig
-    from algorithms.eve.env_runner import EVEEnvRunner
-    from algorithms.offpolicy.ratio import updates_due
     from orchestration.spec import import_builtin_envs
 
     import_builtin_envs()
     torch.set_num_threads(1)
     for seed in (1, 2):
         cfg = EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=seed)
-        cfg.validate()
-        runner = EVEEnvRunner(config=cfg)
-        spec = cfg.get_multi_rl_module_spec(
-            spaces={DEFAULT_MODULE_ID: (runner.observation_space, runner.action_space)})
-        learner = cfg.get_default_learner_class()(config=cfg, module_spec=spec)
-        learner.build()
+        runner, learner = _runner_and_learner(cfg)
         log = BsuiteEpisodeLog()
         while not log.solved("deep_sea/0") and log.num_episodes("deep_sea/0") < deep_sea_episode_budget(10):
-            learner.insert(runner.sample(num_timesteps=1))
-            due = updates_due(learner.replay.num_env_steps, int(cfg.train_batch_size_per_learner),
-                              float(cfg.samples_per_insert), learner.num_updates, int(cfg.learning_starts))
-            learner.run_updates(due, {})
-            runner.set_state({"rl_module": learner.module[DEFAULT_MODULE_ID].get_state(inference_only=True)})
+            _core_step(runner, learner, cfg, 1)
             for env in runner.envs:
                 for record in env.drain():
                     log.add_info(record["bsuite_id"], record)
