@@ -70,6 +70,7 @@ import shutil
 import tempfile
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -411,7 +412,7 @@ class _TrialState:
     prev_steps: float | None = None
     pending: int = 0  # queue entries not yet delivered
     done: bool = False
-    uploaded: dict[str, tuple[int, int]] = field(default_factory=dict)  # worker-side only
+    uploaded: dict[str, tuple] = field(default_factory=dict)  # worker-side only
     node_ips: set[str] = field(default_factory=set)  # nodes the trial reported from (multi-node runs)
 
 
@@ -922,11 +923,17 @@ def _upload_named(client, run_id: str, artifacts: Mapping[str, bytes]) -> None:
         client.log_artifacts(run_id, tmp)
 
 
-def _upload_changed(client, run_id: str, dirs: list[Path], uploaded: dict[str, tuple[int, int]]) -> int:
-    """Upload files under ``dirs`` that are new or changed (size, mtime) since the last call.
-    A file present in several dirs (staging and storage copies) is taken from the first."""
-    seen = set()
-    n = 0
+_HASH_LIMIT = 4 << 20  # files up to this size are compared by content too
+
+
+def _upload_changed(client, run_id: str, dirs: list[Path], uploaded: dict[str, tuple]) -> int:
+    """Upload files under ``dirs`` that are new or changed (size, mtime, and CRC-32 of files up to
+    4 MiB) since the last call.
+
+    A file present in several dirs (the trial's working directory, Tune's staging copy and the
+    storage copy, which Ray syncs only every ``sync_period``) is taken from the copy modified last,
+    so a stale synced copy never shadows the file the trainable wrote most recently."""
+    newest: dict[str, tuple[Path, tuple[int, int]]] = {}
     for d in dirs:
         if not d.is_dir():
             continue
@@ -934,17 +941,26 @@ def _upload_changed(client, run_id: str, dirs: list[Path], uploaded: dict[str, t
             if not p.is_file():
                 continue
             rel = p.relative_to(d).as_posix()
-            if rel in seen:
+            try:
+                stat = p.stat()
+            except FileNotFoundError:  # removed between listing and stat
                 continue
-            seen.add(rel)
-            stat = p.stat()
             sig = (stat.st_size, stat.st_mtime_ns)
-            if uploaded.get(rel) == sig:
+            if rel not in newest or sig[1] > newest[rel][1][1]:
+                newest[rel] = (p, sig)
+    n = 0
+    for rel, (p, sig) in sorted(newest.items()):
+        if sig[0] <= _HASH_LIMIT:  # a rewrite within one timestamp tick keeps size and mtime
+            try:
+                sig = (*sig, zlib.crc32(p.read_bytes()))
+            except FileNotFoundError:
                 continue
-            sub = posixpath.dirname(rel)
-            client.log_artifact(run_id, str(p), artifact_path=sub or None)
-            uploaded[rel] = sig
-            n += 1
+        if uploaded.get(rel) == sig:
+            continue
+        sub = posixpath.dirname(rel)
+        client.log_artifact(run_id, str(p), artifact_path=sub or None)
+        uploaded[rel] = sig
+        n += 1
     return n
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import pickle
 import socket
 import sys
@@ -166,6 +167,30 @@ def test_log_metric_records_cuts_batches_at_record_boundaries(sqlite_uri):
     assert done == [1, 2, 3, 4] or done == [1, 2, 4]
     assert history(client, run.info.run_id, "m/4") == [(3, 34.0)]
     assert history(client, run.info.run_id, "m/0") == [(1, 10.0), (2, 20.0), (3, 30.0), (4, 40.0)]
+
+
+def test_artifact_upload_takes_the_newest_copy_and_sees_same_size_rewrites(sqlite_uri, tmp_path):
+    from orchestration.tracking import _upload_changed
+
+    client = MlflowClient(sqlite_uri)
+    rid = client.create_run(client.create_experiment("arts")).info.run_id
+    storage, work = tmp_path / "storage" / "artifacts", tmp_path / "work" / "artifacts"
+    for d, text, mtime in [(storage, "up to 2\n", 1_000), (work, "up to 6\n", 2_000)]:
+        d.mkdir(parents=True)
+        (d / "curve.txt").write_text(text)
+        os.utime(d / "curve.txt", (mtime, mtime))  # the storage copy was synced earlier
+
+    def fetched() -> str:
+        return Path(client.download_artifacts(rid, "curve.txt", tempfile.mkdtemp())).read_text()
+
+    uploaded: dict = {}
+    assert _upload_changed(client, rid, [storage, work], uploaded) == 1
+    assert fetched() == "up to 6\n"
+    assert _upload_changed(client, rid, [storage, work], uploaded) == 0
+    (work / "curve.txt").write_text("up to 7\n")  # same size, and the same mtime tick:
+    os.utime(work / "curve.txt", (2_000, 2_000))
+    assert _upload_changed(client, rid, [storage, work], uploaded) == 1
+    assert fetched() == "up to 7\n"
 
 
 def test_callback_pickles_without_threads(sqlite_uri, tmp_path):
