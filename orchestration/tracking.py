@@ -667,7 +667,7 @@ class MLflowTracking(Callback):
                   "launch_params": flatten_params(self.launch_params), "trial_id": trial.trial_id,
                   "name": st.name, "tags": tags, "params": params}
         self._journal(st, header)
-        self._enqueue(("child", st.trial_id, replay), st)
+        self._enqueue(("child", st.trial_id, replay, dict(params)), st)  # params as started
         return st
 
     def _end_trial(self, trial, status: str, error: str | None, tags: dict | None = None) -> None:
@@ -872,7 +872,7 @@ class MLflowTracking(Callback):
             self.parent_run_id = run_id
             self._parent_ready.set()
         elif kind == "child":
-            _, trial_id, replay = op
+            _, trial_id, replay, params = op
             st = self._trials[trial_id]
             parent = self._run_ids[None]
             run = _find_child(client, self._experiment_id, parent, trial_id)
@@ -887,8 +887,9 @@ class MLflowTracking(Callback):
                     client.update_run(run.info.run_id, status="RUNNING")
                 self._last_step[trial_id] = last_logged_step(run)
             # Only keys the run lacks (a creation cut short, here or by a killed driver): MLflow
-            # refuses to change a param, and PBT may have changed the config since.
-            _log_missing_params(client, run, st.params)
+            # refuses to change a param, and PBT may have changed the config since (so the params
+            # are the ones the trial started with, snapshotted when the op was queued).
+            _log_missing_params(client, run, params)
             self._run_ids[trial_id] = run.info.run_id
             if replay:
                 self._send_metrics(client, trial_id, replay)
