@@ -10,8 +10,10 @@ env steps) for all three. Parts (``--parts``):
   ``wpo / bare`` is reported (goal >= 0.8).
 - ``learning``: ``env/episode_return_mean`` every iteration up to ``--learning-steps`` env steps for
   ``--algos`` (default wpo and sac), written as measured; a checkpoint per algorithm lets an
-  interrupted run resume where it stopped. ``wpo_penalty`` is WPO with ``action_penalty`` = 1 (the
-  reference settings otherwise): the unsquashed policy mean is pulled back into the action bounds.
+  interrupted run resume where it stopped. ``wpo`` runs WPOConfig's defaults (the critic sees
+  clip(a, −1, 1), as in the reference code); ``wpo_unclipped`` feeds the critic unclipped actions (the
+  default before 2026-11-26, when the unsquashed policy mean drifted to |μ| ≈ 32); ``wpo_penalty`` is
+  ``wpo_unclipped`` with ``action_penalty`` = 1 (the mean is pulled back into the action bounds).
 - ``evaluate``: the current learning checkpoint of each of ``--algos`` (a copy, so a running learning
   process may keep writing), ``--eval-episodes`` episodes with the deterministic action (the Gaussian
   mean for WPO, tanh of the mean for SAC; ``orchestration.evaluate``), recorded at the env steps of the
@@ -40,7 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "wpo_vs_sac.jsonl"
 HIDDEN = [256, 256, 256]
 SPI, BATCH, LEARNING_STARTS = 32.0, 256, 1000
-WPO_PENALTY = 1.0  # c of algo "wpo_penalty": WPO with action_penalty=c, otherwise the reference settings
+# WPO variants (config overrides of the reference settings): "wpo" is WPOConfig's defaults (the critic
+# sees clip(a, -1, 1), as the reference code); the others were measured before that default existed.
+WPO_ARMS = {
+    "wpo": {},
+    "wpo_unclipped": {"critic_clip_actions": False},
+    "wpo_penalty": {"critic_clip_actions": False, "action_penalty": 1.0},
+}
 
 
 def _done(out: Path) -> list[dict]:
@@ -66,12 +74,12 @@ def _emit(out: Path, record: dict) -> None:
 # configs
 
 
-def wpo_config(env: str, seed: int, iteration_steps: int, hidden: list[int], action_penalty: float = 0.0):
+def wpo_config(env: str, seed: int, iteration_steps: int, hidden: list[int], **overrides):
     from algorithms.wpo.config import WPOConfig
 
     cfg = WPOConfig().environment(env).training(
         policy_hidden=hidden, critic_hidden=hidden, samples_per_insert=SPI, train_batch_size_per_learner=BATCH,
-        learning_starts=LEARNING_STARTS, action_penalty=action_penalty).debugging(seed=seed)
+        learning_starts=LEARNING_STARTS, **overrides).debugging(seed=seed)
     cfg.min_sample_timesteps_per_iteration = iteration_steps
     return cfg
 
@@ -189,10 +197,10 @@ def learning(name: str, env: str, seed: int, budget: int, hidden: list[int], out
     if (ckpt / "rllib_checkpoint.json").exists():
         algo = Algorithm.from_checkpoint(str(ckpt))
     else:
-        if name == "wpo_penalty":  # WPO with the out-of-bounds action penalty (config.action_penalty)
-            cfg = wpo_config(env, seed, 5000, hidden, action_penalty=WPO_PENALTY)
+        if name in WPO_ARMS:
+            cfg = wpo_config(env, seed, 5000, hidden, **WPO_ARMS[name])
         else:
-            cfg = (wpo_config if name == "wpo" else sac_config)(env, seed, 5000, hidden)
+            cfg = sac_config(env, seed, 5000, hidden)
         if name.startswith("wpo"):
             cfg.checkpoint_replay = True  # resume exactly where the interrupted run stopped
         else:

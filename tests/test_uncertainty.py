@@ -405,3 +405,27 @@ def test_linearised_forward_equals_torch_func_jvp(norm, activation):
     torch.testing.assert_close(linearised_forward(wrapped, x, delta)[1], dy, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="entries"):
         linearised_forward(net, x, delta[:-1])
+
+
+def test_cached_structure_reads_parameters_live():
+    """The fast paths cache each module's layer structure, not its parameters: weights changed in place
+    or replaced by new Parameter objects after a first call are the ones used."""
+    from algorithms.uncertainty.fast import linearised_forward, mean_sq_grad_fast
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    delta = torch.randn(sum(p.numel() for p in net.parameters()), dtype=torch.float64)
+    linearised_forward(net, x, delta)
+    mean_sq_grad_fast(net, lambda m: m(x)[:, 0])
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)
+    net[2].weight = nn.Parameter(torch.randn(2, 4, dtype=torch.float64))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    tangents = unflatten_like(delta, params)
+    y_ref, dy_ref = torch.func.jvp(lambda p: torch.func.functional_call(net, p, (x,)), (params,), (tangents,))
+    y, dy = linearised_forward(net, x, delta)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dy, dy_ref)
+    jac = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(net(x[b:b + 1])[0, 0], list(net.parameters()))])
+                       for b in range(5)])
+    torch.testing.assert_close(mean_sq_grad_fast(net, lambda m: m(x)[:, 0]), jac.square().mean(0))

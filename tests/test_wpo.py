@@ -126,6 +126,42 @@ def test_action_penalty_gradient_and_its_effect_on_the_mean_update():
     assert torch.allclose(mean.grad, torch.tensor([[0.8]]))
 
 
+def test_critic_clip_actions_zeroes_dq_outside_the_bounds_and_feeds_clipped_replay_actions():
+    from algorithms.wpo.learner import WPOSettings, wpo_loss
+
+    class Policy(torch.nn.Module):  # mean 3 (far above the bound 1), std 0.1: every sample is outside
+        def __init__(self):
+            super().__init__()
+            self.mean = torch.nn.Parameter(torch.tensor([[3.0]]))
+
+        def forward(self, obs):
+            return self.mean.expand(obs.shape[0], 1), torch.full((obs.shape[0], 1), 0.1)
+
+    seen = []
+
+    def critic(obs, a):  # Q = 2·a (its action gradient is 2 wherever the action is not clipped)
+        seen.append(a.detach().clone())
+        return 2.0 * a.sum(-1)
+
+    batch = {"obs": torch.zeros(1, 2), "action": torch.tensor([[1.7]]), "bootstrap_obs": torch.zeros(1, 2),
+             "nstep_return": torch.zeros(1), "bootstrap_discount": torch.zeros(1)}
+    zero = torch.tensor(0.0)
+    grads = {}
+    for clip in (True, False):
+        policy, seen[:] = Policy(), []
+        total, stats = wpo_loss(policy, critic, policy, critic, zero, zero, batch,
+                                WPOSettings(num_action_samples=4, num_target_action_samples=3,
+                                            critic_clip_actions=clip), torch.Generator().manual_seed(0))
+        policy.mean.grad = None
+        stats["policy_loss"].backward()
+        grads[clip] = policy.mean.grad.item()
+        # calls: target critic (3 samples), critic on the replay action, critic on the 4 policy samples
+        assert seen[1].item() == (1.0 if clip else pytest.approx(1.7))
+        assert (seen[2].max().item() <= 1.0) == clip
+    # Fisher-preconditioned mean gradient = −Σ_n dQ_n: 0 with clipping, −4·2 = −8 without
+    assert grads[True] == 0.0 and grads[False] == pytest.approx(-8.0)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Config
 
@@ -140,7 +176,8 @@ def test_config_defaults_and_validation_errors():
     for bad, key in ((dict(num_action_samples=0), "num_action_samples"), (dict(squash_grad_q="tanh"), "squash_grad_q"),
                      (dict(samples_per_insert=-1.0), "samples_per_insert"), (dict(target_update_tau=2.0), "target_update_tau"),
                      (dict(policy_hidden=[]), "policy_hidden"),
-                     (dict(action_penalty=-1.0), "action_penalty")):
+                     (dict(action_penalty=-1.0), "action_penalty"),
+                     (dict(critic_clip_actions="yes"), "critic_clip_actions")):
         with pytest.raises(ValueError, match=key):
             WPOConfig().environment("Pendulum-v1").training(**bad).validate()
     with pytest.raises(ValueError, match="action_space"):

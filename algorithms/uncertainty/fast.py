@@ -16,6 +16,7 @@ matrix product each, after one backward pass per output k.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -26,6 +27,40 @@ from algorithms.networks.builders import MLP, RMSNorm
 from algorithms.uncertainty.params import Params, as_flat
 
 FAST_LAYERS = (nn.Linear, nn.LayerNorm)
+_STRUCTURE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _structure(module: nn.Module) -> tuple[list[tuple[str, nn.Module, str]], dict[int, str]]:
+    """([(parameter name, owning module, local name)] in ``named_parameters()`` order, {id(submodule): name}),
+    cached per module instance: EVE calls these functions several times per env step, and walking the
+    module tree each time cost more than the small networks' arithmetic. Parameters are read live from
+    their owners (a replaced Parameter object is seen); a module whose layers are added or removed after
+    a first call needs :func:`clear_structure_cache`."""
+    hit = _STRUCTURE.get(module)
+    if hit is None:
+        modules = dict(module.named_modules())
+        entries = []
+        for name, _ in module.named_parameters():
+            owner_name, _, local = name.rpartition(".")
+            entries.append((name, modules[owner_name], local))
+        hit = _STRUCTURE[module] = (entries, {id(m): n for n, m in modules.items()})
+    return hit
+
+
+def clear_structure_cache() -> None:
+    """Forget the cached module structures (see :func:`_structure`)."""
+    _STRUCTURE.clear()
+    _LEAF_PLANS.clear()
+
+
+def named_params(module: nn.Module, trainable_only: bool = False) -> dict[str, nn.Parameter]:
+    """``dict(module.named_parameters())`` (optionally only those with ``requires_grad``) from the cache."""
+    out = {}
+    for name, owner, local in _structure(module)[0]:
+        p = getattr(owner, local)
+        if not trainable_only or p.requires_grad:
+            out[name] = p
+    return out
 Forward = Callable[[nn.Module], Tensor]
 """``forward(module) -> u`` [B] or [B, K] on a batch, row b depending on example b only, e.g.
 ``lambda m: m(obs).gather(1, actions[:, None])[:, 0]`` for Q(s, a)."""
@@ -38,14 +73,14 @@ def _layer_terms(
     example) and an iterator over the K outputs of {param name: (kind, g [B, out], x or x̂ [B, in])}, kind
     one of "weight_linear", "weight_norm", "bias". ``retain_graph`` keeps forward's graph after the last
     backward pass (so a loss can reuse the same forward pass)."""
-    owners = dict(module.named_modules())
-    names = [name for name, p in module.named_parameters() if p.requires_grad]
+    entries = [(name, owner, leaf) for name, owner, leaf in _structure(module)[0]
+               if getattr(owner, leaf).requires_grad]
+    names = [name for name, _, _ in entries]
     if not names:
         raise ValueError(f"module {type(module).__name__} has no trainable parameters")
     layers: dict[str, nn.Module] = {}
-    for name in names:
-        owner_name, _, leaf = name.rpartition(".")
-        owner = owners[owner_name]
+    for name, owner, leaf in entries:
+        owner_name = name.rpartition(".")[0]
         if not isinstance(owner, FAST_LAYERS) or leaf not in ("weight", "bias"):
             raise ValueError(
                 f"parameter {name!r} belongs to {type(owner).__name__}; the fast path supports "
@@ -76,6 +111,12 @@ def _layer_terms(
         x, layer = captured[n][0][0], layers[n]
         inputs[n] = x if isinstance(layer, nn.Linear) else F.layer_norm(x, layer.normalized_shape, None, None, layer.eps)
 
+    kinds = []
+    for name in names:
+        owner_name, _, leaf = name.rpartition(".")
+        kinds.append((name, owner_name, "bias" if leaf == "bias" else (
+            "weight_linear" if isinstance(layers[owner_name], nn.Linear) else "weight_norm")))
+
     def per_output() -> Iterator[dict[str, tuple[str, Tensor, Tensor]]]:
         num_out = outputs.shape[1]
         for k in range(num_out):
@@ -85,13 +126,7 @@ def _layer_terms(
             for n, g in zip(layer_names, grads, strict=True):
                 g = torch.zeros_like(captured[n][0][1]) if g is None else g.detach()
                 by_layer[n] = g
-            terms = {}
-            for name in names:
-                owner_name, _, leaf = name.rpartition(".")
-                kind = "bias" if leaf == "bias" else (
-                    "weight_linear" if isinstance(layers[owner_name], nn.Linear) else "weight_norm")
-                terms[name] = (kind, by_layer[owner_name], inputs[owner_name])
-            yield terms
+            yield {name: (kind, by_layer[owner_name], inputs[owner_name]) for name, owner_name, kind in kinds}
 
     return names, outputs.shape[0], u.dim() == 1, per_output()
 
@@ -105,7 +140,7 @@ def mean_sq_grad_fast_with_batch(
     Q_θ(s, ·) captured inside ``forward``) can backpropagate a loss through the same forward pass: the
     diagonal Fisher costs one extra backward pass per output and no extra forward pass (EVE's learner)."""
     names, batch, _, per_output = _layer_terms(module, forward, retain_graph)
-    params = dict(module.named_parameters())
+    params = named_params(module)
     sums = {name: torch.zeros_like(params[name]) for name in names}
     for terms in per_output:
         for name, (kind, g, x) in terms.items():
@@ -137,7 +172,7 @@ def delta_variance_fast(module: nn.Module, forward: Forward, covariance: Tensor 
     Returns [B] for u [B] and the variances [B, K] for u [B, K] (no cross-covariances).
     """
     names, _, scalar, per_output = _layer_terms(module, forward)
-    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    params = named_params(module, trainable_only=True)
     diag = as_flat(covariance, params, "covariance")
     d = {}
     start = 0
@@ -180,6 +215,25 @@ def _leaf_sequence(module: nn.Module) -> list[nn.Module] | None:
 
 _ELEMENTWISE = (nn.ReLU, nn.Tanh, nn.ELU, nn.GELU, nn.SiLU, nn.Identity)
 _JVP_LEAVES = (nn.Linear, nn.LayerNorm, RMSNorm, *_ELEMENTWISE)
+
+
+_LEAF_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _leaf_plan(module: nn.Module) -> list[tuple[nn.Module, list[tuple[str, str]]]] | None:
+    """:func:`_leaf_sequence` with each leaf's (local, full) parameter names, cached like :func:`_structure`."""
+    if module in _LEAF_PLANS:
+        return _LEAF_PLANS[module]
+    leaves = _leaf_sequence(module)
+    plan = None
+    if leaves is not None:
+        prefix = _structure(module)[1]
+        plan = []
+        for leaf in leaves:
+            name = prefix[id(leaf)]
+            plan.append((leaf, [(k, f"{name}.{k}" if name else k) for k, _ in leaf.named_parameters(recurse=False)]))
+    _LEAF_PLANS[module] = plan
+    return plan
 
 
 def _leaf_jvp(leaf: nn.Module, x: Tensor, dx: Tensor, dp: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -231,7 +285,7 @@ def linearised_forward(module: nn.Module, x: Tensor, tangent: Tensor | Params) -
     dx̂ = (dx − mean(dx) − x̂ ⊙ mean(dx ⊙ x̂))/s, dy = γ ⊙ dx̂ + δγ ⊙ x̂ + δβ), which costs about two
     forward passes; any other module goes through ``torch.func.jvp`` (same values, more overhead).
     """
-    params = {name: p for name, p in module.named_parameters()}
+    params = named_params(module)
     if isinstance(tangent, dict):
         tangents = tangent
     else:
@@ -244,17 +298,14 @@ def linearised_forward(module: nn.Module, x: Tensor, tangent: Tensor | Params) -
             tangents[name] = flat[start : start + p.numel()].view_as(p).to(p.dtype)
             start += p.numel()
     with torch.no_grad():
-        leaves = _leaf_sequence(module)
+        leaves = _leaf_plan(module)
         if leaves is None:
             def fn(p: Params) -> Tensor:
                 return torch.func.functional_call(module, p, (x,))
 
             y, dy = torch.func.jvp(fn, ({k: v.detach() for k, v in params.items()},), (tangents,))
             return y.detach(), dy.detach()
-        prefix = {id(m): name for name, m in module.named_modules()}
         dx = torch.zeros_like(x)
-        for leaf in leaves:
-            name = prefix[id(leaf)]
-            local = {k: tangents[f"{name}.{k}" if name else k] for k, _ in leaf.named_parameters(recurse=False)}
-            x, dx = _leaf_jvp(leaf, x, dx, local)
+        for leaf, names in leaves:
+            x, dx = _leaf_jvp(leaf, x, dx, {k: tangents[full] for k, full in names})
         return x, dx

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from algorithms.uncertainty.fast import mean_sq_grad_fast_with_batch
+from algorithms.uncertainty.fast import mean_sq_grad_fast_with_batch, named_params
 from algorithms.uncertainty.jacobian import per_example_jacobian
 from algorithms.uncertainty.params import Params, QueryFn, num_params
 
@@ -152,7 +152,7 @@ class RunningDiagonalFisher:
     ) -> Tensor:
         """:meth:`update` for MLPs via :func:`algorithms.uncertainty.fast.mean_sq_grad_fast` (no per-example
         gradients materialised); ``retain_graph`` keeps ``forward``'s graph for a loss on the same pass."""
-        names = [n for n, p in module.named_parameters() if p.requires_grad]
+        names = list(named_params(module, trainable_only=True))
         if names != self.names:
             raise ValueError(f"module parameters are {names}; this estimate was built for {self.names}")
         return self.update_mean_sq_grad(*mean_sq_grad_fast_with_batch(module, forward, retain_graph=retain_graph))

@@ -64,6 +64,10 @@ class WPOConfig(OffPolicyConfig):
         self.action_penalty: float = 0.0
         """c >= 0: the policy follows ∇_a[Q(s, a) − c·‖a − clip(a, −1, 1)‖²] (0: the reference, no penalty).
         The unsquashed Gaussian's mean otherwise drifts outside the env's bounds (losses.out_of_bounds_grad)."""
+        self.critic_clip_actions: bool = True
+        """Clip the action fed to the critic into [−1, 1], as the reference code does (Acme's WPO critic,
+        ``ClipToSpec``): Q outside the bounds equals Q at the bound the env clips to, so ∇_a Q is zero
+        there and the unsquashed policy mean is not pushed by critic extrapolation. False: unclipped."""
         self.policy_hidden: list[int] = [256, 256, 256]
         """Policy widths of the reference architecture (ignored when ``network`` is set)."""
         self.critic_hidden: list[int] = [256, 256, 256]
@@ -85,6 +89,7 @@ class WPOConfig(OffPolicyConfig):
         dual_lr: float | None = NotProvided,
         squash_grad_q: str | None = NotProvided,
         action_penalty: float | None = NotProvided,
+        critic_clip_actions: bool | None = NotProvided,
         policy_hidden: list[int] | None = NotProvided,
         critic_hidden: list[int] | None = NotProvided,
         **kwargs: Any,
@@ -105,6 +110,8 @@ class WPOConfig(OffPolicyConfig):
             _check(isinstance(v, int | float) and v > 0, key, v, "a number > 0")
         _check(isinstance(self.action_penalty, int | float) and self.action_penalty >= 0, "action_penalty",
                self.action_penalty, "a number >= 0")
+        _check(isinstance(self.critic_clip_actions, bool), "critic_clip_actions", self.critic_clip_actions,
+               "true, false")
         for key in ("policy_lr", "critic_lr"):
             v = getattr(self, key)
             _check(v is None or (isinstance(v, int | float) and v > 0), key, v, "None or a number > 0")

@@ -2,7 +2,8 @@
 
 Per batch of B transitions (REFERENCE.md, WPO):
 - critic: y = R^(n) + γ^{n'}(1 − term)·mean_m Q_targ(s', a'_m), a'_m ~ π_targ(·|s') (M samples);
-  loss 0.5·(y − Q(s, a))², actions fed to the critic unclipped;
+  loss 0.5·(y − Q(s, a))²; with ``critic_clip_actions`` (default, as the reference code) every action
+  reaches the critic as clip(a, −1, 1), so Q(s, a) = Q(s, clip(a)) and ∇_a Q = 0 outside the bounds;
 - policy: a_n ~ π(·|s) (N samples, constants), dQ_n = ∇_a Q(s, a_n) from the online critic (detached),
   loss −mean_b Σ_n Σ_d ∇_a log π'(a_n|s)·dQ_n with π' the Fisher-preconditioned Gaussian; no state in a
   replay batch is terminal (s_t always had an action taken), so the mask is all ones;
@@ -36,12 +37,13 @@ class WPOSettings:
     dual_learning: bool = False
     squash_grad_q: str = "none"
     action_penalty: float = 0.0
+    critic_clip_actions: bool = True
 
     @classmethod
     def from_config(cls, config: Any) -> WPOSettings:
         return cls(int(config.num_action_samples), int(config.num_target_action_samples),
                    float(config.epsilon_mean), float(config.epsilon_stddev), bool(config.dual_learning),
-                   str(config.squash_grad_q), float(config.action_penalty))
+                   str(config.squash_grad_q), float(config.action_penalty), bool(config.critic_clip_actions))
 
 
 def _sample(mean: Tensor, std: Tensor, n: int, generator: torch.Generator) -> Tensor:
@@ -60,6 +62,10 @@ def wpo_loss(policy: nn.Module, critic: nn.Module, target_policy: nn.Module, tar
     obs, action = batch["obs"].float(), batch["action"]
     boot_obs = batch["bootstrap_obs"].float()
     n_pol, n_tgt = s.num_action_samples, s.num_target_action_samples
+    if s.critic_clip_actions:
+        critic_in, target_critic_in = critic, target_critic
+        critic = lambda o, a: critic_in(o, a.clamp(-1.0, 1.0))  # noqa: E731
+        target_critic = lambda o, a: target_critic_in(o, a.clamp(-1.0, 1.0))  # noqa: E731
 
     # Critic: n-step expected-SARSA target from the target networks.
     with torch.no_grad():
