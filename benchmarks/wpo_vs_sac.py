@@ -13,7 +13,9 @@ env steps) for all three. Parts (``--parts``):
   interrupted run resume where it stopped. ``wpo`` runs WPOConfig's defaults (the critic sees
   clip(a, −1, 1), as in the reference code); ``wpo_unclipped`` feeds the critic unclipped actions (the
   default before 2026-11-26, when the unsquashed policy mean drifted to |μ| ≈ 32); ``wpo_penalty`` is
-  ``wpo_unclipped`` with ``action_penalty`` = 1 (the mean is pulled back into the action bounds).
+  ``wpo_unclipped`` with ``action_penalty`` = 1 (the mean is pulled back into the action bounds);
+  ``wpo_spi128_n5``: 4x the updates per env step (samples per insert 128) with N = M = 5 action
+  samples instead of 20, about the same compute per env step.
 - ``evaluate``: the current learning checkpoint of each of ``--algos`` (a copy, so a running learning
   process may keep writing), ``--eval-episodes`` episodes with the deterministic action (the Gaussian
   mean for WPO, tanh of the mean for SAC; ``orchestration.evaluate``), recorded at the env steps of the
@@ -48,6 +50,8 @@ WPO_ARMS = {
     "wpo": {},
     "wpo_unclipped": {"critic_clip_actions": False},
     "wpo_penalty": {"critic_clip_actions": False, "action_penalty": 1.0},
+    # 4x the updates per env step at about the same cost per env step: N = M = 5 action samples
+    "wpo_spi128_n5": {"samples_per_insert": 128.0, "num_action_samples": 5, "num_target_action_samples": 5},
 }
 
 
@@ -77,9 +81,9 @@ def _emit(out: Path, record: dict) -> None:
 def wpo_config(env: str, seed: int, iteration_steps: int, hidden: list[int], **overrides):
     from algorithms.wpo.config import WPOConfig
 
-    cfg = WPOConfig().environment(env).training(
-        policy_hidden=hidden, critic_hidden=hidden, samples_per_insert=SPI, train_batch_size_per_learner=BATCH,
-        learning_starts=LEARNING_STARTS, **overrides).debugging(seed=seed)
+    settings = dict(policy_hidden=hidden, critic_hidden=hidden, samples_per_insert=SPI,
+                    train_batch_size_per_learner=BATCH, learning_starts=LEARNING_STARTS)
+    cfg = WPOConfig().environment(env).training(**{**settings, **overrides}).debugging(seed=seed)
     cfg.min_sample_timesteps_per_iteration = iteration_steps
     return cfg
 

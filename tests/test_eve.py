@@ -144,6 +144,33 @@ def test_linearised_q_sample_mean_variance_and_linear_case():
     assert torch.allclose(draws.var(0), q_epistemic_variance(grads, cov, params), rtol=0.15)
 
 
+def test_per_action_heads_share_no_parameters_and_work_with_the_fast_paths():
+    """q_heads="per_action": Q(s, a) depends only on head a; the Fisher fast path equals per-example
+    gradients; the linearised sample equals Q + J δ; an uncorrelated gap: Var[Q_1 − Q_0] = Var[Q_0] + Var[Q_1]."""
+    from algorithms.eve.module import PerActionQ
+    from algorithms.uncertainty.fast import linearised_forward, mean_sq_grad_fast
+
+    torch.manual_seed(0)
+    net = PerActionQ(5, 2, NetworkConfig(hidden=[8])).double()
+    params = module_params(net)
+    obs = torch.randn(6, 5, dtype=torch.float64)
+    g0 = q_gradients(module_fn(net), params, obs, torch.zeros(6, dtype=torch.long))
+    g1 = q_gradients(module_fn(net), params, obs, torch.ones(6, dtype=torch.long))
+    assert (g0 * g1 == 0).all() and g0.abs().sum() > 0 and g1.abs().sum() > 0  # disjoint supports
+    cov = torch.rand(g0.shape[1], dtype=torch.float64)
+    var_gap = q_epistemic_variance(g1 - g0, cov, params)
+    assert torch.allclose(var_gap, q_epistemic_variance(g0, cov, params) + q_epistemic_variance(g1, cov, params))
+    actions = torch.tensor([0, 1, 1, 0, 1, 0])
+    fisher = mean_sq_grad_fast(net, lambda m: m(obs).gather(1, actions[:, None]).squeeze(1))
+    per_example = torch.where(actions[:, None] == 0, g0, g1)
+    assert torch.allclose(fisher, per_example.square().mean(0))
+    delta = torch.randn(g0.shape[1], dtype=torch.float64)
+    q, dq = linearised_forward(net, obs, delta)
+    assert torch.allclose(q, net(obs)) and torch.allclose(dq, torch.stack([g0 @ delta, g1 @ delta], 1))
+    with pytest.raises(ValueError, match="q_heads"):
+        _eve_config("posterior", q_heads="tree").validate()
+
+
 def test_q_epistemic_variance_is_the_delta_variance():
     net = _net()
     params = module_params(net)

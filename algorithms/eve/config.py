@@ -35,6 +35,7 @@ from algorithms.offpolicy.config import OffPolicyConfig, _check
 RESAMPLE_MODES = ("episode", "steps")
 EXPLORATION_MODES = ("posterior", "epsilon_greedy", "greedy")
 TARGET_ARGMAX_MODES = ("sample", "mean")
+Q_HEADS = ("shared", "per_action")
 
 
 class EVEConfig(OffPolicyConfig):
@@ -90,6 +91,10 @@ class EVEConfig(OffPolicyConfig):
         self.target_argmax: str = "sample"
         """With target_sampling and double_q: which values pick the bootstrap action. sample: the posterior
         sample's (Q_θ̂ + J δ of the online net, with the target's draw δ); mean: Q_θ̂ (zero-mean target noise)."""
+        self.q_heads: str = "shared"
+        """shared (one MLP with A outputs) | per_action (A separate MLPs with one output each: the posterior
+        noise of different actions' values is independent, so the gap between them keeps the spread of
+        each; with a shared torso the perturbations of a hidden unit move every action's value alike)."""
         self.uncertainty_batch_size: int = 64
         """Replay states on which the epistemic std of Q (a Delta Variance) is reported each iteration."""
 
@@ -111,6 +116,7 @@ class EVEConfig(OffPolicyConfig):
         epsilon_timesteps: int | None = NotProvided,
         target_sampling: bool | None = NotProvided,
         target_argmax: str | None = NotProvided,
+        q_heads: str | None = NotProvided,
         uncertainty_batch_size: int | None = NotProvided,
         **kwargs: Any,
     ) -> EVEConfig:
@@ -132,6 +138,7 @@ class EVEConfig(OffPolicyConfig):
                "linearised, parameters")
         _check(self.target_argmax in TARGET_ARGMAX_MODES, "target_argmax", self.target_argmax,
                ", ".join(TARGET_ARGMAX_MODES))
+        _check(self.q_heads in Q_HEADS, "q_heads", self.q_heads, ", ".join(Q_HEADS))
         _check(self.resample in RESAMPLE_MODES, "resample", self.resample, ", ".join(RESAMPLE_MODES))
         for key in ("resample_every", "uncertainty_batch_size"):
             v = getattr(self, key)
@@ -162,4 +169,4 @@ class EVEConfig(OffPolicyConfig):
 
     @property
     def _model_config_auto_includes(self) -> dict[str, Any]:
-        return super()._model_config_auto_includes | {"hidden": list(self.hidden)}
+        return super()._model_config_auto_includes | {"hidden": list(self.hidden), "q_heads": self.q_heads}

@@ -1,7 +1,8 @@
 """EVEModule: the Q network (built by algorithms.networks) and the posterior state acting needs.
 
 - ``q``: obs [B, D] -> Q_θ(s, ·) [B, A], an MLP from the spec's ``network`` block, else
-  ``build_mlp(D, A, NetworkConfig(hidden=config.hidden))``; ``target_q`` is its frozen copy (made by the
+  ``build_mlp(D, A, NetworkConfig(hidden=config.hidden))``; with ``q_heads="per_action"`` A such MLPs
+  with one output each (:class:`PerActionQ`); ``target_q`` is its frozen copy (made by the
   learner, updated every ``target_update_period`` updates).
 - Buffers ``fisher_diag`` [P] (the running diagonal Fisher of ∇_θQ, flat in ``q.named_parameters()``
   order) and ``num_data`` (N, transitions seen): written by the learner after each update, so they
@@ -22,6 +23,18 @@ from algorithms.networks.config import NetworkConfig
 from algorithms.offpolicy.module import OffPolicyRLModule
 
 
+class PerActionQ(torch.nn.Module):
+    """Q(s, ·) [B, A] from A separate networks, Q(s, a) = net_a(s) [B, 1]: no parameter is shared between
+    actions, so a diagonal posterior perturbs each action's value independently."""
+
+    def __init__(self, in_dim: int, num_actions: int, block: NetworkConfig):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(build_mlp(in_dim, 1, block) for _ in range(num_actions))
+
+    def forward(self, obs: Tensor) -> Tensor:
+        return torch.cat([head(obs) for head in self.heads], dim=-1)
+
+
 class EVEModule(OffPolicyRLModule):
     """Q network ``q`` (+ ``target_q`` on the learner) and the buffers ``fisher_diag``, ``num_data``."""
 
@@ -36,7 +49,10 @@ class EVEModule(OffPolicyRLModule):
         if not hasattr(self.action_space, "n"):
             raise ValueError(f"EVE: the action space must be Discrete, got {self.action_space}")
         block = self.network_config or NetworkConfig(hidden=list(mc.get("hidden") or [64]))
-        self.q = build_mlp(int(shape[0]), int(self.action_space.n), block)
+        if mc.get("q_heads", "shared") == "per_action":
+            self.q = PerActionQ(int(shape[0]), int(self.action_space.n), block)
+        else:
+            self.q = build_mlp(int(shape[0]), int(self.action_space.n), block)
         num_params = sum(p.numel() for p in self.q.parameters())
         self.register_buffer("fisher_diag", torch.zeros(num_params))
         self.register_buffer("num_data", torch.zeros((), dtype=torch.float64))
