@@ -188,6 +188,83 @@ def measure_deep_sea(max_size: int, seed: int, deadline: float, force: bool) -> 
                     "complete": first_failed is not None or (bool(tried) and max(tried) >= max_size)})
 
 
+def _unseen_diagnostics(learner: Any, size: int, visited: Any) -> dict[str, Any]:
+    """Epistemic std of Q (a Delta Variance, sqrt(∇_θQᵀ Σ ∇_θQ) averaged over both actions), of the
+    right-left gap Q(s, 1) − Q(s, 0), and the fraction of first-layer units with a positive
+    pre-activation, over the reachable cells (row >= column) seen so far and those not yet seen."""
+    import torch
+
+    from algorithms.eve.losses import q_epistemic_variance, q_gradients
+    from algorithms.uncertainty import module_fn, module_params
+
+    q = learner.module["default_policy"].unwrapped().q
+    cov = learner.fisher.covariance(float(learner.replay.num_transitions))
+    params = module_params(q)
+    cells = torch.eye(size * size)
+    reachable = torch.tensor([i // size >= i % size for i in range(size * size)])
+    heads = list(q.heads) if hasattr(q, "heads") else [q]
+    out: dict[str, Any] = {}
+    for name, mask in (("seen", visited & reachable), ("unseen", ~visited & reachable)):
+        out[f"{name}_cells"] = int(mask.sum())
+        if not mask.any():
+            continue
+        obs = cells[mask]
+        grads = [q_gradients(module_fn(q), params, obs, torch.full((len(obs),), a)) for a in (0, 1)]
+        std = torch.stack([q_epistemic_variance(g, cov, params).clamp_min(0).sqrt() for g in grads])
+        gap = q_epistemic_variance(grads[1] - grads[0], cov, params).clamp_min(0).sqrt()
+        with torch.no_grad():
+            pre = torch.cat([h.blocks[0].layer(obs) for h in heads], dim=-1)
+        out.update({f"{name}_q_std": float(std.mean()), f"{name}_gap_std": float(gap.mean()),
+                    f"{name}_active_units": float((pre > 0).float().mean())})
+    return out
+
+
+def measure_core(sizes: list[int], seed: int, activation: str, q_heads: str, minutes: float, force: bool) -> None:
+    """EVE's runner and learner in this process (algorithms.offpolicy.inprocess, no Ray), one size at a
+    time: stop when solved (bsuite's rule) or at the episode budget; every 500 episodes a progress line
+    with :func:`_unseen_diagnostics`. ``minutes`` caps a size (then ``finished`` is false)."""
+    import torch
+
+    from algorithms.diagnostics.bsuite_scoring import BsuiteEpisodeLog, deep_sea_episode_budget
+    from algorithms.eve.config import EVEConfig
+    from algorithms.offpolicy.inprocess import build_runner_and_learner, core_step
+
+    lines = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()] if RESULTS.exists() else []
+    finished = set() if force else {x["key"] for x in lines if x.get("bench") == "core_deep_sea" and x.get("finished")}
+    for size in sizes:
+        index = (size - 10) // 2
+        bid = f"deep_sea/{index}"
+        key = f"core/EVE/{activation}/{q_heads}/deep_sea-{index}/seed{seed}"
+        if key in finished:  # a size cut short by --minutes runs again
+            continue
+        cfg = (EVEConfig().environment(f"bsuite/deep_sea-{index}").debugging(seed=seed)
+               .training(activation=activation, q_heads=q_heads))
+        runner, learner = build_runner_and_learner(cfg)
+        log = BsuiteEpisodeLog()
+        visited = torch.zeros(size * size, dtype=torch.bool)
+        budget, t0, reported = deep_sea_episode_budget(size), time.perf_counter(), 0
+        common = {"bench": "core_deep_sea", "algo": "EVE", "activation": activation, "q_heads": q_heads,
+                  "size": size, "seed": seed}
+        while (not log.solved(bid) and log.num_episodes(bid) < budget
+               and time.perf_counter() - t0 < 60 * minutes):
+            core_step(runner, learner, cfg, 1)
+            for env in runner.envs:
+                for record in env.drain():
+                    log.add_info(record["bsuite_id"], record)
+            episodes = log.num_episodes(bid)
+            if episodes >= reported + 500:
+                reported = episodes
+                n = len(learner.replay)
+                visited |= (learner.replay.storage["obs"][:n].reshape(n, -1) > 0.5).any(0)[: size * size]
+                _write({**common, "key": f"{key}/progress/{episodes}", "bench": "core_progress",
+                        "episodes": episodes, "seconds": time.perf_counter() - t0,
+                        **_unseen_diagnostics(learner, size, visited)})
+        solved = log.solved(bid)
+        _write({**common, "key": key, "finished": solved or log.num_episodes(bid) >= budget, "solved": solved,
+                "solved_episode": log.solved_episode(bid) if solved else None, "episodes": log.num_episodes(bid),
+                "budget_episodes": budget, "seconds": time.perf_counter() - t0})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--what", default="throughput,deep_sea")
@@ -198,6 +275,10 @@ def main() -> None:
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--fragment", type=int, default=1, help="rollout_fragment_length of EVE and the baseline "
                     "in the throughput part (EVE's default is 1)")
+    ap.add_argument("--sizes", default="20", help="deep_sea sizes of the core part (comma list)")
+    ap.add_argument("--activation", default="elu", help="EVE's Q-network activation in the core part")
+    ap.add_argument("--q-heads", default="shared", help="EVE's q_heads in the core part")
+    ap.add_argument("--minutes", type=float, default=40.0, help="cap per size in the core part")
     args = ap.parse_args()
     import torch
 
@@ -206,9 +287,14 @@ def main() -> None:
     from orchestration.spec import import_builtin_envs
 
     import_builtin_envs()
+    what = set(args.what.split(","))
+    if "core" in what:
+        measure_core([int(x) for x in args.sizes.split(",")], args.seed, args.activation, args.q_heads,
+                     args.minutes, args.force)
+    if not what & {"throughput", "deep_sea"}:
+        return
     init_ray(num_cpus=2)
     deadline = time.time() + 60 * args.deadline_min
-    what = set(args.what.split(","))
     if "throughput" in what:
         measure_throughput(args.iters, args.seed, args.force, args.fragment)
     if "deep_sea" in what:

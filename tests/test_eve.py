@@ -390,29 +390,15 @@ def test_bsuite_scores_for_rllib_ppo_and_eve_through_a_spec(ray_local, tmp_path)
 
 def _runner_and_learner(cfg):
     """EVE's env runner and learner built from ``cfg`` without Ray (the core's objects, in-process)."""
-    from ray.rllib.core import DEFAULT_MODULE_ID
+    from algorithms.offpolicy.inprocess import build_runner_and_learner
 
-    from algorithms.eve.env_runner import EVEEnvRunner
-
-    cfg.validate()
-    runner = EVEEnvRunner(config=cfg)
-    spec = cfg.get_multi_rl_module_spec(spaces={DEFAULT_MODULE_ID: (runner.observation_space, runner.action_space)})
-    learner = cfg.get_default_learner_class()(config=cfg, module_spec=spec)
-    learner.build()
-    return runner, learner
+    return build_runner_and_learner(cfg)
 
 
 def _core_step(runner, learner, cfg, num_timesteps: int) -> None:
-    """One round in the core's order: sample, insert, the updates due at the ratio, weight sync."""
-    from ray.rllib.core import DEFAULT_MODULE_ID
+    from algorithms.offpolicy.inprocess import core_step
 
-    from algorithms.offpolicy.ratio import updates_due
-
-    learner.insert(runner.sample(num_timesteps=num_timesteps))
-    due = updates_due(learner.replay.num_env_steps, int(cfg.train_batch_size_per_learner),
-                      float(cfg.samples_per_insert), learner.num_updates, int(cfg.learning_starts))
-    learner.run_updates(due, {})
-    runner.set_state({"rl_module": learner.module[DEFAULT_MODULE_ID].get_state(inference_only=True)})
+    core_step(runner, learner, cfg, num_timesteps)
 
 
 def test_runner_and_learner_wiring_without_ray():
