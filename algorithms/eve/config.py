@@ -14,9 +14,11 @@ gradient clipping, MLP [64] with ELU, σ² = 0.001, λ = 1, hard target update e
 env steps, linearised perturbations for acting and for the bootstrap targets, and bootstrap targets that
 are the Q-learning targets of the posterior sample (``target_argmax="sample"``: the sampled values also
 pick the bootstrap action, so the targets carry the next state's uncertainty as optimism; see
-algorithms.eve.learner). Measured with these defaults (issue 5 report, no-Ray loop of the same runner
-and learner): deep_sea-10 solved by seeds 0, 1, 2 at episodes 300-400 of 1,124, deep_sea-14 by seeds 0, 1
-at episode 600; with ``target_argmax="mean"`` seed 1 failed size 10.
+algorithms.eve.learner). Measured (issue 5 report, the in-process core of
+``benchmarks/eve_deep_sea.py --what core``): with ReLU, deep_sea-10 solved by seeds 0, 1, 2 at episodes
+300-400 of 1,124, sizes up to 18 by seed 0, size 20 not (its hidden units died, see ``activation``);
+with ELU (the default since) seed 0 solves sizes 20, 22 and 24 (episodes 4,000, 7,000, 10,000) and
+not 30; with ``target_argmax="mean"`` seed 1 failed size 10.
 
 Deviations from the paper, both documented where they act: acting and bootstrapping use the linearised
 posterior sample Q_θ̂ + ∇_θQᵀδ (``perturbation="linearised"``; the plain weight perturbation never solved

@@ -250,6 +250,9 @@ def _leaf_jvp(leaf: nn.Module, x: Tensor, dx: Tensor, dp: dict[str, Tensor]) -> 
     if isinstance(leaf, nn.Tanh):
         y = torch.tanh(x)
         return y, dx * (1 - y * y)
+    if isinstance(leaf, nn.ELU) and not leaf.inplace:
+        y = F.elu(x, leaf.alpha)  # ELU'(x) = 1 for x > 0, else α·exp(x) = y + α
+        return y, dx * torch.where(x > 0, 1.0, y + leaf.alpha)
     if isinstance(leaf, nn.LayerNorm):
         if len(leaf.normalized_shape) != 1:
             raise ValueError("the forward-mode fast path supports LayerNorm over the last dimension only")
@@ -281,7 +284,7 @@ def linearised_forward(module: nn.Module, x: Tensor, tangent: Tensor | Params) -
     ``tangent`` is δ as a [P] vector in ``named_parameters()`` order or a dict by parameter name. For chains
     of ``nn.Linear``, ``nn.LayerNorm``, the project's RMSNorm and elementwise activations (e.g. networks from
     :func:`algorithms.networks.build_mlp`) the tangent is pushed through layer by layer by hand
-    (Linear: dy = dx Wᵀ + x δWᵀ + δb; ReLU: dy = dx ⊙ 1[x > 0]; LayerNorm with x̂ = (x − μ)/s:
+    (Linear: dy = dx Wᵀ + x δWᵀ + δb; ReLU: dy = dx ⊙ 1[x > 0]; ELU: dy = dx ⊙ (1 if x > 0 else y + α); LayerNorm with x̂ = (x − μ)/s:
     dx̂ = (dx − mean(dx) − x̂ ⊙ mean(dx ⊙ x̂))/s, dy = γ ⊙ dx̂ + δγ ⊙ x̂ + δβ), which costs about two
     forward passes; any other module goes through ``torch.func.jvp`` (same values, more overhead).
     """
