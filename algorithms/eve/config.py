@@ -160,9 +160,11 @@ class EVEConfig(OffPolicyConfig):
         _check(self.exploration in EXPLORATION_MODES, "exploration", self.exploration, ", ".join(EXPLORATION_MODES))
         _check(isinstance(self.hidden, list | tuple) and all(isinstance(w, int) and w >= 1 for w in self.hidden),
                "hidden", self.hidden, "a list of ints >= 1")
-        from algorithms.networks.builders import _ACTIVATIONS
+        from typing import get_args
 
-        _check(self.activation in _ACTIVATIONS, "activation", self.activation, ", ".join(sorted(_ACTIVATIONS)))
+        from algorithms.networks.config import Activation
+
+        _check(self.activation in get_args(Activation), "activation", self.activation, ", ".join(get_args(Activation)))
         import gymnasium as gym
 
         if self.action_space is not None:

@@ -61,6 +61,8 @@ def named_params(module: nn.Module, trainable_only: bool = False) -> dict[str, n
         if not trainable_only or p.requires_grad:
             out[name] = p
     return out
+
+
 Forward = Callable[[nn.Module], Tensor]
 """``forward(module) -> u`` [B] or [B, K] on a batch, row b depending on example b only, e.g.
 ``lambda m: m(obs).gather(1, actions[:, None])[:, 0]`` for Q(s, a)."""
