@@ -24,6 +24,9 @@ EVE's throughput >= 5x RLlib DQN's (47 env steps/s measured earlier on this mach
 
 Usage: .venv/bin/python benchmarks/eve_deep_sea.py [--what throughput,deep_sea] [--iters 5]
        [--max-size 30] [--deadline-min 60] [--seed 0]
+       .venv/bin/python benchmarks/eve_deep_sea.py --what core --sizes 20,30 [--q-heads per_action]
+       [--set prior_precision=0.1 ...] [--network '{hidden: [64], activation: elu, norm: layer}'] [--minutes 40]
+       (in-process runs; --set and --network are part of the result key)
 """
 
 from __future__ import annotations
@@ -219,10 +222,14 @@ def _unseen_diagnostics(learner: Any, size: int, visited: Any) -> dict[str, Any]
     return out
 
 
-def measure_core(sizes: list[int], seed: int, activation: str, q_heads: str, minutes: float, force: bool) -> None:
+def measure_core(sizes: list[int], seed: int, activation: str, q_heads: str, minutes: float, force: bool,
+                 overrides: dict[str, Any] | None = None, network: dict[str, Any] | None = None) -> None:
     """EVE's runner and learner in this process (algorithms.offpolicy.inprocess, no Ray), one size at a
     time: stop when solved (bsuite's rule) or at the episode budget; every 500 episodes a progress line
-    with :func:`_unseen_diagnostics`. ``minutes`` caps a size (then ``finished`` is false)."""
+    with :func:`_unseen_diagnostics`. ``minutes`` caps a size (then ``finished`` is false).
+    ``overrides``: further ``EVEConfig.training`` settings (``--set key=value``); ``network``: the spec's
+    ``network`` block for the Q network (``--network``, replaces ``activation``); both are part of the key."""
+    overrides = dict(overrides or {})
     import torch
 
     from algorithms.diagnostics.bsuite_scoring import BsuiteEpisodeLog, deep_sea_episode_budget
@@ -234,17 +241,23 @@ def measure_core(sizes: list[int], seed: int, activation: str, q_heads: str, min
     for size in sizes:
         index = (size - 10) // 2
         bid = f"deep_sea/{index}"
-        key = f"core/EVE/{activation}/{q_heads}/deep_sea-{index}/seed{seed}"
+        tag = "".join(f"/{k}={v}" for k, v in sorted(overrides.items()))
+        if network:
+            tag += "/network=" + ",".join(f"{k}:{v}" for k, v in sorted(network.items()))
+        key = f"core/EVE/{activation}/{q_heads}{tag}/deep_sea-{index}/seed{seed}"
         if key in finished:  # a size cut short by --minutes runs again
             continue
         cfg = (EVEConfig().environment(f"bsuite/deep_sea-{index}").debugging(seed=seed)
-               .training(activation=activation, q_heads=q_heads))
+               .training(activation=activation, q_heads=q_heads, **overrides))
+        if network:
+            cfg.rl_module(model_config={"network": network})
         runner, learner = build_runner_and_learner(cfg)
         log = BsuiteEpisodeLog()
         visited = torch.zeros(size * size, dtype=torch.bool)
         budget, t0, reported = deep_sea_episode_budget(size), time.perf_counter(), 0
         common = {"bench": "core_deep_sea", "algo": "EVE", "activation": activation, "q_heads": q_heads,
-                  "size": size, "seed": seed}
+                  "size": size, "seed": seed, **({"overrides": overrides} if overrides else {}),
+                  **({"network": network} if network else {})}
         while (not log.solved(bid) and log.num_episodes(bid) < budget
                and time.perf_counter() - t0 < 60 * minutes):
             core_step(runner, learner, cfg, 1)
@@ -279,7 +292,19 @@ def main() -> None:
     ap.add_argument("--activation", default="elu", help="EVE's Q-network activation in the core part")
     ap.add_argument("--q-heads", default="shared", help="EVE's q_heads in the core part")
     ap.add_argument("--minutes", type=float, default=40.0, help="cap per size in the core part")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="further EVEConfig.training setting of the core part (repeatable; value parsed as YAML)")
+    ap.add_argument("--network", default=None, metavar="YAML",
+                    help="network block of EVE's Q network in the core part, e.g. '{hidden: [64], activation: elu, norm: layer}'")
     args = ap.parse_args()
+    import yaml
+
+    overrides = {}
+    for item in args.set:
+        if "=" not in item:
+            ap.error(f"--set takes KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        overrides[k.strip()] = yaml.safe_load(v)
     import torch
 
     torch.set_num_threads(1)
@@ -290,7 +315,7 @@ def main() -> None:
     what = set(args.what.split(","))
     if "core" in what:
         measure_core([int(x) for x in args.sizes.split(",")], args.seed, args.activation, args.q_heads,
-                     args.minutes, args.force)
+                     args.minutes, args.force, overrides, yaml.safe_load(args.network) if args.network else None)
     if not what & {"throughput", "deep_sea"}:
         return
     init_ray(num_cpus=2)
