@@ -23,6 +23,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -476,6 +477,40 @@ def _validate_rllib(spec: Spec, file: str | None) -> None:
             close = difflib.get_close_matches(key, allowed, n=3)
             hint = f"unknown key for {algo_cls.__name__}{'; did you mean ' + ' or '.join(close) + '?' if close else ''}"
             raise SpecError(file, f"config.{key}", hint, allowed=f"keys of {type(algo_cls.get_default_config()).__name__} builder methods (e.g. {', '.join(close or sorted(keys)[:5])})")
+    _validate_algorithm_values(spec, algo_cls, keys, blocks, file)
+
+
+def _validate_algorithm_values(spec: Spec, algo_cls: type, keys: dict[str, str], blocks: dict[str, Any],
+                               file: str | None) -> None:
+    """Run the project algorithms' own value checks (``AlgorithmConfig.validate``, e.g. WPO's and EVE's
+    ``num_action_samples: got 0; allowed: an int >= 1``) on every grid variant of ``config``, so a bad
+    value stops the launch before Ray starts instead of failing each trial. RLlib's own algorithms are
+    left to RLlib (their validate() needs the env's spaces and resources)."""
+    from algorithms.offpolicy.config import OffPolicyConfig
+
+    if not isinstance(algo_cls.get_default_config(), OffPolicyConfig):
+        return
+    env = S.representative(spec.env)
+    for assignment, variant in S.grid_variants(spec.config):
+        values = {k: v for k, v in S.representative(variant).items() if k not in blocks}
+        cfg = algo_cls.get_default_config().environment(env=env)
+        where = f" (with {', '.join(f'{k}={v!r}' for k, v in assignment.items())})" if assignment else ""
+        key = "config"
+        try:
+            for key_, value in values.items():
+                key = f"config.{key_}"
+                if keys.get(key_, "attr") != "attr":
+                    getattr(cfg, keys[key_])(**{key_: value})
+                else:
+                    cfg.update_from_dict({key_: value})
+            key = "config"
+            cfg.validate()
+        except Exception as e:  # noqa: BLE001 - the algorithm's own message names the key and allowed values
+            msg = str(e).strip()
+            named = [msg.split(":", 1)[0].strip(), *re.findall(r"`(\w+)`", msg)]
+            if key == "config" and any(n in values for n in named):
+                key = "config." + next(n for n in named if n in values)
+            raise SpecError(file, key, msg + where) from None
 
 
 def import_builtin_envs() -> None:

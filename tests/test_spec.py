@@ -131,6 +131,19 @@ def test_unknown_algorithm_env_and_config_key():
     assert error({**BASE, "config": {"seed": 3}}).key == "config.seed"
 
 
+def test_project_algorithm_values_checked_per_grid_value_before_launch():
+    """WPO/EVE run their own AlgorithmConfig.validate() on each grid variant at load time."""
+    wpo = {"name": "t", "algorithm": "WPO", "env": "dmc/cartpole-swingup"}
+    assert load_spec({**wpo, "config": {"num_action_samples": {"grid": [5, 20]}}}).config
+    e = error({**wpo, "config": {"num_action_samples": {"grid": [5, 0]}}})
+    assert e.key == "config.num_action_samples"
+    assert "got 0; allowed: an int >= 1" in str(e) and "num_action_samples=0" in str(e)
+    e = error({"name": "t", "algorithm": "EVE", "env": "bsuite/deep_sea-0"}, ["config.q_heads=bogus"])
+    assert e.key == "config.q_heads" and "allowed: shared, per_action" in str(e)
+    e = error({**wpo, "config": {"lr": "abc"}})  # RLlib's own check, named by the backticked key
+    assert e.key == "config.lr" and "Invalid `lr`" in str(e)
+
+
 def test_rllib_keys_of_all_builder_methods_are_accepted():
     s = spec(config={"lr": 1e-3, "train_batch_size_per_learner": 500, "num_env_runners": 0,
                      "clip_param": 0.2, "evaluation_interval": 2, "model_config": {"fcnet_hiddens": [32]}})
