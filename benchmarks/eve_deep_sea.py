@@ -194,7 +194,7 @@ def measure_deep_sea(max_size: int, seed: int, deadline: float, force: bool) -> 
 def _unseen_diagnostics(learner: Any, size: int, visited: Any) -> dict[str, Any]:
     """Epistemic std of Q (a Delta Variance, sqrt(∇_θQᵀ Σ ∇_θQ) averaged over both actions), of the
     right-left gap Q(s, 1) − Q(s, 0), and the fraction of first-layer units with a positive
-    pre-activation, over the reachable cells (row >= column) seen so far and those not yet seen."""
+    pre-activation (the activation's input, after the norm if any), over the reachable cells (row >= column) seen so far and those not yet seen."""
     import torch
 
     from algorithms.eve.losses import q_epistemic_variance, q_gradients
@@ -216,7 +216,8 @@ def _unseen_diagnostics(learner: Any, size: int, visited: Any) -> dict[str, Any]
         std = torch.stack([q_epistemic_variance(g, cov, params).clamp_min(0).sqrt() for g in grads])
         gap = q_epistemic_variance(grads[1] - grads[0], cov, params).clamp_min(0).sqrt()
         with torch.no_grad():
-            pre = torch.cat([h.blocks[0].layer(obs) for h in heads], dim=-1)
+            blocks = [h.blocks[0] for h in heads]  # the activation's input: after the norm when there is one
+            pre = torch.cat([(getattr(b, "norm", None) or torch.nn.Identity())(b.layer(obs)) for b in blocks], dim=-1)
         out.update({f"{name}_q_std": float(std.mean()), f"{name}_gap_std": float(gap.mean()),
                     f"{name}_active_units": float((pre > 0).float().mean())})
     return out

@@ -171,6 +171,25 @@ def test_per_action_heads_share_no_parameters_and_work_with_the_fast_paths():
         _eve_config("posterior", q_heads="tree").validate()
 
 
+def test_norm_option_builds_the_normalised_q_network_on_runner_and_learner():
+    """EVEConfig.norm reaches the module through model_config: LayerNorm before the activation, no bias
+    in the normalised layer, on both the runner's and the learner's copy; unknown values are rejected."""
+    from algorithms.eve.config import EVEConfig
+    from orchestration.spec import import_builtin_envs
+
+    import_builtin_envs()
+    cfg = EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=0).training(norm="layer", hidden=[16])
+    runner, learner = _runner_and_learner(cfg)
+    for module in (runner.module, learner.module["default_policy"].unwrapped()):
+        block = module.q.blocks[0]
+        assert isinstance(block.norm, torch.nn.LayerNorm) and block.layer.bias is None
+        assert block.layer.out_features == 16
+    plain = _runner_and_learner(EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=0))[0]
+    assert not isinstance(getattr(plain.module.q.blocks[0], "norm", None), torch.nn.LayerNorm)
+    with pytest.raises(ValueError, match="norm: got 'batch'; allowed: none, layer, rms"):
+        _eve_config("posterior", norm="batch").validate()
+
+
 def test_q_epistemic_variance_is_the_delta_variance():
     net = _net()
     params = module_params(net)

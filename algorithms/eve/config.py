@@ -70,6 +70,9 @@ class EVEConfig(OffPolicyConfig):
         500, 3% at 2,500), and a dead unit passes no posterior noise, so the epistemic spread collapsed
         (std of Q 0.27 -> 0.003) and size 20 went unsolved; with ELU ~45% stay positive, the derivative
         elsewhere is exp(x) > 0, and size 20 was solved at episode 4,000 (issue 5 report)."""
+        self.norm: str = "none"
+        """Normalisation before each hidden activation of the Q network: none | layer | rms (ignored when
+        the spec's ``network`` block is set; with a norm the hidden layers drop their bias)."""
         self.double_q: bool = True
         """Double Q-learning targets (argmax by the online network, value by the target)."""
         self.noise_var: float = 0.001
@@ -111,6 +114,7 @@ class EVEConfig(OffPolicyConfig):
         *,
         hidden: list[int] | None = NotProvided,
         activation: str | None = NotProvided,
+        norm: str | None = NotProvided,
         double_q: bool | None = NotProvided,
         noise_var: float | None = NotProvided,
         prior_precision: float | None = NotProvided,
@@ -162,9 +166,10 @@ class EVEConfig(OffPolicyConfig):
                "hidden", self.hidden, "a list of ints >= 1")
         from typing import get_args
 
-        from algorithms.networks.config import Activation
+        from algorithms.networks.config import Activation, Norm
 
         _check(self.activation in get_args(Activation), "activation", self.activation, ", ".join(get_args(Activation)))
+        _check(self.norm in get_args(Norm), "norm", self.norm, ", ".join(get_args(Norm)))
         import gymnasium as gym
 
         if self.action_space is not None:
@@ -184,4 +189,5 @@ class EVEConfig(OffPolicyConfig):
     @property
     def _model_config_auto_includes(self) -> dict[str, Any]:
         return super()._model_config_auto_includes | {"hidden": list(self.hidden), "activation": self.activation,
+                                                     "norm": self.norm,
                                                      "q_heads": self.q_heads}

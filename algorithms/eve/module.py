@@ -1,7 +1,7 @@
 """EVEModule: the Q network (built by algorithms.networks) and the posterior state acting needs.
 
 - ``q``: obs [B, D] -> Q_θ(s, ·) [B, A], an MLP from the spec's ``network`` block, else
-  ``build_mlp(D, A, NetworkConfig(hidden=config.hidden, activation=config.activation))``; with ``q_heads="per_action"`` A such MLPs
+  ``build_mlp(D, A, NetworkConfig(hidden=config.hidden, activation=config.activation, norm=config.norm))``; with ``q_heads="per_action"`` A such MLPs
   with one output each (:class:`PerActionQ`); ``target_q`` is its frozen copy (made by the
   learner, updated every ``target_update_period`` updates).
 - Buffers ``fisher_diag`` [P] (the running diagonal Fisher of ∇_θQ, flat in ``q.named_parameters()``
@@ -49,7 +49,8 @@ class EVEModule(OffPolicyRLModule):
         if not hasattr(self.action_space, "n"):
             raise ValueError(f"EVE: the action space must be Discrete, got {self.action_space}")
         block = self.network_config or NetworkConfig(hidden=list(mc.get("hidden") or [64]),
-                                                      activation=str(mc.get("activation", "relu")))
+                                                      activation=str(mc.get("activation", "relu")),
+                                                      norm=str(mc.get("norm", "none")))
         if mc.get("q_heads", "shared") == "per_action":
             self.q = PerActionQ(int(shape[0]), int(self.action_space.n), block)
         else:
