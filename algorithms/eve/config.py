@@ -18,7 +18,12 @@ algorithms.eve.learner). Measured (issue 5 report, the in-process core of
 ``benchmarks/eve_deep_sea.py --what core``): with ReLU, deep_sea-10 solved by seeds 0, 1, 2 at episodes
 300-400 of 1,124, sizes up to 18 by seed 0, size 20 not (its hidden units died, see ``activation``);
 with ELU (the default since) seed 0 solves sizes 20, 22 and 24 (episodes 4,000, 7,000, 10,000) and
-not 30; with ``target_argmax="mean"`` seed 1 failed size 10.
+not 30; with ``target_argmax="mean"`` seed 1 failed size 10. For large deep_sea sizes
+``q_heads="per_action"``, ``norm="layer"`` and ``prior_precision=0.1`` explore much deeper (size 22
+solved at episode 900 instead of 7,000; at size 30 every reachable cell visited by episode 1,500, where
+the defaults left 12 unvisited at 10,000; not yet solved at 20-30 within the runs' time caps), and
+``norm="layer"`` with ``prior_precision=0.1`` solved size 30 (episode 5,000, seed 0); they are not the
+defaults yet (one seed, sizes 22-28 undecided; benchmarks/README.md).
 
 Deviations from the paper, both documented where they act: acting and bootstrapping use the linearised
 posterior sample Q_θ̂ + ∇_θQᵀδ (``perturbation="linearised"``; the plain weight perturbation never solved
