@@ -351,6 +351,15 @@ BUILDER_METHODS = (
 RESERVED_CONFIG_KEYS = {"env", "seed", ORCHESTRA_KEY}
 
 
+def set_algorithm_config_value(cfg: Any, keys: dict[str, str], key: str, value: Any) -> None:
+    """Set one flat spec key on an AlgorithmConfig: through its builder method (``keys`` from
+    :func:`algorithm_config_keys`), else as a plain attribute (``update_from_dict``)."""
+    if keys.get(key, "attr") != "attr":
+        getattr(cfg, keys[key])(**{key: value})
+    else:
+        cfg.update_from_dict({key: value})
+
+
 def algorithm_config_keys(algo_cls: type) -> dict[str, str]:
     """Flat config keys an RLlib algorithm accepts: {key: builder method or "attr"}.
 
@@ -499,10 +508,7 @@ def _validate_algorithm_values(spec: Spec, algo_cls: type, keys: dict[str, str],
         try:
             for key_, value in values.items():
                 key = f"config.{key_}"
-                if keys.get(key_, "attr") != "attr":
-                    getattr(cfg, keys[key_])(**{key_: value})
-                else:
-                    cfg.update_from_dict({key_: value})
+                set_algorithm_config_value(cfg, keys, key_, value)
             key = "config"
             cfg.validate()
         except Exception as e:  # noqa: BLE001 - the algorithm's own message names the key and allowed values

@@ -25,7 +25,12 @@ from typing import Any
 from ray import tune
 
 from orchestration.env import set_torch_threads
-from orchestration.spec import ORCHESTRA_KEY, algorithm_config_keys, import_user_modules
+from orchestration.spec import (
+    ORCHESTRA_KEY,
+    algorithm_config_keys,
+    import_user_modules,
+    set_algorithm_config_value,
+)
 
 _CACHE: dict[str, type] = {}
 STEPS_KEY = "steps"
@@ -170,10 +175,8 @@ def build_algorithm_config(algo_cls: type, trial_config: dict[str, Any]) -> Any:
                 setattr(cfg, key, block)
             else:
                 deferred.append((blocks[key], block))
-        elif keys.get(key, "attr") != "attr":
-            getattr(cfg, keys[key])(**{key: value})
         else:
-            cfg.update_from_dict({key: value})
+            set_algorithm_config_value(cfg, keys, key, value)
     for block_def, block in deferred:
         block_def.apply(cfg, block)
 
