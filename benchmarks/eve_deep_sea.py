@@ -24,9 +24,10 @@ EVE's throughput >= 5x RLlib DQN's (47 env steps/s measured earlier on this mach
 
 Usage: .venv/bin/python benchmarks/eve_deep_sea.py [--what throughput,deep_sea] [--iters 5]
        [--max-size 30] [--deadline-min 60] [--seed 0]
-       .venv/bin/python benchmarks/eve_deep_sea.py --what core --sizes 20,30 [--q-heads per_action]
-       [--set prior_precision=0.1 ...] [--network '{hidden: [64], activation: elu, norm: layer}'] [--minutes 40]
-       (in-process runs; --set and --network are part of the result key)
+       .venv/bin/python benchmarks/eve_deep_sea.py --what core --sizes 20,30 [--q-heads shared]
+       [--set prior_precision=1 ...] [--network '{hidden: [64], activation: elu, norm: layer}'] [--minutes 40]
+       (in-process runs; the settings that differ from the earlier defaults, CORE_KEY_BASELINE, and
+       --network are part of the result key)
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results" / "eve_deep_sea.jsonl"
 BATCH = 32
+DEFAULTS_TAG = "/defaults2"
+"""Suffix of the throughput and Ray deep_sea keys measured with EVEConfig's defaults of 2026-11-26 (per-action
+heads, LayerNorm, λ = 0.1, target_noise_clip 1); keys without it were measured with the earlier defaults."""
+CORE_KEY_BASELINE = {"q_heads": "shared", "norm": "none", "prior_precision": 1.0, "target_noise_clip": None}
+"""The earlier defaults: a core key names each of these settings whose effective value differs from them
+(besides every other ``--set``), so a key means the same setting whatever EVEConfig's defaults are."""
 
 
 def _done_keys(force: bool) -> set[str]:
@@ -95,7 +102,7 @@ def measure_throughput(iters: int, seed: int, force: bool, fragment: int = 1) ->
     done = _done_keys(force)
     env = "bsuite/deep_sea-0"
     tag = "" if fragment == 1 else f"/fragment{fragment}"
-    keys = {name: f"throughput/{name}/{env}/batch{BATCH}/iters{iters}{tag}" for name in ("EVE", "baseline", "DQN")}
+    keys = {name: f"throughput/{name}/{env}/batch{BATCH}/iters{iters}{tag}{DEFAULTS_TAG if name != 'DQN' else ''}" for name in ("EVE", "baseline", "DQN")}
     if all(k in done for k in keys.values()):
         return
     cfgs = {"EVE": eve_config("posterior", env, seed, one_update_per_step=True),
@@ -159,7 +166,7 @@ def measure_deep_sea(max_size: int, seed: int, deadline: float, force: bool) -> 
     # so under a deadline both arms get measured; EVE then climbs until it fails a size.
     for name, exploration in (("baseline", "epsilon_greedy"), ("EVE", "posterior")):
         for index in range(0, (max_size - 10) // 2 + 1):
-            key = f"deep_sea/{name}/deep_sea-{index}/seed{seed}"
+            key = f"deep_sea/{name}/deep_sea-{index}/seed{seed}{DEFAULTS_TAG}"
             if key in done:
                 prev = next(x for x in lines if x.get("key") == key)
                 if not prev["solved"]:
@@ -178,13 +185,14 @@ def measure_deep_sea(max_size: int, seed: int, deadline: float, force: bool) -> 
                 break
     for name in ("EVE", "baseline"):
         solved = {x["size"]: x["solved"] for x in lines if x.get("bench", "deep_sea") == "deep_sea"
-                  and x.get("key", "").startswith(f"deep_sea/{name}/") and x.get("key", "").endswith(f"seed{seed}")}
+                  and x.get("key", "").startswith(f"deep_sea/{name}/")
+                  and x.get("key", "").endswith(f"seed{seed}{DEFAULTS_TAG}")}
         largest, n = None, 10
         while solved.get(n):
             largest, n = n, n + 2
         tried = sorted(solved)
         first_failed = next((s for s in tried if not solved[s]), None)
-        key = f"largest_solved/{name}/seed{seed}/{len(tried)}"
+        key = f"largest_solved/{name}/seed{seed}/{len(tried)}{DEFAULTS_TAG}"
         if key not in _done_keys(False):
             _write({"key": key, "bench": "largest_solved", "algo": name, "seed": seed, "largest_solved": largest,
                     "sizes_tried": tried, "first_failed": first_failed,
@@ -242,22 +250,27 @@ def measure_core(sizes: list[int], seed: int, activation: str, q_heads: str, min
     for size in sizes:
         index = (size - 10) // 2
         bid = f"deep_sea/{index}"
-        tag = "".join(f"/{k}={v}" for k, v in sorted(overrides.items()))
-        if network:
-            tag += "/network=" + ",".join(f"{k}:{v}" for k, v in sorted(network.items()))
-        key = f"core/EVE/{activation}/{q_heads}{tag}/deep_sea-{index}/seed{seed}"
-        if key in finished:  # a size cut short by --minutes runs again
-            continue
         cfg = (EVEConfig().environment(f"bsuite/deep_sea-{index}").debugging(seed=seed)
-               .training(activation=activation, q_heads=q_heads, **overrides))
+               .training(activation=activation, **({"q_heads": q_heads} if q_heads else {}), **overrides))
         if network:
             cfg.rl_module(model_config={"network": network})
+        named = {k: getattr(cfg, k) for k in CORE_KEY_BASELINE if k != "q_heads"}
+        if network:  # the network block replaces norm
+            named.pop("norm")
+        named = {k: v for k, v in named.items() if v != CORE_KEY_BASELINE[k]}
+        settings = {**named, **{k: v for k, v in overrides.items() if k not in CORE_KEY_BASELINE}}
+        tag = "".join(f"/{k}={v}" for k, v in sorted(settings.items()))
+        if network:
+            tag += "/network=" + ",".join(f"{k}:{v}" for k, v in sorted(network.items()))
+        key = f"core/EVE/{activation}/{cfg.q_heads}{tag}/deep_sea-{index}/seed{seed}"
+        if key in finished:  # a size cut short by --minutes runs again
+            continue
         runner, learner = build_runner_and_learner(cfg)
         log = BsuiteEpisodeLog()
         visited = torch.zeros(size * size, dtype=torch.bool)
         budget, t0, reported = deep_sea_episode_budget(size), time.perf_counter(), 0
-        common = {"bench": "core_deep_sea", "algo": "EVE", "activation": activation, "q_heads": q_heads,
-                  "size": size, "seed": seed, **({"overrides": overrides} if overrides else {}),
+        common = {"bench": "core_deep_sea", "algo": "EVE", "activation": activation, "q_heads": cfg.q_heads,
+                  "size": size, "seed": seed, **({"overrides": settings} if settings else {}),
                   **({"network": network} if network else {})}
         while (not log.solved(bid) and log.num_episodes(bid) < budget
                and time.perf_counter() - t0 < 60 * minutes):
@@ -270,8 +283,10 @@ def measure_core(sizes: list[int], seed: int, activation: str, q_heads: str, min
                 reported = episodes
                 n = len(learner.replay)
                 visited |= (learner.replay.storage["obs"][:n].reshape(n, -1) > 0.5).any(0)[: size * size]
+                bad = log.episode_values(bid, "bad")
                 _write({**common, "key": f"{key}/progress/{episodes}", "bench": "core_progress",
                         "episodes": episodes, "seconds": time.perf_counter() - t0,
+                        "bad_fraction": sum(bad) / len(bad), "good_last_500": int(len(bad[-500:]) - sum(bad[-500:])),
                         **_unseen_diagnostics(learner, size, visited)})
         solved = log.solved(bid)
         _write({**common, "key": key, "finished": solved or log.num_episodes(bid) >= budget, "solved": solved,
@@ -291,7 +306,7 @@ def main() -> None:
                     "in the throughput part (EVE's default is 1)")
     ap.add_argument("--sizes", default="20", help="deep_sea sizes of the core part (comma list)")
     ap.add_argument("--activation", default="elu", help="EVE's Q-network activation in the core part")
-    ap.add_argument("--q-heads", default="shared", help="EVE's q_heads in the core part")
+    ap.add_argument("--q-heads", default=None, help="EVE's q_heads in the core part (default: EVEConfig's)")
     ap.add_argument("--minutes", type=float, default=40.0, help="cap per size in the core part")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="further EVEConfig.training setting of the core part (repeatable; value parsed as YAML)")

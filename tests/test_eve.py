@@ -88,6 +88,25 @@ def test_sampled_q_targets_hand_cases_and_optimism():
         sampled_q_targets(ret, disc, equal, noise, argmax="max")
 
 
+def test_sampled_q_targets_noise_clip_bounds_the_perturbation():
+    ret, disc = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 1.0])
+    q_targ = torch.tensor([[2.0, 1.0], [0.0, 0.5]])
+    q_online = torch.tensor([[3.0, 0.0], [0.0, 0.0]])
+    noise = torch.tensor([[0.0, 40.0], [-7.0, -0.25]])
+    # clipped to [-1, 1]: row 0 noise (0, 1): double-Q argmax(3, 1) = 0, target 1 + 0.5 * (2 + 0) = 2;
+    # row 1 noise (-1, -0.25): argmax(-1, -0.25) = 1, target 0 + 1 * (0.5 - 0.25) = 0.25
+    clipped = sampled_q_targets(ret, disc, q_targ, noise, q_online, noise_clip=1.0)
+    assert torch.allclose(clipped, torch.tensor([2.0, 0.25]))
+    # unclipped, row 0 picks action 1: 1 + 0.5 * (1 + 40) = 21.5
+    assert sampled_q_targets(ret, disc, q_targ, noise, q_online)[0].item() == pytest.approx(21.5)
+    # a clip above every |noise| changes nothing
+    assert torch.equal(sampled_q_targets(ret, disc, q_targ, noise, q_online, noise_clip=100.0),
+                       sampled_q_targets(ret, disc, q_targ, noise, q_online))
+    for bad in (0.0, -1.0, "1", True):
+        with pytest.raises(ValueError, match="target_noise_clip.*None or a number > 0"):
+            _eve_config("posterior", target_noise_clip=bad).validate()
+
+
 @pytest.mark.parametrize("norm", ["none", "layer"])
 def test_fisher_on_the_loss_forward_pass_equals_per_example_gradients(norm):
     """The learner's path: mean_sq_grad_fast with retain_graph on a forward pass that the loss reuses."""
@@ -178,13 +197,19 @@ def test_norm_option_builds_the_normalised_q_network_on_runner_and_learner():
     from orchestration.spec import import_builtin_envs
 
     import_builtin_envs()
-    cfg = EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=0).training(norm="layer", hidden=[16])
+    cfg = (EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=0)
+           .training(norm="layer", hidden=[16], q_heads="shared"))
     runner, learner = _runner_and_learner(cfg)
     for module in (runner.module, learner.module["default_policy"].unwrapped()):
         block = module.q.blocks[0]
         assert isinstance(block.norm, torch.nn.LayerNorm) and block.layer.bias is None
         assert block.layer.out_features == 16
-    plain = _runner_and_learner(EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=0))[0]
+    # the defaults: one LayerNorm MLP per action
+    default = _runner_and_learner(EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=0))[0]
+    assert len(default.module.q.heads) == 2
+    assert all(isinstance(h.blocks[0].norm, torch.nn.LayerNorm) for h in default.module.q.heads)
+    plain = _runner_and_learner(EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=0)
+                                .training(norm="none", q_heads="shared"))[0]
     assert not isinstance(getattr(plain.module.q.blocks[0], "norm", None), torch.nn.LayerNorm)
     with pytest.raises(ValueError, match="norm: got 'batch'; allowed: none, layer, rms"):
         _eve_config("posterior", norm="batch").validate()
@@ -303,6 +328,10 @@ def _eve_config(exploration: str, *, env: str = "bsuite/deep_sea-0", seed: int =
             .training(exploration=exploration, **training).callbacks(make_bsuite_callback(BsuiteSettings())))
 
 
+PAPER_NETWORK = {"q_heads": "shared", "norm": "none", "prior_precision": 1.0, "target_noise_clip": None}
+"""EVE's Q network and prior before 2026-11-26: one MLP with A outputs (the paper's), no norm, λ = 1."""
+
+
 def _train_until_done(algo, max_iters: int) -> dict:
     result: dict = {}
     for _ in range(max_iters):
@@ -315,11 +344,15 @@ def _train_until_done(algo, max_iters: int) -> dict:
 @pytest.mark.slow
 def test_eve_solves_deep_sea_10_where_epsilon_greedy_does_not(ray_local):
     """bsuite deep_sea/0 (size 10), same seed and settings; only config.exploration differs. The run
-    stops when solved (bsuite's rule) or after 2^10 + 100 = 1124 episodes."""
+    stops when solved (bsuite's rule) or after 2^10 + 100 = 1124 episodes. Both arms use the paper's
+    single Q-MLP (one [64] ELU torso with A outputs, no norm, λ = 1, no target clip): with the defaults'
+    per-action LayerNorm towers the epsilon-greedy baseline solves size 10 too (seed 0 at episode 400,
+    size 14 at 3,000: an untried action keeps its initial value, which acts as optimistic initialisation),
+    so that network separates the two only at sizes too slow for the suite (benchmarks/README.md)."""
     torch.set_num_threads(1)
     outcome = {}
     for exploration in ("posterior", "epsilon_greedy"):
-        algo = _eve_config(exploration).build_algo()
+        algo = _eve_config(exploration, **PAPER_NETWORK).build_algo()
         try:
             result = _train_until_done(algo, max_iters=15)
         finally:
@@ -451,9 +484,9 @@ def test_runner_and_learner_wiring_without_ray():
 
 
 @pytest.mark.slow
-def test_eve_solves_deep_sea_10_for_more_seeds_without_ray():
-    """Seeds 1 and 2 (seed 0 runs through RLlib above): EVE's own runner and learner in the core's order
-    (sample one step, insert, the updates due, sync), stopped when solved by bsuite's rule or after the
+def test_eve_defaults_solve_deep_sea_10_for_three_seeds_without_ray():
+    """EVE's defaults, seeds 0, 1 and 2: EVE's own runner and learner in the core's order (sample one
+    step, insert, the updates due, sync), stopped when solved by bsuite's rule or after the
     2^10 + 100 = 1124-episode budget. Before target_argmax="sample" seed 1 failed."""
 
     from algorithms.diagnostics.bsuite_scoring import BsuiteEpisodeLog, deep_sea_episode_budget
@@ -462,7 +495,7 @@ def test_eve_solves_deep_sea_10_for_more_seeds_without_ray():
 
     import_builtin_envs()
     torch.set_num_threads(1)
-    for seed in (1, 2):
+    for seed in (0, 1, 2):
         cfg = EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=seed)
         runner, learner = _runner_and_learner(cfg)
         log = BsuiteEpisodeLog()

@@ -287,6 +287,13 @@ class BsuiteEpisodeLog:
         rec = self._records.get(self.experiment(bsuite_id).bsuite_id)
         return len(rec["return"]) if rec else 0
 
+    def episode_values(self, bsuite_id: str, key: str) -> list[float]:
+        """The logged per-episode ``key`` ("return", "bad", "regret" or "perfect") of ``bsuite_id``, oldest first."""
+        if key not in ("return", "bad", "regret", "perfect"):
+            raise ValueError(f"episode_values: key {key!r}; allowed: return, bad, regret, perfect")
+        rec = self._records.get(self.experiment(bsuite_id).bsuite_id)
+        return list(rec[key]) if rec else []
+
     def solved_episode(self, bsuite_id: str) -> int | None:
         """deep_sea: the episode at which the bad fraction first dropped below 0.9, else None."""
         exp = self.experiment(bsuite_id)

@@ -8,26 +8,29 @@ with N the transitions seen and λ = ``prior_precision``, and Thompson sampling 
 perturbation per episode (``resample``) on each env runner; target network, replay, Adam, burn-in
 (``learning_starts`` env steps of uniformly random actions before the first update).
 
-Defaults are the setting tuned here on bsuite deep_sea size 10 (a plain-torch replica of this loop; see
-the issue report): one update per 2 env steps (``samples_per_insert`` 16, batch 32), Adam 1e-3, no
-gradient clipping, MLP [64] with ELU, σ² = 0.001, λ = 1, hard target update every 50 updates, burn-in 100
-env steps, linearised perturbations for acting and for the bootstrap targets, and bootstrap targets that
-are the Q-learning targets of the posterior sample (``target_argmax="sample"``: the sampled values also
-pick the bootstrap action, so the targets carry the next state's uncertainty as optimism; see
-algorithms.eve.learner). Measured (issue 5 report, the in-process core of
-``benchmarks/eve_deep_sea.py --what core``): with ReLU, deep_sea-10 solved by seeds 0, 1, 2 at episodes
-300-400 of 1,124, sizes up to 18 by seed 0, size 20 not (its hidden units died, see ``activation``);
-with ELU (the default since) seed 0 solves sizes 20, 22 and 24 (episodes 4,000, 7,000, 10,000) and
-not 30; with ``target_argmax="mean"`` seed 1 failed size 10. For large deep_sea sizes
-``q_heads="per_action"``, ``norm="layer"`` and ``prior_precision=0.1`` explore much deeper (size 22
-solved at episode 900 instead of 7,000; at size 30 every reachable cell visited by episode 1,500, where
-the defaults left 12 unvisited at 10,000; not yet solved at 20-30 within the runs' time caps), and
-``norm="layer"`` with ``prior_precision=0.1`` solved size 30 (episode 5,000, seed 0); they are not the
-defaults yet (one seed, sizes 22-28 undecided; benchmarks/README.md).
+Defaults: one update per 2 env steps (``samples_per_insert`` 16, batch 32), Adam 1e-3, no gradient
+clipping, hard target update every 50 updates, burn-in 100 env steps, σ² = 0.001 (tuned on deep_sea size
+10 with a plain-torch replica of this loop), and the setting that solved every deep_sea size 10-30 with
+one network (issue 5 report; benchmarks/README.md): one MLP [64] per action (``q_heads="per_action"``)
+with LayerNorm and ELU (``norm="layer"``, ``activation="elu"``), λ = 0.1 (``prior_precision``),
+linearised perturbations for acting and for the bootstrap targets, bootstrap targets that are the
+Q-learning targets of the posterior sample (``target_argmax="sample"``: the sampled values also pick the
+bootstrap action, so the targets carry the next state's uncertainty back as optimism; see
+algorithms.eve.learner), with each sampled value's perturbation clipped to ±1 (``target_noise_clip``).
+What each piece did (in-process core of ``benchmarks/eve_deep_sea.py --what core``, seed 0): ReLU units
+died on deep_sea's one-hot inputs (size 20 unsolved), ELU solved sizes up to 24 (episode 10,000) and not
+30; LayerNorm and λ = 0.1 solved 30 but stalled at 22 with a shared output layer; per-action heads
+explored every cell of size 30 by episode 1,500 but, without the clip, the optimism of barely visited
+states inflated Q to ~60 (true values <= 1) and the noisy values never settled on the treasure path
+(size 20 unsolved by 2,005 episodes); with the clip size 20 was solved at 900 and Q along the path
+matched γ^k to ~0.05. ``target_argmax="mean"`` failed size 10 (seed 1).
 
-Deviations from the paper, both documented where they act: acting and bootstrapping use the linearised
+Deviations from the paper, each documented where it acts: acting and bootstrapping use the linearised
 posterior sample Q_θ̂ + ∇_θQᵀδ (``perturbation="linearised"``; the plain weight perturbation never solved
-deep_sea-10 here), and the sampled values pick the bootstrap action (``target_argmax``).
+deep_sea-10 here), the sampled values pick the bootstrap action (``target_argmax``), the targets' perturbation
+is clipped (``target_noise_clip``), and the Q network has one tower per action (``q_heads``; still one
+network with one posterior and one sample per episode, not an ensemble; ``q_heads="shared"`` gives the
+paper's single MLP with A outputs).
 """
 
 from __future__ import annotations
@@ -75,15 +78,18 @@ class EVEConfig(OffPolicyConfig):
         500, 3% at 2,500), and a dead unit passes no posterior noise, so the epistemic spread collapsed
         (std of Q 0.27 -> 0.003) and size 20 went unsolved; with ELU ~45% stay positive, the derivative
         elsewhere is exp(x) > 0, and size 20 was solved at episode 4,000 (issue 5 report)."""
-        self.norm: str = "none"
+        self.norm: str = "layer"
         """Normalisation before each hidden activation of the Q network: none | layer | rms (ignored when
-        the spec's ``network`` block is set; with a norm the hidden layers drop their bias)."""
+        the spec's ``network`` block is set; with a norm the hidden layers drop their bias). LayerNorm keeps
+        ~47% of the units active at unvisited deep_sea cells; without it the shared first-layer bias, trained
+        by every visited cell, pushed the unvisited cells' ELU units negative and their noise away."""
         self.double_q: bool = True
         """Double Q-learning targets (argmax by the online network, value by the target)."""
         self.noise_var: float = 0.001
         """σ²: variance of the return density N(G; Q_θ(s, a), σ²)."""
-        self.prior_precision: float = 1.0
-        """λ: damping of the posterior precision N·diag F + λ (a Gaussian prior's precision)."""
+        self.prior_precision: float = 0.1
+        """λ: damping of the posterior precision N·diag F + λ (a Gaussian prior's precision); it only matters
+        for parameters the data has not pinned down (e.g. the input weights of unvisited states)."""
         self.fisher_decay: float = 0.999
         """β of the running (EMA, bias-corrected) diagonal Fisher estimate."""
         self.exploration: str = "posterior"
@@ -107,7 +113,13 @@ class EVEConfig(OffPolicyConfig):
         self.target_argmax: str = "sample"
         """With target_sampling and double_q: which values pick the bootstrap action. sample: the posterior
         sample's (Q_θ̂ + J δ of the online net, with the target's draw δ); mean: Q_θ̂ (zero-mean target noise)."""
-        self.q_heads: str = "shared"
+        self.target_noise_clip: float | None = 1.0
+        """With target_sampling: clip each sampled value's perturbation J δ to [-c, c] in the targets (None: no
+        clip). Bounds the optimism a barely visited next state adds to a target (E[max] of the noisy values),
+        so inflated values wash out once the states are visited; set it on the scale of the rewards (bsuite's
+        are within [-1, 1]). Default 1: without it per-action heads inflated deep_sea's values to ~60 (config
+        docstring)."""
+        self.q_heads: str = "per_action"
         """shared (one MLP with A outputs) | per_action (A separate MLPs with one output each: the posterior
         noise of different actions' values is independent, so the gap between them keeps the spread of
         each; with a shared torso the perturbations of a hidden unit move every action's value alike)."""
@@ -134,6 +146,7 @@ class EVEConfig(OffPolicyConfig):
         epsilon_timesteps: int | None = NotProvided,
         target_sampling: bool | None = NotProvided,
         target_argmax: str | None = NotProvided,
+        target_noise_clip: float | None = NotProvided,
         q_heads: str | None = NotProvided,
         uncertainty_batch_size: int | None = NotProvided,
         **kwargs: Any,
@@ -156,6 +169,9 @@ class EVEConfig(OffPolicyConfig):
                "linearised, parameters")
         _check(self.target_argmax in TARGET_ARGMAX_MODES, "target_argmax", self.target_argmax,
                ", ".join(TARGET_ARGMAX_MODES))
+        _check(self.target_noise_clip is None or (isinstance(self.target_noise_clip, int | float)
+               and not isinstance(self.target_noise_clip, bool) and self.target_noise_clip > 0),
+               "target_noise_clip", self.target_noise_clip, "None or a number > 0")
         _check(self.q_heads in Q_HEADS, "q_heads", self.q_heads, ", ".join(Q_HEADS))
         _check(self.resample in RESAMPLE_MODES, "resample", self.resample, ", ".join(RESAMPLE_MODES))
         for key in ("resample_every", "uncertainty_batch_size"):

@@ -15,7 +15,8 @@ Per update (``compute_loss_for_module``), on a replay batch of B transitions:
 With ``target_sampling`` (and exploration="posterior") each update bootstraps from a linearised posterior
 sample of the Q-function, drawn per update: δ = (N·diag F + λ)^{-1/2} ⊙ ε (ε from the learner's seeded
 generator) perturbs the target network's values, Q̃_targ(s', a) = Q_targ(s', a) + ∇_θQ_targ(s', a)ᵀ δ
-(:func:`losses.linearised_q_perturbation`; targets by :func:`losses.sampled_q_targets`), and, with ``target_argmax="sample"`` (default), the same draw
+(:func:`losses.linearised_q_perturbation`; targets by :func:`losses.sampled_q_targets`, each ∇_θQ_targᵀδ
+clipped to ±``target_noise_clip``), and, with ``target_argmax="sample"`` (default), the same draw
 perturbs the online values that pick the bootstrap action under double Q-learning,
 a* = argmax_a [Q_θ(s', a) + ∇_θQ_targ(s', a)ᵀ δ]. The target is then the Q-learning target of one posterior
 sample of Q, G = r + γ Q̃_targ(s', a*), whose mean is above r + γ Q_targ(s', argmax_a Q_θ(s', a)) by about the
@@ -100,7 +101,8 @@ class EVELearner(OffPolicyLearner):
             eps = torch.randn(std.shape, generator=self.generator, device=self.generator.device).to(std)
             q_targ, noise = linearised_q_perturbation(module.target_q, boot, float(config.posterior_scale) * std * eps)
             targets = sampled_q_targets(batch["nstep_return"], batch["bootstrap_discount"], q_targ, noise,
-                                        next_online, argmax=config.target_argmax)
+                                        next_online, argmax=config.target_argmax,
+                                        noise_clip=config.target_noise_clip)
         else:
             with torch.no_grad():
                 next_target = module.target_q(boot)

@@ -75,10 +75,12 @@ def sampled_q_targets(
     noise: Tensor,
     next_q_online: Tensor | None = None,
     argmax: str = "sample",
+    noise_clip: float | None = None,
 ) -> Tensor:
     """Q-learning targets of a (linearised) posterior sample of Q, detached [B]:
 
-        Q̃_targ(s'_b, ·) = Q_targ(s'_b, ·) + ε_b        (ε_b = J_b δ: ``noise`` [B, A])
+        Q̃_targ(s'_b, ·) = Q_targ(s'_b, ·) + ε_b        (ε_b = J_b δ: ``noise`` [B, A], clipped to
+                                                         [-c, c] when ``noise_clip`` c is given)
         G_b = R_b + d_b · Q̃_targ(s'_b, a*_b)
 
     with a*_b = argmax_a Q̃_targ(s'_b, a) when ``next_q_online`` is None, else (double Q-learning) the argmax
@@ -91,6 +93,8 @@ def sampled_q_targets(
         raise ValueError(f"argmax={argmax!r} is not supported; allowed values: ('sample', 'mean')")
     if noise.shape != next_q_target.shape:
         raise ValueError(f"noise {tuple(noise.shape)} and next_q_target {tuple(next_q_target.shape)} differ")
+    if noise_clip is not None:
+        noise = noise.clamp(-float(noise_clip), float(noise_clip))
     if next_q_online is not None and argmax == "sample":
         next_q_online = next_q_online + noise
     return nstep_q_targets(nstep_return, bootstrap_discount, next_q_target + noise, next_q_online)
