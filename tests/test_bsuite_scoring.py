@@ -139,6 +139,12 @@ def test_episode_log_from_real_deep_sea_runs():
     mapping12 = bad_env.unwrapped._env._action_mapping
     _run(bad_env, lambda obs, t: int(1 - mapping12[0, 0]) if t == 0 else 0, log, "deep_sea/1", 10_000)
     assert log.num_episodes("deep_sea/1") == 2**12 + 100 and not log.solved("deep_sea/1")
+    assert log.episode_values("deep_sea/0", "bad") == [0.0]
+    bad12 = log.episode_values("deep_sea/1", "bad")
+    assert len(bad12) == 2**12 + 100 and set(bad12) == {1.0}
+    assert log.episode_values("deep_sea/2", "bad") == []
+    with pytest.raises(ValueError, match="allowed: return, bad, regret, perfect"):
+        log.episode_values("deep_sea/0", "good")
     metrics = log.metrics()
     assert metrics["exploration/bsuite_score"] == 0.5
     assert metrics["exploration/deep_sea/solved/size_10"] == 1.0
