@@ -163,7 +163,7 @@ def test_linearised_q_sample_mean_variance_and_linear_case():
     assert torch.allclose(draws.var(0), q_epistemic_variance(grads, cov, params), rtol=0.15)
 
 
-def test_per_action_heads_share_no_parameters_and_work_with_the_fast_paths():
+def test_per_action_heads_share_no_parameters_and_work_with_the_fast_paths(monkeypatch):
     """q_heads="per_action": Q(s, a) depends only on head a; the Fisher fast path equals per-example
     gradients; the linearised sample equals Q + J δ; an uncorrelated gap: Var[Q_1 − Q_0] = Var[Q_0] + Var[Q_1]."""
     from algorithms.eve.module import PerActionQ
@@ -186,6 +186,15 @@ def test_per_action_heads_share_no_parameters_and_work_with_the_fast_paths():
     delta = torch.randn(g0.shape[1], dtype=torch.float64)
     q, dq = linearised_forward(net, obs, delta)
     assert torch.allclose(q, net(obs)) and torch.allclose(dq, torch.stack([g0 @ delta, g1 @ delta], 1))
+    # the defaults' towers (LayerNorm, ELU) go head by head by hand, never through torch.func.jvp
+    ln = PerActionQ(5, 2, NetworkConfig(hidden=[8], activation="elu", norm="layer")).double()
+    ln_params = module_params(ln)
+    grads = [q_gradients(module_fn(ln), ln_params, obs, torch.full((6,), a, dtype=torch.long)) for a in (0, 1)]
+    delta = torch.randn(grads[0].shape[1], dtype=torch.float64)
+    monkeypatch.setattr(torch.func, "jvp", lambda *a, **k: pytest.fail("linearised_forward fell back to jvp"))
+    q, dq = linearised_forward(ln, obs, delta)
+    assert torch.allclose(q, ln(obs)) and torch.allclose(dq, torch.stack([g @ delta for g in grads], 1))
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="q_heads"):
         _eve_config("posterior", q_heads="tree").validate()
 

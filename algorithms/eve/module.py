@@ -27,6 +27,8 @@ class PerActionQ(torch.nn.Module):
     """Q(s, ·) [B, A] from A separate networks, Q(s, a) = net_a(s) [B, 1]: no parameter is shared between
     actions, so a diagonal posterior perturbs each action's value independently."""
 
+    CONCAT_HEADS = "heads"  # forward concatenates these (algorithms.uncertainty.fast.linearised_forward)
+
     def __init__(self, in_dim: int, num_actions: int, block: NetworkConfig):
         super().__init__()
         self.heads = torch.nn.ModuleList(build_mlp(in_dim, 1, block) for _ in range(num_actions))

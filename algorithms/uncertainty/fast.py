@@ -288,7 +288,9 @@ def linearised_forward(module: nn.Module, x: Tensor, tangent: Tensor | Params) -
     :func:`algorithms.networks.build_mlp`) the tangent is pushed through layer by layer by hand
     (Linear: dy = dx Wᵀ + x δWᵀ + δb; ReLU: dy = dx ⊙ 1[x > 0]; ELU: dy = dx ⊙ (1 if x > 0 else y + α); LayerNorm with x̂ = (x − μ)/s:
     dx̂ = (dx − mean(dx) − x̂ ⊙ mean(dx ⊙ x̂))/s, dy = γ ⊙ dx̂ + δγ ⊙ x̂ + δβ), which costs about two
-    forward passes; any other module goes through ``torch.func.jvp`` (same values, more overhead).
+    forward passes; a module whose class names a ModuleList attribute in ``CONCAT_HEADS`` and whose forward
+    concatenates those heads' outputs along the last dimension (e.g. EVE's per-action Q) goes head by head;
+    any other module goes through ``torch.func.jvp`` (same values, more overhead).
     """
     params = named_params(module)
     if isinstance(tangent, dict):
@@ -302,6 +304,17 @@ def linearised_forward(module: nn.Module, x: Tensor, tangent: Tensor | Params) -
         for name, p in params.items():
             tangents[name] = flat[start : start + p.numel()].view_as(p).to(p.dtype)
             start += p.numel()
+    heads_attr = getattr(type(module), "CONCAT_HEADS", None)
+    if heads_attr is not None:
+        # parallel chains whose outputs the module concatenates along the last dim: each head by hand
+        prefix = _structure(module)[1]
+        ys, dys = [], []
+        for head in getattr(module, heads_attr):
+            name = prefix[id(head)] + "."
+            y, dy = linearised_forward(head, x, {k[len(name):]: v for k, v in tangents.items() if k.startswith(name)})
+            ys.append(y)
+            dys.append(dy)
+        return torch.cat(ys, dim=-1), torch.cat(dys, dim=-1)
     with torch.no_grad():
         leaves = _leaf_plan(module)
         if leaves is None:
