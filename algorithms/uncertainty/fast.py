@@ -51,6 +51,7 @@ def clear_structure_cache() -> None:
     """Forget the cached module structures (see :func:`_structure`)."""
     _STRUCTURE.clear()
     _LEAF_PLANS.clear()
+    _HEAD_SIZES.clear()
 
 
 def named_params(module: nn.Module, trainable_only: bool = False) -> dict[str, nn.Parameter]:
@@ -145,14 +146,20 @@ def mean_sq_grad_fast_with_batch(
     params = named_params(module)
     sums = {name: torch.zeros_like(params[name]) for name in names}
     for terms in per_output:
+        squares: dict[int, Tensor] = {}  # g² and x² once per layer (weight and bias share them)
+
+        def sq(t: Tensor) -> Tensor:
+            if id(t) not in squares:
+                squares[id(t)] = t.square()
+            return squares[id(t)]
+
         for name, (kind, g, x) in terms.items():
-            g2 = g.square()
             if kind == "weight_linear":
-                sums[name] += g2.T @ x.square()
+                sums[name] += sq(g).T @ sq(x)
             elif kind == "weight_norm":
-                sums[name] += (g2 * x.square()).sum(0)
+                sums[name] += (sq(g) * sq(x)).sum(0)
             else:
-                sums[name] += g2.sum(0)
+                sums[name] += sq(g).sum(0)
     return torch.cat([sums[name].reshape(-1) for name in names]) / batch, batch
 
 
@@ -220,6 +227,7 @@ _JVP_LEAVES = (nn.Linear, nn.LayerNorm, RMSNorm, *_ELEMENTWISE)
 
 
 _LEAF_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_HEAD_SIZES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _leaf_plan(module: nn.Module) -> list[tuple[nn.Module, list[tuple[str, str]]]] | None:
@@ -292,6 +300,21 @@ def linearised_forward(module: nn.Module, x: Tensor, tangent: Tensor | Params) -
     concatenates those heads' outputs along the last dimension (e.g. EVE's per-action Q) goes head by head;
     any other module goes through ``torch.func.jvp`` (same values, more overhead).
     """
+    heads_attr = getattr(type(module), "CONCAT_HEADS", None)
+    if heads_attr is not None and not isinstance(tangent, dict):
+        # parallel chains whose outputs the module concatenates along the last dim: each head by hand on
+        # its contiguous slice of δ (the heads hold every parameter, in named_parameters() order)
+        heads = getattr(module, heads_attr)
+        sizes = _HEAD_SIZES.get(module)
+        if sizes is None:
+            sizes = _HEAD_SIZES[module] = [sum(p.numel() for p in h.parameters()) for h in heads]
+            if sum(sizes) != sum(p.numel() for p in module.parameters()):
+                raise ValueError(f"{type(module).__name__}: CONCAT_HEADS {heads_attr!r} must hold every parameter")
+        flat = tangent.reshape(-1)
+        if flat.numel() != sum(sizes):
+            raise ValueError(f"tangent has {flat.numel()} entries; the module has {sum(sizes)} parameters")
+        outs = [linearised_forward(h, x, d) for h, d in zip(heads, flat.split(sizes), strict=True)]
+        return torch.cat([y for y, _ in outs], dim=-1), torch.cat([dy for _, dy in outs], dim=-1)
     params = named_params(module)
     if isinstance(tangent, dict):
         tangents = tangent
