@@ -134,6 +134,13 @@ def _layer_terms(
     return names, outputs.shape[0], u.dim() == 1, per_output()
 
 
+def _square_once(cache: dict[int, Tensor], t: Tensor) -> Tensor:
+    """t ⊙ t, computed once per tensor object within ``cache``."""
+    if id(t) not in cache:
+        cache[id(t)] = t.square()
+    return cache[id(t)]
+
+
 def mean_sq_grad_fast_with_batch(
     module: nn.Module, forward: Forward, *, retain_graph: bool = False
 ) -> tuple[Tensor, int]:
@@ -147,19 +154,14 @@ def mean_sq_grad_fast_with_batch(
     sums = {name: torch.zeros_like(params[name]) for name in names}
     for terms in per_output:
         squares: dict[int, Tensor] = {}  # g² and x² once per layer (weight and bias share them)
-
-        def sq(t: Tensor) -> Tensor:
-            if id(t) not in squares:
-                squares[id(t)] = t.square()
-            return squares[id(t)]
-
         for name, (kind, g, x) in terms.items():
+            g2 = _square_once(squares, g)
             if kind == "weight_linear":
-                sums[name] += sq(g).T @ sq(x)
+                sums[name] += g2.T @ _square_once(squares, x)
             elif kind == "weight_norm":
-                sums[name] += (sq(g) * sq(x)).sum(0)
+                sums[name] += (g2 * _square_once(squares, x)).sum(0)
             else:
-                sums[name] += sq(g).sum(0)
+                sums[name] += g2.sum(0)
     return torch.cat([sums[name].reshape(-1) for name in names]) / batch, batch
 
 
