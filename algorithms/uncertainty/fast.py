@@ -303,7 +303,7 @@ def linearised_forward(module: nn.Module, x: Tensor, tangent: Tensor | Params) -
     any other module goes through ``torch.func.jvp`` (same values, more overhead).
     """
     heads_attr = getattr(type(module), "CONCAT_HEADS", None)
-    if heads_attr is not None and not isinstance(tangent, dict):
+    if heads_attr is not None:
         # parallel chains whose outputs the module concatenates along the last dim: each head by hand on
         # its contiguous slice of δ (the heads hold every parameter, in named_parameters() order)
         heads = getattr(module, heads_attr)
@@ -312,6 +312,8 @@ def linearised_forward(module: nn.Module, x: Tensor, tangent: Tensor | Params) -
             sizes = _HEAD_SIZES[module] = [sum(p.numel() for p in h.parameters()) for h in heads]
             if sum(sizes) != sum(p.numel() for p in module.parameters()):
                 raise ValueError(f"{type(module).__name__}: CONCAT_HEADS {heads_attr!r} must hold every parameter")
+        if isinstance(tangent, dict):
+            tangent = torch.cat([tangent[name].reshape(-1) for name in named_params(module)])
         flat = tangent.reshape(-1)
         if flat.numel() != sum(sizes):
             raise ValueError(f"tangent has {flat.numel()} entries; the module has {sum(sizes)} parameters")
@@ -329,17 +331,6 @@ def linearised_forward(module: nn.Module, x: Tensor, tangent: Tensor | Params) -
         for name, p in params.items():
             tangents[name] = flat[start : start + p.numel()].view_as(p).to(p.dtype)
             start += p.numel()
-    heads_attr = getattr(type(module), "CONCAT_HEADS", None)
-    if heads_attr is not None:
-        # parallel chains whose outputs the module concatenates along the last dim: each head by hand
-        prefix = _structure(module)[1]
-        ys, dys = [], []
-        for head in getattr(module, heads_attr):
-            name = prefix[id(head)] + "."
-            y, dy = linearised_forward(head, x, {k[len(name):]: v for k, v in tangents.items() if k.startswith(name)})
-            ys.append(y)
-            dys.append(dy)
-        return torch.cat(ys, dim=-1), torch.cat(dys, dim=-1)
     with torch.no_grad():
         leaves = _leaf_plan(module)
         if leaves is None:
