@@ -12,10 +12,17 @@ RLlib algorithms
 Tasks
     ``trainable_for_task(name)`` returns a ``tune.Trainable`` running an ``algorithms.tasks.base.Task``,
     with checkpoints (task state + diagnostics hook state) and diagnostics hooks.
+
+Checkpoints of both kinds carry ``orchestra_checkpoint.json`` (the Tune counters at the save and every file
+with its size). Restoring from a checkpoint that no longer exists (Tune's experiment state can name one that
+``checkpoint.keep`` pruning deleted after the state was written, when the driver is killed in between) falls
+back to the newest complete checkpoint of the same trial, with a warning (:func:`existing_checkpoint`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import re
@@ -34,6 +41,70 @@ from orchestration.spec import (
 
 _CACHE: dict[str, type] = {}
 STEPS_KEY = "steps"
+CHECKPOINT_INFO = "orchestra_checkpoint.json"
+logger = logging.getLogger(__name__)
+
+
+def write_checkpoint_info(trainable: Any, checkpoint_dir: str) -> None:
+    """``orchestra_checkpoint.json`` in ``checkpoint_dir``, written last: Tune's counters at this save
+    (``training_iteration``, ``time_total_s``, ``timesteps_total``, ``episodes_total``: what Trainable.restore
+    reads from a checkpoint's metrics) and {relative path: size} of every other file, so a later reader can
+    tell a complete checkpoint from one cut short."""
+    root = Path(checkpoint_dir)
+    files = {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*"))
+             if p.is_file() and p.name != CHECKPOINT_INFO}
+    info = {"training_iteration": trainable._iteration, "time_total_s": trainable._time_total,
+            "timesteps_total": trainable._timesteps_total, "episodes_total": trainable._episodes_total,
+            "files": files}
+    (root / CHECKPOINT_INFO).write_text(json.dumps(info))
+
+
+def complete_checkpoint_metrics(path: Path) -> dict[str, Any] | None:
+    """The counters of the checkpoint folder ``path`` if its ``orchestra_checkpoint.json`` exists and every file
+    it lists is there with its recorded size, else None."""
+    try:
+        info = json.loads((path / CHECKPOINT_INFO).read_text())
+        files = info.pop("files")
+        if any((path / rel).stat().st_size != size for rel, size in files.items()):
+            return None
+    except (OSError, ValueError, KeyError):
+        return None
+    return {k: v for k, v in info.items() if v is not None}
+
+
+def existing_checkpoint(checkpoint_result: Any) -> Any:
+    """``checkpoint_result`` (a Tune ``_TrainingResult``) if its checkpoint exists, or the trial's newest
+    complete checkpoint (:func:`complete_checkpoint_metrics`) when it was deleted; raises ValueError naming
+    both when there is none. Only for checkpoints on the local filesystem (others pass through)."""
+    from ray.train._internal.session import _TrainingResult
+
+    checkpoint = getattr(checkpoint_result, "checkpoint", None)
+    if checkpoint is None or checkpoint.filesystem.type_name != "local" or Path(checkpoint.path).exists():
+        return checkpoint_result
+    missing = Path(checkpoint.path)
+    for candidate in sorted(missing.parent.glob("checkpoint_*"), reverse=True):
+        metrics = complete_checkpoint_metrics(candidate)
+        if metrics is not None:
+            logger.warning("checkpoint %s no longer exists (pruned after the experiment state was saved); "
+                           "restoring from %s (training_iteration %s) instead", missing, candidate.name,
+                           metrics.get("training_iteration"))
+            return _TrainingResult(checkpoint=tune.Checkpoint(str(candidate), filesystem=checkpoint.filesystem),
+                                   metrics={**metrics, "checkpoint_dir_name": candidate.name})
+    raise ValueError(f"checkpoint {missing} no longer exists and {missing.parent} has no complete checkpoint "
+                     f"(a checkpoint_* folder with {CHECKPOINT_INFO} and all the files it lists) to restore from")
+
+
+class CheckpointFallbackMixin:
+    """Trainable mixin: writes :data:`CHECKPOINT_INFO` with every checkpoint and restores through
+    :func:`existing_checkpoint`."""
+
+    def save_checkpoint(self, checkpoint_dir: str) -> Any:
+        out = super().save_checkpoint(checkpoint_dir)  # type: ignore[misc]
+        write_checkpoint_info(self, checkpoint_dir)
+        return out
+
+    def restore(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        return super().restore(existing_checkpoint(checkpoint_path), *args, **kwargs)  # type: ignore[misc]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -192,7 +263,7 @@ def build_algorithm_config(algo_cls: type, trial_config: dict[str, Any]) -> Any:
     return cfg
 
 
-class OrchestraAlgorithmMixin:
+class OrchestraAlgorithmMixin(CheckpointFallbackMixin):
     """Mixed in front of an RLlib Algorithm class: spec trial configs in, project result keys out."""
 
     def __init__(self, config: Any = None, env: Any = None, **kwargs: Any):
@@ -255,8 +326,9 @@ def trainable_for_algorithm(name: str) -> type:
 # ----------------------------------------------------------------------------------------------
 # Tasks
 # ----------------------------------------------------------------------------------------------
-class TaskTrainable(tune.Trainable):
-    """Runs a registered Task: one Tune iteration = one ``task.train()`` call."""
+class TaskTrainable(CheckpointFallbackMixin, tune.Trainable):
+    """Runs a registered Task: one Tune iteration = one ``task.train()`` call (its own ``save_checkpoint``
+    writes the checkpoint info itself)."""
 
     _task_name: str = ""
 
@@ -298,6 +370,7 @@ class TaskTrainable(tune.Trainable):
 
         state = {"task": self.task.state_dict(), "hooks": [h.state_dict() for h in self.hooks]}
         torch.save(state, os.path.join(checkpoint_dir, "task.pt"))
+        write_checkpoint_info(self, checkpoint_dir)
         # Returning None makes Tune hand the (persisted) checkpoint folder to load_checkpoint.
 
     def load_checkpoint(self, checkpoint: str) -> None:

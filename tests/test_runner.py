@@ -163,9 +163,22 @@ def test_resume_after_sigkill_continues_the_same_runs(tmp_path: Path):
     assert any(len(steps_of(client, c.info.run_id, "train/loss")) < 25 for c in children), "finished before kill"
 
     launch = next((tmp_path / "runs").iterdir()).name
+    # What a kill between Tune's checkpoint pruning and its experiment-state snapshot leaves: the state names
+    # checkpoints that are gone. Delete the one each trial's latest state names; resume must fall back.
+    import json
+    import shutil
+
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    state = max((tmp_path / "runs" / launch).glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
+    for _, runtime in json.loads(state.read_text())["trial_data"]:
+        latest = _TrainingRunMetadata.from_json_state(runtime).checkpoint_manager.latest_checkpoint_result
+        if latest is not None:
+            shutil.rmtree(latest.checkpoint.path, ignore_errors=True)
     resumed = _orchestra(["resume", launch, "--num-cpus", "2"], cwd=tmp_path)
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
+    assert "no longer exists (pruned after the experiment state was saved)" in out
 
     client, parents, children = runs_of(uri, "e2e_resume")
     assert len(parents) == 1 and len(children) == 2, "resume must reuse the launch's runs"
@@ -252,3 +265,41 @@ def test_cli_validate_dry_run_and_errors(tmp_path: Path):
     res = subprocess.run(ORCHESTRA + ["validate", str(bad)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert res.returncode == 2
     assert str(bad) in res.stderr and "config.lr" in res.stderr
+
+
+def test_restore_falls_back_to_the_newest_complete_checkpoint(tmp_path: Path):
+    """A checkpoint that Tune's experiment state names but `checkpoint.keep` pruning deleted (the driver killed
+    between the two): restore uses the trial's newest complete checkpoint (its orchestra_checkpoint.json
+    lists every file with its size) and its counters; a cut-short folder is skipped; none left: a clear error."""
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
+
+    from orchestration.trainables import CHECKPOINT_INFO, trainable_for_task
+
+    cls = trainable_for_task("regression_demo")
+    trial = tmp_path / "trial"
+    saved = {}
+    trainable = cls(config={"seed": 0, "steps_per_iteration": 5})
+    for i in range(1, 4):
+        trainable.train()
+        saved[i] = trainable.save(str(trial / f"checkpoint_00000{i}"))
+    state_at_2 = {k: v.clone() for k, v in torch_state(trial / "checkpoint_000002").items()}
+    (trial / "checkpoint_000003" / "task.pt").write_bytes(b"cut short")  # a copy the kill interrupted
+    gone = _TrainingResult(checkpoint=tune.Checkpoint(str(trial / "checkpoint_000004")), metrics={})
+    fresh = cls(config={"seed": 0, "steps_per_iteration": 5})
+    fresh.restore(gone)
+    assert fresh.iteration == 2 and fresh.task.steps == 10
+    restored = fresh.task.state_dict()["model"]
+    assert all(bool((restored[k] == state_at_2[k]).all()) for k in state_at_2)
+    assert fresh.train()["training_iteration"] == 3
+    assert saved[1].checkpoint.path.endswith("checkpoint_000001")
+    for name in ("checkpoint_000001", "checkpoint_000002"):
+        (trial / name / CHECKPOINT_INFO).unlink()
+    with pytest.raises(ValueError, match=r"checkpoint_000004 no longer exists and .* has no complete checkpoint"):
+        cls(config={"seed": 0}).restore(gone)
+
+
+def torch_state(checkpoint: Path) -> dict:
+    import torch
+
+    return torch.load(checkpoint / "task.pt", weights_only=False)["task"]["model"]
