@@ -52,6 +52,9 @@ BATCH = 32
 DEFAULTS_TAG = "/defaults2"
 """Suffix of the throughput and Ray deep_sea keys measured with EVEConfig's defaults of 2026-11-26 (per-action
 heads, LayerNorm, λ = 0.1, target_noise_clip 1); keys without it were measured with the earlier defaults."""
+GROUPED_TAG = "/grouped"
+"""Suffix of throughput keys measured with the per-action towers run as one grouped network (GroupedMLP, from
+2026-11-26); ``/defaults2`` keys without it ran the towers one by one."""
 CORE_KEY_BASELINE = {"q_heads": "shared", "norm": "none", "prior_precision": 1.0, "target_noise_clip": None}
 """The earlier defaults: a core key names each of these settings whose effective value differs from them
 (besides every other ``--set``), so a key means the same setting whatever EVEConfig's defaults are."""
@@ -102,7 +105,9 @@ def measure_throughput(iters: int, seed: int, force: bool, fragment: int = 1) ->
     done = _done_keys(force)
     env = "bsuite/deep_sea-0"
     tag = "" if fragment == 1 else f"/fragment{fragment}"
-    keys = {name: f"throughput/{name}/{env}/batch{BATCH}/iters{iters}{tag}{DEFAULTS_TAG if name != 'DQN' else ''}" for name in ("EVE", "baseline", "DQN")}
+    ours = f"{DEFAULTS_TAG}{GROUPED_TAG}"  # EVE and the baseline: the defaults' towers run as one grouped network
+    keys = {name: f"throughput/{name}/{env}/batch{BATCH}/iters{iters}{tag}{ours if name != 'DQN' else ''}"
+            for name in ("EVE", "baseline", "DQN")}
     if all(k in done for k in keys.values()):
         return
     cfgs = {"EVE": eve_config("posterior", env, seed, one_update_per_step=True),
@@ -110,6 +115,8 @@ def measure_throughput(iters: int, seed: int, force: bool, fragment: int = 1) ->
     for cfg in cfgs.values():
         cfg.rollout_fragment_length = fragment
     algos = {**{k: c.build_algo() for k, c in cfgs.items()}, "DQN": dqn_config(env, seed).build_algo()}
+    q_networks = {k: type(a.learner_group._learner.module["default_policy"].unwrapped().q).__name__
+                  for k, a in algos.items() if k != "DQN"} | {"DQN": "RLlib default"}
     steps = {k: 0 for k in algos}
     secs = {k: 0.0 for k in algos}
     cpu = {k: 0.0 for k in algos}  # driver-process CPU time: all three run in this process (no remote runners)
@@ -126,7 +133,8 @@ def measure_throughput(iters: int, seed: int, force: bool, fragment: int = 1) ->
     cpu_rate = {k: steps[k] / cpu[k] for k in algos}
     for name in algos:
         _write({"key": keys[name], "bench": "throughput", "algo": name, "env": env, "batch": BATCH,
-                "updates_per_env_step": 1, "iters": iters, "rollout_fragment_length": fragment if name != "DQN" else 1, "env_steps": steps[name], "seconds": secs[name],
+                "updates_per_env_step": 1, "iters": iters, "rollout_fragment_length": fragment if name != "DQN" else 1,
+                "q_network": q_networks[name], "env_steps": steps[name], "seconds": secs[name],
                 "cpu_seconds": cpu[name], "env_steps_per_s": rate[name], "s_per_step": 1.0 / rate[name],
                 "env_steps_per_cpu_s": cpu_rate[name],
                 "eve_time_per_step_over_baseline": rate["baseline"] / rate["EVE"],
@@ -213,7 +221,6 @@ def _unseen_diagnostics(learner: Any, size: int, visited: Any) -> dict[str, Any]
     params = module_params(q)
     cells = torch.eye(size * size)
     reachable = torch.tensor([i // size >= i % size for i in range(size * size)])
-    heads = list(q.heads) if hasattr(q, "heads") else [q]
     out: dict[str, Any] = {}
     for name, mask in (("seen", visited & reachable), ("unseen", ~visited & reachable)):
         out[f"{name}_cells"] = int(mask.sum())
@@ -224,8 +231,8 @@ def _unseen_diagnostics(learner: Any, size: int, visited: Any) -> dict[str, Any]
         std = torch.stack([q_epistemic_variance(g, cov, params).clamp_min(0).sqrt() for g in grads])
         gap = q_epistemic_variance(grads[1] - grads[0], cov, params).clamp_min(0).sqrt()
         with torch.no_grad():
-            blocks = [h.blocks[0] for h in heads]  # the activation's input: after the norm when there is one
-            pre = torch.cat([(getattr(b, "norm", None) or torch.nn.Identity())(b.layer(obs)) for b in blocks], dim=-1)
+            block = q.blocks[0]  # the activation's input: after the norm when there is one (all towers)
+            pre = block.norm(block.layer(obs))
         out.update({f"{name}_q_std": float(std.mean()), f"{name}_gap_std": float(gap.mean()),
                     f"{name}_active_units": float((pre > 0).float().mean())})
     return out

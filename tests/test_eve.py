@@ -164,37 +164,32 @@ def test_linearised_q_sample_mean_variance_and_linear_case():
 
 
 def test_per_action_heads_share_no_parameters_and_work_with_the_fast_paths(monkeypatch):
-    """q_heads="per_action": Q(s, a) depends only on head a; the Fisher fast path equals per-example
-    gradients; the linearised sample equals Q + J δ; an uncorrelated gap: Var[Q_1 − Q_0] = Var[Q_0] + Var[Q_1]."""
-    from algorithms.eve.module import PerActionQ
+    """q_heads="per_action" (one grouped network of A towers): Q(s, a) depends only on tower a; the Fisher fast
+    path equals per-example gradients; the linearised sample equals Q + J δ without the torch.func.jvp fallback;
+    an uncorrelated gap: Var[Q_1 − Q_0] = Var[Q_0] + Var[Q_1]."""
+    from algorithms.networks import build_grouped_mlp
     from algorithms.uncertainty.fast import linearised_forward, mean_sq_grad_fast
 
     torch.manual_seed(0)
-    net = PerActionQ(5, 2, NetworkConfig(hidden=[8])).double()
-    params = module_params(net)
-    obs = torch.randn(6, 5, dtype=torch.float64)
-    g0 = q_gradients(module_fn(net), params, obs, torch.zeros(6, dtype=torch.long))
-    g1 = q_gradients(module_fn(net), params, obs, torch.ones(6, dtype=torch.long))
-    assert (g0 * g1 == 0).all() and g0.abs().sum() > 0 and g1.abs().sum() > 0  # disjoint supports
-    cov = torch.rand(g0.shape[1], dtype=torch.float64)
-    var_gap = q_epistemic_variance(g1 - g0, cov, params)
-    assert torch.allclose(var_gap, q_epistemic_variance(g0, cov, params) + q_epistemic_variance(g1, cov, params))
-    actions = torch.tensor([0, 1, 1, 0, 1, 0])
-    fisher = mean_sq_grad_fast(net, lambda m: m(obs).gather(1, actions[:, None]).squeeze(1))
-    per_example = torch.where(actions[:, None] == 0, g0, g1)
-    assert torch.allclose(fisher, per_example.square().mean(0))
-    delta = torch.randn(g0.shape[1], dtype=torch.float64)
-    q, dq = linearised_forward(net, obs, delta)
-    assert torch.allclose(q, net(obs)) and torch.allclose(dq, torch.stack([g0 @ delta, g1 @ delta], 1))
-    # the defaults' towers (LayerNorm, ELU) go head by head by hand, never through torch.func.jvp
-    ln = PerActionQ(5, 2, NetworkConfig(hidden=[8], activation="elu", norm="layer")).double()
-    ln_params = module_params(ln)
-    grads = [q_gradients(module_fn(ln), ln_params, obs, torch.full((6,), a, dtype=torch.long)) for a in (0, 1)]
-    delta = torch.randn(grads[0].shape[1], dtype=torch.float64)
-    monkeypatch.setattr(torch.func, "jvp", lambda *a, **k: pytest.fail("linearised_forward fell back to jvp"))
-    q, dq = linearised_forward(ln, obs, delta)
-    assert torch.allclose(q, ln(obs)) and torch.allclose(dq, torch.stack([g @ delta for g in grads], 1))
-    monkeypatch.undo()
+    for block in (NetworkConfig(hidden=[8]), NetworkConfig(hidden=[8], activation="elu", norm="layer")):
+        net = build_grouped_mlp(5, 2, 1, block).double()
+        params = module_params(net)
+        obs = torch.randn(6, 5, dtype=torch.float64)
+        g0 = q_gradients(module_fn(net), params, obs, torch.zeros(6, dtype=torch.long))
+        g1 = q_gradients(module_fn(net), params, obs, torch.ones(6, dtype=torch.long))
+        assert (g0 * g1 == 0).all() and g0.abs().sum() > 0 and g1.abs().sum() > 0  # disjoint supports
+        cov = torch.rand(g0.shape[1], dtype=torch.float64)
+        var_gap = q_epistemic_variance(g1 - g0, cov, params)
+        assert torch.allclose(var_gap, q_epistemic_variance(g0, cov, params) + q_epistemic_variance(g1, cov, params))
+        actions = torch.tensor([0, 1, 1, 0, 1, 0])
+        fisher = mean_sq_grad_fast(net, lambda m, obs=obs, actions=actions: m(obs).gather(1, actions[:, None]).squeeze(1))
+        per_example = torch.where(actions[:, None] == 0, g0, g1)
+        assert torch.allclose(fisher, per_example.square().mean(0))
+        delta = torch.randn(g0.shape[1], dtype=torch.float64)
+        monkeypatch.setattr(torch.func, "jvp", lambda *a, **k: pytest.fail("linearised_forward fell back to jvp"))
+        q, dq = linearised_forward(net, obs, delta)
+        monkeypatch.undo()
+        assert torch.allclose(q, net(obs)) and torch.allclose(dq, torch.stack([g0 @ delta, g1 @ delta], 1))
     with pytest.raises(ValueError, match="q_heads"):
         _eve_config("posterior", q_heads="tree").validate()
 
@@ -213,10 +208,12 @@ def test_norm_option_builds_the_normalised_q_network_on_runner_and_learner():
         block = module.q.blocks[0]
         assert isinstance(block.norm, torch.nn.LayerNorm) and block.layer.bias is None
         assert block.layer.out_features == 16
-    # the defaults: one LayerNorm MLP per action
+    # the defaults: one LayerNorm MLP per action, run as one grouped network
+    from algorithms.networks import GroupedMLP, GroupedNorm
+
     default = _runner_and_learner(EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=0))[0]
-    assert len(default.module.q.heads) == 2
-    assert all(isinstance(h.blocks[0].norm, torch.nn.LayerNorm) for h in default.module.q.heads)
+    assert isinstance(default.module.q, GroupedMLP) and default.module.q.groups == 2
+    assert isinstance(default.module.q.blocks[0].norm, GroupedNorm) and default.module.q.blocks[0].layer.bias is None
     plain = _runner_and_learner(EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=0)
                                 .training(norm="none", q_heads="shared"))[0]
     assert not isinstance(getattr(plain.module.q.blocks[0], "norm", None), torch.nn.LayerNorm)
@@ -490,6 +487,41 @@ def test_runner_and_learner_wiring_without_ray():
             assert stats["q_epistemic_std"] > 0 and stats["num_data"] == 200
         else:
             assert float(runner.module.fisher_diag.abs().sum()) == 0 and learner.uncertainty_stats() == {}
+
+
+@pytest.mark.parametrize("q_heads", ["per_action", "shared"])
+def test_loss_gradient_from_the_fisher_pass_equals_autograd(q_heads):
+    """With posterior tracking the learner takes the Fisher and the loss gradient from one hand-written reverse
+    pass (``mean_sq_grad_fast_and_vjp_selected``): on the same batch and generator state they equal the hooked
+    autograd Fisher and loss.backward()'s gradient (``hand_gradients=False``), and the loss is the same."""
+    import copy
+
+    from algorithms.eve.config import EVEConfig
+    from orchestration.spec import import_builtin_envs
+
+    import_builtin_envs()
+    torch.set_num_threads(1)
+    cfg = EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=0).training(q_heads=q_heads)
+    runner, learner = _runner_and_learner(cfg)
+    for _ in range(40):
+        _core_step(runner, learner, cfg, 4)
+    batch = {"default_policy": learner.replay.sample(32)}
+    gen, fisher = learner.generator.get_state(), copy.deepcopy(learner.fisher.state_dict())
+    results = {}
+    for hand in (True, False):
+        learner.generator.set_state(gen)
+        learner.fisher.load_state_dict(copy.deepcopy(fisher))
+        learner.hand_gradients = hand
+        losses = learner.compute_losses(fwd_out={"default_policy": {}}, batch=batch)
+        grads = learner.compute_gradients(losses)
+        results[hand] = (float(losses["default_policy"].detach()), {k: g.clone() for k, g in grads.items()},
+                         learner.fisher.fisher.clone())
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-6)
+    torch.testing.assert_close(results[True][2], results[False][2], rtol=1e-5, atol=1e-6)
+    assert results[True][1].keys() == results[False][1].keys() and len(results[True][1]) >= 3
+    for key, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][key], grad, rtol=1e-4, atol=1e-6)
+    assert any(float(g.abs().max()) > 1e-4 for g in results[False][1].values())
 
 
 @pytest.mark.slow

@@ -175,6 +175,54 @@ def test_projection_leaves_function_unchanged_for_scale_invariant_layers():
     assert not torch.allclose(plain(x), before_plain, atol=1e-3)
 
 
+@pytest.mark.parametrize("hidden, norm, activation", [([8], "layer", "elu"), ([8, 6], "none", "relu"),
+                                                        ([8, 6], "rms", "tanh"), ([], "none", "relu")])
+def test_grouped_mlp_equals_separate_towers_and_projects_each_tower(hidden, norm, activation):
+    """build_grouped_mlp(D, G, O) is G build_mlp(D, O) towers side by side: same draws, same outputs
+    (columns g·O...), no parameter shared (a tower's output ignores another tower's weights); hidden
+    activations are hookable with G·H units; NaP projects each tower's weight (and norm) on its own."""
+    from algorithms.networks import build_grouped_mlp
+
+    cfg = NetworkConfig(hidden=hidden, norm=norm, activation=activation)
+    torch.manual_seed(3)
+    towers = [build_mlp(5, 2, cfg).double() for _ in range(3)]
+    torch.manual_seed(3)
+    net = build_grouped_mlp(5, 3, 2, cfg).double()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    torch.testing.assert_close(net(x), torch.cat([t(x) for t in towers], -1), rtol=1e-12, atol=1e-12)
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for t in towers for p in t.parameters())
+    with torch.no_grad():
+        net.output.weight[1].add_(1.0)  # tower 1's output layer: columns 2, 3 move, the others do not
+    out = net(x)
+    torch.testing.assert_close(out[:, [0, 1, 4, 5]], torch.cat([towers[0](x), towers[2](x)], -1))
+    assert not torch.allclose(out[:, 2:4], towers[1](x))
+    assert net.tower_output_slice(1) == slice(2, 4)
+    if not hidden:
+        return
+    acts = named_hidden_activations(net)
+    assert list(acts) == [f"blocks.{i}.act" for i in range(len(hidden))]
+    seen = []
+    handle = acts["blocks.0.act"].register_forward_hook(lambda _m, _i, o: seen.append(o.shape))
+    net(x)
+    handle.remove()
+    assert seen == [torch.Size([7, 3 * hidden[0]])]
+    init = nap_initial_norms(net)
+    assert f"blocks.0.layer.weight[{2}]" in init and len([k for k in init if ".layer.weight[" in k]) == 3 * len(hidden)
+    assert init["blocks.0.layer.weight[1]"] == pytest.approx(float(towers[1].blocks[0].layer.weight.detach().norm()))
+    if norm != "none":
+        assert init["blocks.0.norm[0]"] == pytest.approx(float(group_norm(list(towers[0].blocks[0].norm.parameters()))))
+    with torch.no_grad():
+        net.blocks[0].layer.weight[0].mul_(3.0)
+        net.blocks[0].layer.weight[2].mul_(0.5)
+    nap_project_(net, init)
+    for g in range(3):
+        assert float(net.blocks[0].layer.weight[g].detach().norm()) == pytest.approx(init[f"blocks.0.layer.weight[{g}]"])
+    if norm != "none":  # scale-invariant per tower: the projection restores each tower's function
+        torch.testing.assert_close(net.double()(x)[:, :2], towers[0](x), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="groups must be >= 1"):
+        build_grouped_mlp(5, 0, 1, cfg)
+
+
 def test_effective_learning_rate_of_scale_invariant_layer_is_eta_over_norm_squared():
     """SGD on L(LN(Wx)): the direction Ŵ moves with η_eff = ‖ΔŴ‖/‖∇_Ŵ L‖ = η/‖W‖² (Lyle et al. 2024)."""
     g = torch.Generator().manual_seed(0)

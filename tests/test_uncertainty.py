@@ -277,9 +277,15 @@ def test_running_diagonal_fisher_hand_computed():
     vec.update_from(lambda p, x: torch.stack([x @ p["w"], 2 * x @ p["w"]]), params, batch1[:1])
     torch.testing.assert_close(vec.fisher, torch.tensor([2.5, 10.0], dtype=F64))
 
+    # posterior std (N F + λ)^(-1/2): mean mode [50/3 + 0.1, 25/3 + 0.1]; ema mode with its bias correction
+    torch.testing.assert_close(mean.posterior_std(10), torch.tensor([50 / 3 + 0.1, 25 / 3 + 0.1], dtype=F64) ** -0.5)
+    torch.testing.assert_close(ema.posterior_std(4), torch.tensor([4 * 5 / 6 + 0.1, 4 * 2 / 3 + 0.1], dtype=F64) ** -0.5)
+
     # before any update the posterior is the prior 1/λ
     fresh = RunningDiagonalFisher(params, damping=0.1)
     torch.testing.assert_close(fresh.covariance(1000), torch.full((2,), 10.0, dtype=F64))
+    torch.testing.assert_close(fresh.posterior_std(1000), torch.full((2,), 10.0**0.5, dtype=F64))
+    torch.testing.assert_close(mean.posterior_std(0), torch.full((2,), 10.0**0.5, dtype=F64))
 
 
 def test_running_fisher_state_dict_roundtrip_continues_identically():
@@ -410,6 +416,31 @@ def test_linearised_forward_equals_torch_func_jvp(norm, activation):
     torch.testing.assert_close(linearised_forward(wrapped, x, delta)[1], dy, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="entries"):
         linearised_forward(net, x, delta[:-1])
+
+
+@pytest.mark.parametrize("hidden, norm", [([8], "layer"), ([8, 6], "none"), ([8, 6], "rms"), ([], "none")])
+def test_fast_paths_of_grouped_networks_equal_per_example_gradients(hidden, norm, monkeypatch):
+    """Grouped towers (algorithms.networks.grouped): the diagonal Fisher, the diagonal-Σ Delta Variance and
+    J δ by the per-layer fast paths equal per-example gradients from torch.func, without the jvp fallback."""
+    from algorithms.networks import NetworkConfig, build_grouped_mlp
+    from algorithms.uncertainty.fast import linearised_forward
+
+    net = build_grouped_mlp(5, 3, 2, NetworkConfig(hidden=hidden, norm=norm, activation="elu"), seed=2).double()
+    params = module_params(net)
+    s = torch.randn(7, 5, dtype=F64)
+    a = torch.randint(0, 6, (7,))
+    expected = fisher_diagonal(module_fn(net, indexed=True), params, (s, a))
+    got = mean_sq_grad_fast(net, lambda m: m(s).gather(1, a[:, None])[:, 0])
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-14)
+    d = torch.rand(sum(p.numel() for p in params.values()), dtype=F64) + 0.1
+    torch.testing.assert_close(delta_variance_fast(net, lambda m: m(s), d),
+                               delta_variance(module_fn(net), params, s, d, output_covariance=False),
+                               rtol=1e-10, atol=1e-14)
+    jac = per_example_jacobian(module_fn(net), params, s)[0]  # [B, K, P]
+    monkeypatch.setattr(torch.func, "jvp", lambda *args, **kw: pytest.fail("fell back to torch.func.jvp"))
+    y, dy = linearised_forward(net, s, d)
+    torch.testing.assert_close(y, net(s))
+    torch.testing.assert_close(dy, jac @ d, rtol=1e-10, atol=1e-12)
 
 
 def test_cached_structure_reads_parameters_live():

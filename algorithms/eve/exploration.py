@@ -134,6 +134,7 @@ class PosteriorExplorer:
         self.theta: Tensor | None = None
         self.std: Tensor | None = None
         self.deltas: Tensor | None = None  # [E, P]: each env's drawn perturbation θ̃_e − θ̂
+        self._delta_views: list[Params] | None = None  # deltas[e] by parameter name (views, so draws show)
         self.steps_since = torch.zeros(num_envs, dtype=torch.int64)
         self.pending = torch.ones(num_envs, dtype=torch.bool)  # envs that draw before their next action
         self.num_samples = 0
@@ -151,6 +152,7 @@ class PosteriorExplorer:
         self.std = self.scale * posterior_std(fisher_diag.to(self.theta), float(num_data), float(damping))
         if self.deltas is None:
             self.deltas = torch.zeros(self.num_envs, self.theta.numel(), dtype=self.theta.dtype)
+            self._delta_views = None
         self._write_copies()
 
     def _write_copies(self) -> None:
@@ -189,7 +191,9 @@ class PosteriorExplorer:
         if self.perturbation == "linearised":
             from algorithms.eve.losses import linearised_q_sample
 
-            q = torch.cat([linearised_q_sample(self.copies[0], obs[e : e + 1], self.deltas[e])
+            if self._delta_views is None or len(self._delta_views[0]) != len(self.like):
+                self._delta_views = [unflatten_like(row, self.like) for row in self.deltas]
+            q = torch.cat([linearised_q_sample(self.copies[0], obs[e : e + 1], self._delta_views[e])
                            for e in range(self.num_envs)])
             return greedy_actions(q)
         with torch.no_grad():
@@ -210,6 +214,7 @@ class PosteriorExplorer:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.deltas = None if state["deltas"] is None else state["deltas"].clone()
+        self._delta_views = None
         if self.deltas is not None and self.theta is not None:
             self._write_copies()
         self.steps_since = state["steps_since"].clone()

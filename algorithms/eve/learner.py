@@ -6,8 +6,10 @@ Per update (``compute_loss_for_module``), on a replay batch of B transitions:
 2. targets G_b = R_b + d_b · Q_targ(s'_b, argmax_a Q_θ(s'_b, a)) (double Q; ``double_q``) from the
    replay's n-step fields, and the loss −log N(G; Q_θ(s, a), σ²) (:func:`losses.return_density_nll`);
 3. with exploration="posterior": the batch Fisher f_t = Σ_b (∇_θQ_θ(s_b, a_b))² / (B σ²) at the current
-   θ (:func:`algorithms.uncertainty.fast.mean_sq_grad_fast`, one extra backward
-   pass on the same forward pass), folded into the running estimate
+   θ (:func:`algorithms.uncertainty.fast.mean_sq_grad_fast_and_vjp_selected`: one reverse pass of
+   Σ_b Q_θ(s_b, a_b) on the same forward pass, by hand for MLPs, gives the Fisher and, by the per-layer
+   identities, the loss gradient Σ_b ∂L/∂Q_b ∇_θQ_b, so no autograd graph and no second backward pass),
+   folded into the running estimate
    (:class:`algorithms.uncertainty.RunningDiagonalFisher`, EMA), and written with N = transitions
    inserted into the module's buffers ``fisher_diag`` and ``num_data`` (they reach the env runners with
    the weights).
@@ -57,6 +59,7 @@ from algorithms.eve.losses import (
 )
 from algorithms.offpolicy.learner import OffPolicyLearner
 from algorithms.uncertainty import RunningDiagonalFisher, module_fn, module_params
+from algorithms.uncertainty.fast import mean_sq_grad_fast_and_vjp_selected
 
 FISHER_STATE = "eve_fisher"
 
@@ -72,23 +75,33 @@ class EVELearner(OffPolicyLearner):
             module_params(module.q), damping=float(cfg.prior_precision), mode="ema",
             decay=float(cfg.fisher_decay), noise_var=float(cfg.noise_var)).to(module.fisher_diag.device)
         self.track_posterior = cfg.exploration == "posterior"
+        # With posterior tracking, the loss gradient comes from the Fisher's own backward pass (same values as
+        # loss.backward(), tested; one backward pass per update instead of two). False: autograd's backward.
+        self.hand_gradients = True
+        self._hand_grads: dict[str, dict[str, Tensor]] = {}
 
     def compute_loss_for_module(self, *, module_id: str, config: Any, batch: dict[str, Any],
                                 fwd_out: dict[str, Any]) -> Tensor:
         module = self.module[module_id].unwrapped()
         obs, actions = batch["obs"].float(), batch["action"].long()
+        vjp = None
         if self.track_posterior:
-            # One forward pass serves the Fisher and the loss: Q_θ(s, ·) is captured and the Fisher's
-            # backward pass (uncertainty.fast, per-layer sums of squared per-example gradients) keeps its graph.
+            # One forward and one backward pass serve the Fisher and the loss gradient: Q_θ(s, ·) is captured,
+            # the backward pass of Σ_b Q_θ(s_b, a_b) gives per layer the squared per-example gradients' sums
+            # (the Fisher) and, once the targets are known, the loss gradient Σ_b ∂L/∂Q_b ∇_θQ_b (``vjp``).
             captured: dict[str, Tensor] = {}
 
             def q_taken_fn(net: torch.nn.Module) -> Tensor:
                 captured["q"] = net(obs)
                 return captured["q"].gather(1, actions.unsqueeze(1)).squeeze(1)
 
-            self.fisher.update_from_module(module.q, q_taken_fn, retain_graph=True)
-            q = captured["q"]
-            module.fisher_diag.copy_(self.fisher.fisher)
+            if self.hand_gradients:  # MLPs: a hand-written reverse pass, no autograd graph (uncertainty.fast)
+                q, mean_sq, batch_size, vjp = mean_sq_grad_fast_and_vjp_selected(module.q, obs, actions)
+                fisher = self.fisher.update_mean_sq_grad(mean_sq, batch_size)
+            else:
+                fisher = self.fisher.update_from_module(module.q, q_taken_fn, retain_graph=True)
+                q = captured["q"]
+            module.fisher_diag.copy_(fisher)
             module.num_data.fill_(float(self.replay.num_transitions))
         else:
             q = module.q(obs)
@@ -97,9 +110,11 @@ class EVELearner(OffPolicyLearner):
         with torch.no_grad():
             next_online = module.q(boot) if config.double_q else None
         if self.track_posterior and config.target_sampling:
-            std = self.fisher.covariance(float(self.replay.num_transitions)).sqrt()
-            eps = torch.randn(std.shape, generator=self.generator, device=self.generator.device).to(std)
-            q_targ, noise = linearised_q_perturbation(module.target_q, boot, float(config.posterior_scale) * std * eps)
+            std = self.fisher.posterior_std(float(self.replay.num_transitions))
+            delta = torch.randn(std.shape, generator=self.generator, device=self.generator.device).to(std).mul_(std)
+            if float(config.posterior_scale) != 1.0:
+                delta.mul_(float(config.posterior_scale))
+            q_targ, noise = linearised_q_perturbation(module.target_q, boot, delta)
             targets = sampled_q_targets(batch["nstep_return"], batch["bootstrap_discount"], q_targ, noise,
                                         next_online, argmax=config.target_argmax,
                                         noise_clip=config.target_noise_clip)
@@ -108,8 +123,23 @@ class EVELearner(OffPolicyLearner):
                 next_target = module.target_q(boot)
             targets = nstep_q_targets(batch["nstep_return"], batch["bootstrap_discount"], next_target, next_online)
         loss, stats = return_density_nll(q_taken, targets, float(config.noise_var))
+        if vjp is not None:  # ∂L/∂Q_b = (Q_b − G_b) / (σ² B) for return_density_nll's L
+            self._hand_grads[module_id] = vjp((q_taken - targets) / (float(config.noise_var) * q_taken.shape[0]))
         self.record(module_id, **stats, **q_value_stats(q.detach()))
         return loss
+
+    def compute_gradients(self, loss_per_module: dict[str, Tensor], **kwargs: Any) -> dict[Any, Tensor]:
+        """The loss gradient computed with the Fisher (``hand_gradients``), else RLlib's ``loss.backward()``."""
+        if not self._hand_grads:
+            return super().compute_gradients(loss_per_module, **kwargs)
+        for optim in self._optimizer_parameters:
+            optim.zero_grad(set_to_none=True)
+        for module_id, grads in self._hand_grads.items():
+            named = dict(self.module[module_id].unwrapped().q.named_parameters())
+            for name, grad in grads.items():
+                named[name].grad = grad
+        self._hand_grads = {}
+        return {pid: p.grad for pid, p in self._params.items()}
 
     def uncertainty_stats(self) -> dict[str, float]:
         """Epistemic std of Q (Delta Variance) on replay states and the posterior std summary."""

@@ -1,9 +1,11 @@
 """EVEModule: the Q network (built by algorithms.networks) and the posterior state acting needs.
 
 - ``q``: obs [B, D] -> Q_θ(s, ·) [B, A], an MLP from the spec's ``network`` block, else
-  ``build_mlp(D, A, NetworkConfig(hidden=config.hidden, activation=config.activation, norm=config.norm))``; with ``q_heads="per_action"`` A such MLPs
-  with one output each (:class:`PerActionQ`); ``target_q`` is its frozen copy (made by the
-  learner, updated every ``target_update_period`` updates).
+  ``build_mlp(D, A, NetworkConfig(hidden=config.hidden, activation=config.activation, norm=config.norm))``;
+  with ``q_heads="per_action"`` A such MLPs with one output each, Q(s, a) = net_a(s), sharing no parameter
+  (so a diagonal posterior perturbs each action's value independently), run as one grouped network
+  (:func:`algorithms.networks.build_grouped_mlp`: one matrix product per layer for all actions);
+  ``target_q`` is its frozen copy (made by the learner, updated every ``target_update_period`` updates).
 - Buffers ``fisher_diag`` [P] (the running diagonal Fisher of ∇_θQ, flat in ``q.named_parameters()``
   order) and ``num_data`` (N, transitions seen): written by the learner after each update, so they
   reach the env runners with every weight sync and the runners can sample θ̃ ~ N(θ̂, (N·diag F + λ)⁻¹).
@@ -20,21 +22,8 @@ from torch import Tensor
 from algorithms.eve.exploration import greedy_actions
 from algorithms.networks.builders import build_mlp
 from algorithms.networks.config import NetworkConfig
+from algorithms.networks.grouped import build_grouped_mlp
 from algorithms.offpolicy.module import OffPolicyRLModule
-
-
-class PerActionQ(torch.nn.Module):
-    """Q(s, ·) [B, A] from A separate networks, Q(s, a) = net_a(s) [B, 1]: no parameter is shared between
-    actions, so a diagonal posterior perturbs each action's value independently."""
-
-    CONCAT_HEADS = "heads"  # forward concatenates these (algorithms.uncertainty.fast.linearised_forward)
-
-    def __init__(self, in_dim: int, num_actions: int, block: NetworkConfig):
-        super().__init__()
-        self.heads = torch.nn.ModuleList(build_mlp(in_dim, 1, block) for _ in range(num_actions))
-
-    def forward(self, obs: Tensor) -> Tensor:
-        return torch.cat([head(obs) for head in self.heads], dim=-1)
 
 
 class EVEModule(OffPolicyRLModule):
@@ -54,7 +43,7 @@ class EVEModule(OffPolicyRLModule):
                                                       activation=str(mc.get("activation", "relu")),
                                                       norm=str(mc.get("norm", "none")))
         if mc.get("q_heads", "shared") == "per_action":
-            self.q = PerActionQ(int(shape[0]), int(self.action_space.n), block)
+            self.q = build_grouped_mlp(int(shape[0]), int(self.action_space.n), 1, block)
         else:
             self.q = build_mlp(int(shape[0]), int(self.action_space.n), block)
         num_params = sum(p.numel() for p in self.q.parameters())

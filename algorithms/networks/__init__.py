@@ -2,6 +2,7 @@
 
 - ``config``: :class:`NetworkConfig` (the spec's ``config.network`` block; pydantic only, no torch).
 - ``builders``: :func:`build_mlp`, :func:`build_cnn`, :func:`build_network`, :class:`Network`.
+- ``grouped``: :func:`build_grouped_mlp`, G MLPs without shared parameters run as one network.
 - ``updates``: pieces around any torch optimiser (:class:`NaP`, :class:`DecoupledWeightDecay`,
   :class:`LRSchedule`, :class:`Chain`, :func:`network_updates`, :func:`nap_project_`).
 - ``rllib``: RLModules for RLlib's PPO/DQN built from the config, and :class:`NetworkLearnerMixin`.
@@ -29,6 +30,10 @@ _EXPORTS = {
     "build_network": "builders",
     "trainable_networks": "builders",
     "named_hidden_activations": "builders",
+    "GroupedMLP": "grouped",
+    "GroupedLinear": "grouped",
+    "GroupedNorm": "grouped",
+    "build_grouped_mlp": "grouped",
     "NaP": "updates",
     "DecoupledWeightDecay": "updates",
     "LRSchedule": "updates",

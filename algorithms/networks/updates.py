@@ -47,14 +47,21 @@ def nap_groups(module: nn.Module) -> dict[str, list[nn.Parameter]]:
     """The parameter groups NaP projects, by qualified name.
 
     Each hidden layer's weight is its own group; each norm layer's scale and offset form one joint
-    group. Output layers, biases of un-normalised layers and frozen (target) networks are left out.
+    group; in a grouped network (:mod:`algorithms.networks.grouped`) each tower's slice of them is. Output
+    layers, biases of un-normalised layers and frozen (target) networks are left out.
     """
     groups: dict[str, list[nn.Parameter]] = {}
     for prefix, net in trainable_networks(module):
         pre = f"{prefix}." if prefix else ""
         for name, layer in net.named_hidden_layers():
-            groups[f"{pre}{name}.weight"] = [layer.weight]
+            if hasattr(layer, "per_group"):  # grouped towers: each tower's weight on its own
+                groups.update({f"{pre}{name}.weight[{g}]": ps for g, ps in enumerate(layer.per_group())})
+            else:
+                groups[f"{pre}{name}.weight"] = [layer.weight]
         for name, norm in net.named_norm_layers():
+            if hasattr(norm, "per_group"):
+                groups.update({f"{pre}{name}[{g}]": ps for g, ps in enumerate(norm.per_group())})
+                continue
             params = [p for p in norm.parameters()]
             if params:
                 groups[f"{pre}{name}"] = params

@@ -11,12 +11,15 @@ transitions crosses the process boundary). The algorithm calls, through
 - ``reduce_stats()``: once per iteration, the mean of every recorded statistic over the iteration's
   updates, logged under ``(module_id, name)`` and returned as ``metrics.reduce()``.
 
-One update is RLlib's own sequence: ``module.forward_train(batch)`` -> ``compute_losses`` ->
+One update is RLlib's own sequence: the module's ``_forward_train(batch)`` (train mode is set once per call,
+not by ``forward_train`` on every update, which walks every submodule) -> ``compute_losses`` ->
 ``compute_gradients`` -> ``postprocess_gradients`` (global-norm clipping per optimiser, ``grad_clip``)
 -> ``apply_gradients`` (optimiser steps; the network mixin's weight decay and NaP run after them),
 then the target networks are updated every ``target_update_period`` updates with
 ``target_update_tau``. ``before/after_gradient_based_update`` run once per call (LR schedules, NaP
 statistics). Gradients stay on the parameters after the step (the plasticity diagnostic reads them).
+Optimisers are Adam from :func:`adam`: the fused kernel where the parameters allow it (same update rule;
+one step of EVE's Q network took 0.10 ms instead of 0.36 ms on this machine's CPU).
 
 Subclasses implement ``compute_loss_for_module(module_id=, config=, batch=, fwd_out=)`` and call
 ``self.record(module_id, name=tensor, ...)`` for statistics (detached scalars; averaged on the device,
@@ -47,6 +50,19 @@ from algorithms.offpolicy.replay import ONE_STEP_FIELDS, TensorReplay
 
 logger = logging.getLogger(__name__)
 
+
+def adam(params: Any, lr: float | None = None) -> torch.optim.Adam:
+    """``torch.optim.Adam`` with ``fused=True`` when every parameter is a floating tensor on CPU or CUDA (one
+    kernel for all tensors, the same update), else torch's default implementation. ``lr`` None: torch's
+    default (RLlib's lr scheduler sets it when the optimiser is registered with ``lr_or_lr_schedule``)."""
+    params = list(params)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    fused = bool(tensors) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
+    kwargs: dict[str, Any] = {"fused": True} if fused else {}
+    if lr is not None:
+        kwargs["lr"] = lr
+    return torch.optim.Adam(params, **kwargs)
+
 REPLAY_STATE = "replay"
 CORE_STATE = "offpolicy"
 
@@ -67,6 +83,12 @@ class _SteppingTorchLearner(TorchLearner):
 
 class OffPolicyLearner(NetworkLearnerMixin, _SteppingTorchLearner):
     """Replay + K updates per call; see the module docstring."""
+
+    def configure_optimizers_for_module(self, module_id: str, config: Any = None) -> None:
+        """One Adam (:func:`adam`) over the module's parameters, lr from ``config.lr`` (RLlib's default, fused)."""
+        params = self.get_parameters(self.module[module_id])
+        self.register_optimizer(module_id=module_id, optimizer=adam(params), params=params,
+                                lr_or_lr_schedule=config.lr)
 
     def build(self) -> None:
         cpus = self.config.num_cpus_per_learner
@@ -145,10 +167,12 @@ class OffPolicyLearner(NetworkLearnerMixin, _SteppingTorchLearner):
         self.before_gradient_based_update(timesteps=timesteps)
         cfg = self.config
         batch_size = int(cfg.train_batch_size_per_learner)
-        pairs = self.module[DEFAULT_MODULE_ID].unwrapped().get_target_network_pairs()
+        module = self.module[DEFAULT_MODULE_ID]
+        pairs = module.unwrapped().get_target_network_pairs()
+        module.train()
         for _ in range(num_updates):
             batch = {DEFAULT_MODULE_ID: self.replay.sample(batch_size)}
-            fwd_out = self.module.forward_train(batch)
+            fwd_out = {DEFAULT_MODULE_ID: module._forward_train(batch[DEFAULT_MODULE_ID])}
             loss_per_module = self.compute_losses(fwd_out=fwd_out, batch=batch)
             gradients = self.compute_gradients(loss_per_module)
             gradients = self.postprocess_gradients(gradients)

@@ -177,6 +177,17 @@ class RunningDiagonalFisher:
             raise ValueError("N*F + damping has zero entries: use damping > 0")
         return prec.reciprocal()
 
+    def posterior_std(self, num_data: float) -> Tensor:
+        """(N·F_t + λ)^{-1/2} [P], the diagonal posterior std (= ``covariance(N).sqrt()``, fewer kernels: EVE
+        draws a target perturbation with it every update)."""
+        if num_data < 0:
+            raise ValueError(f"num_data must be >= 0, got {num_data}")
+        if self.damping <= 0:
+            return self.covariance(num_data).sqrt()
+        scale = num_data / (1.0 - self.decay**self.steps) if self.mode == "ema" and self.steps > 0 else num_data
+        return torch.add(self.moment, self.damping / scale).mul_(scale).rsqrt_() if scale > 0 else \
+            torch.full_like(self.moment, self.damping ** -0.5)
+
     def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
         """Split a [P] vector (e.g. :attr:`fisher`) into tensors by parameter name."""
         if vec.shape != (self.num_params,):

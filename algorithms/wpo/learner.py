@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from algorithms.offpolicy.learner import OffPolicyLearner
+from algorithms.offpolicy.learner import OffPolicyLearner, adam
 from algorithms.wpo import losses as L
 
 
@@ -111,15 +111,15 @@ class WPOLearner(OffPolicyLearner):
     def configure_optimizers_for_module(self, module_id: str, config: Any = None) -> None:
         module = self.module[module_id].unwrapped()
         self.register_optimizer(module_id=module_id, optimizer_name="policy",
-                                optimizer=torch.optim.Adam(module.policy.parameters(), lr=config.policy_lr or config.lr),
+                                optimizer=adam(module.policy.parameters(), lr=config.policy_lr or config.lr),
                                 params=list(module.policy.parameters()))
         self.register_optimizer(module_id=module_id, optimizer_name="critic",
-                                optimizer=torch.optim.Adam(module.critic.parameters(), lr=config.critic_lr or config.lr),
+                                optimizer=adam(module.critic.parameters(), lr=config.critic_lr or config.lr),
                                 params=list(module.critic.parameters()))
         duals = [module.log_alpha_mean, module.log_alpha_stddev]
         if config.dual_learning:
             self.register_optimizer(module_id=module_id, optimizer_name="dual",
-                                    optimizer=torch.optim.Adam(duals, lr=config.dual_lr), params=duals)
+                                    optimizer=adam(duals, lr=config.dual_lr), params=duals)
         else:
             for p in duals:
                 p.requires_grad_(False)
