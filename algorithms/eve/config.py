@@ -30,7 +30,10 @@ posterior sample Q_θ̂ + ∇_θQᵀδ (``perturbation="linearised"``; the plain
 deep_sea-10 here), the sampled values pick the bootstrap action (``target_argmax``), the targets' perturbation
 is clipped (``target_noise_clip``), and the Q network has one tower per action (``q_heads``; still one
 network with one posterior and one sample per episode, not an ensemble; ``q_heads="shared"`` gives the
-paper's single MLP with A outputs).
+paper's single MLP with A outputs). The towers run as one grouped network (one matrix product per layer,
+:func:`algorithms.networks.build_grouped_mlp`), and the learner gets the Fisher and the loss gradient from one
+hand-written reverse pass: at one update per env step EVE's time per step is 1.40x its baseline's and its
+throughput 6.6x RLlib DQN's (benchmarks/README.md).
 """
 
 from __future__ import annotations
