@@ -201,6 +201,10 @@ def test_grouped_mlp_equals_separate_towers_and_projects_each_tower(hidden, norm
         return
     acts = named_hidden_activations(net)
     assert list(acts) == [f"blocks.{i}.act" for i in range(len(hidden))]
+    from algorithms.diagnostics.plasticity import normalised_layers, weight_layers
+
+    assert list(weight_layers(net)) == [f"blocks.{i}.layer" for i in range(len(hidden))] + ["output"]
+    assert normalised_layers(net) == ([] if norm == "none" else [f"blocks.{i}.layer" for i in range(len(hidden))])
     seen = []
     handle = acts["blocks.0.act"].register_forward_hook(lambda _m, _i, o: seen.append(o.shape))
     net(x)

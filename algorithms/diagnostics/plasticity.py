@@ -351,13 +351,16 @@ def weight_layers(module: nn.Module, trainable_only: bool = True) -> dict[str, T
     """{layer name: weight} for every parameter with ≥ 2 dims (linear, conv, embedding weights).
 
     Layer name = qualified name of the parameter's owning module. Biases and normalisation scale and
-    offset (1-D) are not weights here. ``trainable_only`` skips frozen weights (requires_grad False),
+    offset (1-D, or 2-D in a module with ``is_normalisation = True``) are not weights here. ``trainable_only`` skips frozen weights (requires_grad False),
     e.g. the target networks RLlib keeps inside DQN/SAC modules.
     """
     out: dict[str, Tensor] = {}
-    for name, p in module.named_parameters():
-        if p.dim() >= 2 and (p.requires_grad or not trainable_only):
-            out[name.rsplit(".", 1)[0] if "." in name else name] = p
+    for owner_name, owner in module.named_modules():
+        if isinstance(owner, NORM_TYPES) or getattr(owner, "is_normalisation", False):
+            continue  # per-group norm scales can be 2-D (algorithms.networks.grouped.GroupedNorm)
+        for local, p in owner.named_parameters(recurse=False):
+            if p.dim() >= 2 and (p.requires_grad or not trainable_only):
+                out[owner_name or local] = p
     return out
 
 

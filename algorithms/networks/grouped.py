@@ -80,6 +80,8 @@ class GroupedLinear(nn.Module):
 class GroupedNorm(nn.Module):
     """LayerNorm or RMSNorm (with offset) over each group's ``width`` features: γ, β [G, H]."""
 
+    is_normalisation = True  # its 2-D γ is a norm scale, not a weight layer (plasticity diagnostics)
+
     def __init__(self, groups: int, width: int, kind: str = "layer", eps: float = 1e-5):
         super().__init__()
         if kind not in ("layer", "rms"):
