@@ -164,28 +164,33 @@ def mean_sq_grad_fast_with_batch(
 
     With ``retain_graph`` the graph of ``forward``'s outputs survives, so a caller that keeps them (e.g.
     Q_θ(s, ·) captured inside ``forward``) can backpropagate a loss through the same forward pass: the
-    diagonal Fisher costs one extra backward pass per output and no extra forward pass (EVE's learner)."""
+    diagonal Fisher costs one extra backward pass per output and no extra forward pass (EVE's learner with
+    ``hand_gradients=False``)."""
     names, outputs, _, per_output = _layer_terms(module, forward, retain_graph)
-    batch = outputs.shape[0]
     params = named_params(module)
-    sums = {name: torch.zeros_like(params[name]) for name in names}
-    for terms in per_output:
-        squares: dict[int, Tensor] = {}  # g² and x² once per layer (weight and bias share them)
-        for name, (kind, g, x) in terms.items():
-            g2 = _square_once(squares, g)
-            if kind == "weight_linear":
-                sums[name] += g2.T @ _square_once(squares, x)
-            elif kind == "weight_grouped":  # Σ_b g²_bgo x²_bgi, one batched product
-                g2v, x2v, shared = _grouped_views(g2, _square_once(squares, x), sums[name].shape)
-                if shared:
-                    sums[name] += (g2.T @ x2v).view_as(sums[name])
-                else:
-                    sums[name] += torch.bmm(g2v.permute(1, 2, 0), x2v.transpose(0, 1))
-            elif kind == "weight_norm":
-                sums[name] += (g2 * _square_once(squares, x)).sum(0).view_as(sums[name])
-            else:
-                sums[name] += g2.sum(0).view_as(sums[name])
-    return torch.cat([sums[name].reshape(-1) for name in names]) / batch, batch
+    sums: dict[str, Tensor] = {}
+    for terms in per_output:  # Σ over the K outputs
+        for name, value in _squared_grad_sums(terms, params).items():
+            sums[name] = sums[name] + value if name in sums else value
+    return torch.cat([sums[name].reshape(-1) for name in names]) / outputs.shape[0], outputs.shape[0]
+
+
+def _squared_grad_sums(terms: dict[str, tuple[str, Tensor, Tensor]], params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Σ_b (∂u_b/∂θ)² by parameter name (shaped like it) from one output's per-layer terms (module docstring)."""
+    sums = {}
+    squares: dict[int, Tensor] = {}  # g² and x² once per layer (weight and bias share them)
+    for name, (kind, g, x) in terms.items():
+        g2, shape = _square_once(squares, g), params[name].shape
+        if kind == "weight_linear":
+            sums[name] = g2.T @ _square_once(squares, x)
+        elif kind == "weight_grouped":  # Σ_b g²_bgo x²_bgi, one batched product
+            g2v, x2v, shared = _grouped_views(g2, _square_once(squares, x), shape)
+            sums[name] = (g2.T @ x2v).view(shape) if shared else torch.bmm(g2v.permute(1, 2, 0), x2v.transpose(0, 1))
+        elif kind == "weight_norm":
+            sums[name] = (g2 * _square_once(squares, x)).sum(0).view(shape)
+        else:
+            sums[name] = g2.sum(0).view(shape)
+    return sums
 
 
 def mean_sq_grad_fast_and_vjp(
@@ -209,19 +214,7 @@ def _fisher_and_vjp(
     terms: dict[str, tuple[str, Tensor, Tensor]], params: dict[str, Tensor], names: list[str], batch: int
 ) -> tuple[Tensor, Callable[[Tensor], dict[str, Tensor]]]:
     """(1/B) Σ_b (∂u_b/∂θ)² [P] and ``vjp(c) = Σ_b c_b ∂u_b/∂θ`` from the per-layer terms of ONE output."""
-    sums = {}
-    squares: dict[int, Tensor] = {}
-    for name, (kind, g, x) in terms.items():
-        g2, shape = _square_once(squares, g), params[name].shape
-        if kind == "weight_linear":
-            sums[name] = g2.T @ _square_once(squares, x)
-        elif kind == "weight_grouped":
-            g2v, x2v, shared = _grouped_views(g2, _square_once(squares, x), shape)
-            sums[name] = (g2.T @ x2v).view(shape) if shared else torch.bmm(g2v.permute(1, 2, 0), x2v.transpose(0, 1))
-        elif kind == "weight_norm":
-            sums[name] = (g2 * _square_once(squares, x)).sum(0).view(shape)
-        else:
-            sums[name] = g2.sum(0).view(shape)
+    sums = _squared_grad_sums(terms, params)
 
     def vjp(c: Tensor) -> dict[str, Tensor]:
         if c.shape != (batch,):
