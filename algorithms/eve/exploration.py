@@ -131,8 +131,9 @@ class PosteriorExplorer:
         self.scale = float(scale)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.like: Params | None = None
-        self.theta: Tensor | None = None
-        self.std: Tensor | None = None
+        self._posterior: tuple[Tensor, float, float] | None = None  # (diag F, N, λ) of the latest weights
+        self._theta: Tensor | None = None  # flat θ̂ and the posterior std, computed when first needed
+        self._std: Tensor | None = None
         self.deltas: Tensor | None = None  # [E, P]: each env's drawn perturbation θ̃_e − θ̂
         self._delta_views: list[Params] | None = None  # deltas[e] by parameter name (views, so draws show)
         self.steps_since = torch.zeros(num_envs, dtype=torch.int64)
@@ -144,20 +145,41 @@ class PosteriorExplorer:
         """θ̃_e = θ̂ + δ_e [E, P]: the drawn perturbations around the latest θ̂."""
         return None if self.deltas is None else self.theta + self.deltas
 
+    @property
+    def theta(self) -> Tensor | None:
+        """θ̂ flat [P] (None before :meth:`set_posterior`)."""
+        if self._theta is None and self.like is not None:
+            self._theta = flatten_params(self.like)
+        return self._theta
+
+    @property
+    def std(self) -> Tensor | None:
+        """scale · (N·diag F + λ)^{-1/2} [P] of the latest posterior (None before :meth:`set_posterior`)."""
+        if self._std is None and self._posterior is not None:
+            fisher_diag, num_data, damping = self._posterior
+            self._std = self.scale * posterior_std(fisher_diag.to(self.theta), num_data, damping)
+        return self._std
+
     def set_posterior(self, params: Params, fisher_diag: Tensor, num_data: float, damping: float) -> None:
         """New θ̂ (by name), diag F [P], N and λ. Perturbations already drawn stay until their next draw
-        (the std of new draws follows the new posterior); they apply around the new θ̂."""
+        (the std of new draws follows the new posterior); they apply around the new θ̂. The flat θ̂ and the
+        std are computed at the next draw (runners receive weights far more often than episodes start), so
+        ``fisher_diag`` must not change in place before then (the runner's module buffer changes only when
+        the next weights arrive, which calls this again)."""
         self.like = {k: v.detach() for k, v in params.items()}
-        self.theta = flatten_params(self.like)
-        self.std = self.scale * posterior_std(fisher_diag.to(self.theta), float(num_data), float(damping))
+        self._posterior = (fisher_diag, float(num_data), float(damping))
+        self._theta = self._std = None
         if self.deltas is None:
-            self.deltas = torch.zeros(self.num_envs, self.theta.numel(), dtype=self.theta.dtype)
+            first = next(iter(self.like.values()))
+            self.deltas = torch.zeros(self.num_envs, sum(v.numel() for v in self.like.values()), dtype=first.dtype)
             self._delta_views = None
         self._write_copies()
 
     def _write_copies(self) -> None:
         if self.perturbation == "linearised":
-            torch.nn.utils.vector_to_parameters(self.theta, self.copies[0].parameters())
+            with torch.no_grad():  # θ̂ tensor by tensor (no flat copy)
+                for p, value in zip(self.copies[0].parameters(), self.like.values(), strict=True):
+                    p.copy_(value)
         else:
             for e, net in enumerate(self.copies):
                 torch.nn.utils.vector_to_parameters(self.theta + self.deltas[e], net.parameters())
@@ -181,7 +203,7 @@ class PosteriorExplorer:
 
     def act(self, obs: Tensor) -> Tensor:
         """Greedy actions [E] on each env's current sample θ̃_e for observations [E, D]."""
-        if self.theta is None:
+        if self.like is None:
             raise RuntimeError("PosteriorExplorer.act before set_posterior: no parameters yet")
         if self.resample == "steps":
             self.pending |= self.steps_since >= self.every
@@ -215,7 +237,7 @@ class PosteriorExplorer:
         self.generator.set_state(state["generator"])
         self.deltas = None if state["deltas"] is None else state["deltas"].clone()
         self._delta_views = None
-        if self.deltas is not None and self.theta is not None:
+        if self.deltas is not None and self.like is not None:
             self._write_copies()
         self.steps_since = state["steps_since"].clone()
         self.pending = state["pending"].clone()
