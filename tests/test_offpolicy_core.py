@@ -63,6 +63,11 @@ def test_samples_per_insert_bookkeeping_in_a_real_run(ray_local):
         module = learner_of(algo).module["default_policy"].unwrapped()
         assert not torch.equal(next(module.policy.parameters()), next(module.target_policy.parameters()))
         assert all(not p.requires_grad for p in module.target_critic.parameters())
+        # the local runner's module got the learner's weights after the last updates (direct tensor copy)
+        runner_state = algo.env_runner.module.state_dict()
+        learner_state = module.state_dict()
+        assert runner_state and all(torch.equal(t, learner_state[k]) for k, t in runner_state.items())
+        assert algo._sync_plan[2] is not None and len(algo._sync_plan[2]) == len(runner_state)
     finally:
         algo.stop()
 
