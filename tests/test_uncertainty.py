@@ -443,6 +443,41 @@ def test_fast_paths_of_grouped_networks_equal_per_example_gradients(hidden, norm
     torch.testing.assert_close(dy, jac @ d, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("hidden, norm, activation", [([8], "layer", "elu"), ([8, 6], "none", "relu"),
+                                                       ([7], "layer", "tanh"), ([], "none", "relu")])
+def test_selected_output_reverse_pass_equals_autograd(grouped, hidden, norm, activation):
+    """u_b = f(x)[b, i_b]: the hand-written reverse pass gives f(x), (1/B) Σ_b (∂u_b/∂θ)² and
+    vjp(c) = Σ_b c_b ∂u_b/∂θ equal to per-example gradients (torch.func) and autograd's gradient of Σ_b c_b u_b;
+    a module outside the chain takes the hooked autograd pass with the same values."""
+    from algorithms.networks import NetworkConfig, build_grouped_mlp, build_mlp
+    from algorithms.uncertainty.fast import _selected_terms, mean_sq_grad_fast_and_vjp_selected
+
+    cfg = NetworkConfig(hidden=hidden, norm=norm, activation=activation)
+    net = (build_grouped_mlp(5, 2, 2, cfg, seed=1) if grouped else build_mlp(5, 4, cfg, seed=1)).double()
+    params = module_params(net)
+    x = torch.randn(9, 5, dtype=F64)
+    idx = torch.randint(0, 4, (9,))
+    c = torch.randn(9, dtype=F64)
+    assert _selected_terms(net, x, idx) is not None  # the hand-written path, not the fallback
+    wrapped = nn.Sequential(nn.Flatten(), net)  # not a chain the reverse pass knows: autograd fallback
+    assert _selected_terms(wrapped, x, idx) is None
+    expected_fisher = fisher_diagonal(module_fn(net, indexed=True), params, (x, idx))
+    net.zero_grad()
+    (net(x).gather(1, idx[:, None]).squeeze(1) * c).sum().backward()
+    for module in (net, wrapped):
+        out, mean_sq, batch, vjp = mean_sq_grad_fast_and_vjp_selected(module, x, idx)
+        assert batch == 9 and not out.requires_grad
+        torch.testing.assert_close(out, net(x).detach())
+        torch.testing.assert_close(mean_sq, expected_fisher, rtol=1e-10, atol=1e-14)
+        grads = vjp(c)
+        prefix = "1." if module is wrapped else ""
+        for name, p in net.named_parameters():
+            torch.testing.assert_close(grads[prefix + name], p.grad, rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        vjp(c[:3])
+
+
 def test_cached_structure_reads_parameters_live():
     """The fast paths cache each module's layer structure, not its parameters: weights changed in place
     or replaced by new Parameter objects after a first call are the ones used."""
