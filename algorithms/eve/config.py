@@ -32,8 +32,8 @@ is clipped (``target_noise_clip``), and the Q network has one tower per action (
 network with one posterior and one sample per episode, not an ensemble; ``q_heads="shared"`` gives the
 paper's single MLP with A outputs). The towers run as one grouped network (one matrix product per layer,
 :func:`algorithms.networks.build_grouped_mlp`), and the learner gets the Fisher and the loss gradient from one
-hand-written reverse pass: at one update per env step EVE's time per step is 1.40x its baseline's and its
-throughput 6.6x RLlib DQN's (benchmarks/README.md).
+hand-written reverse pass: at one update per env step EVE's time per step is 1.26-1.44x its baseline's and
+its throughput 5.1-5.5x RLlib DQN's (rollout fragments of 1 and 8 env steps; benchmarks/README.md).
 """
 
 from __future__ import annotations
