@@ -156,3 +156,23 @@ def test_save_restore_bit_identical_with_remote_env_runners(ray_local, tmp_path:
     cfg = tiny(checkpoint_replay=True)
     cfg.env_runners(num_env_runners=1, num_envs_per_env_runner=2)
     _continue_and_compare(cfg, tmp_path, k=1, more=1)
+
+
+def test_adam_helper_fuses_where_allowed_and_updates_like_plain_adam():
+    """offpolicy.learner.adam: fused for float32 on CPU (same steps as torch's default Adam to float
+    precision), torch's default for dtypes the fused CPU kernel does not take."""
+    from algorithms.offpolicy.learner import adam
+
+    torch.manual_seed(0)
+    start = torch.randn(5, 3)
+    fused_p, plain_p = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    fused, plain = adam([fused_p], lr=0.01), torch.optim.Adam([plain_p], lr=0.01)
+    assert fused.defaults["fused"] is True and not plain.defaults.get("fused")
+    for _ in range(5):
+        grad = torch.randn(5, 3)
+        fused_p.grad, plain_p.grad = grad.clone(), grad.clone()
+        fused.step()
+        plain.step()
+    torch.testing.assert_close(fused_p.detach(), plain_p.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(fused_p.detach(), start)
+    assert not adam([torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))]).defaults.get("fused")

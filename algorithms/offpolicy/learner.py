@@ -52,12 +52,14 @@ logger = logging.getLogger(__name__)
 
 
 def adam(params: Any, lr: float | None = None) -> torch.optim.Adam:
-    """``torch.optim.Adam`` with ``fused=True`` when every parameter is a floating tensor on CPU or CUDA (one
-    kernel for all tensors, the same update), else torch's default implementation. ``lr`` None: torch's
+    """``torch.optim.Adam`` with ``fused=True`` when every parameter is a floating tensor on CUDA or a float32/64
+    tensor on CPU (one kernel for all tensors, the same update), else torch's default implementation. ``lr`` None: torch's
     default (RLlib's lr scheduler sets it when the optimiser is registered with ``lr_or_lr_schedule``)."""
     params = list(params)
     tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
-    fused = bool(tensors) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
+    fused = bool(tensors) and all((p.device.type == "cuda" and p.is_floating_point())
+                                  or (p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64))
+                                  for p in tensors)
     kwargs: dict[str, Any] = {"fused": True} if fused else {}
     if lr is not None:
         kwargs["lr"] = lr
