@@ -146,11 +146,6 @@ class GroupedMLP(Network):
             x = block(x)
         return self.output(x)
 
-    def tower_output_slice(self, g: int) -> slice:
-        """Columns of tower g in the output."""
-        per = self.out_features // self.groups
-        return slice(g * per, (g + 1) * per)
-
 
 def build_grouped_mlp(in_dim: int, groups: int, out_per_group: int, cfg: NetworkConfig, *,
                       seed: int | None = None) -> GroupedMLP:

@@ -259,6 +259,21 @@ def _norm_forward(leaf: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return (y if leaf.bias is None else y + leaf.bias), xhat, inv
 
 
+def _activation_derivative(leaf: nn.Module, x: Tensor, y: Tensor) -> Tensor | None:
+    """f'(x) of an elementwise activation y = f(x) (forward- and reverse-mode rules both multiply by it):
+    ReLU 1[x > 0]; Tanh 1 − y²; ELU 1 for x > 0 else y + α (= min(y + 1, 1) when α = 1); Identity 1.
+    None for other modules."""
+    if isinstance(leaf, nn.Identity):
+        return torch.ones_like(x)
+    if isinstance(leaf, nn.ReLU):
+        return (x > 0).to(x.dtype)
+    if isinstance(leaf, nn.Tanh):
+        return 1 - y * y
+    if isinstance(leaf, nn.ELU) and not leaf.inplace:
+        return (y + 1.0).clamp_(max=1.0) if leaf.alpha == 1.0 else torch.where(x > 0, 1.0, y + leaf.alpha)
+    return None
+
+
 def _selected_terms(module: nn.Module, x: Tensor, index: Tensor) -> tuple[Tensor, dict] | None:
     """(f(x) [B, K], per-layer terms of u_b = f(x)[b, index_b]) by a hand-written forward and reverse pass
     for chains of Linear, LayerNorm (last dim), grouped layers and ReLU/Tanh/ELU/Identity whose parameters
@@ -317,12 +332,8 @@ def _selected_terms(module: nn.Module, x: Tensor, index: Tensor) -> tuple[Tensor
                     g = ((gx - xhat * proj) * inv).reshape(g.shape)
                 else:
                     g = ((gx - gx.mean(-1, keepdim=True) - xhat * proj) * inv).reshape(g.shape)
-            elif isinstance(leaf, nn.ReLU):
-                g = g * (xin > 0)
-            elif isinstance(leaf, nn.Tanh):
-                g = g * (1 - a * a)
-            elif isinstance(leaf, nn.ELU):
-                g = g * torch.where(xin > 0, 1.0, a + leaf.alpha)
+            elif not isinstance(leaf, nn.Identity):
+                g = g * _activation_derivative(leaf, xin, a)
         return out, {full: terms[full] for full in named_params(module)}
 
 
@@ -457,27 +468,24 @@ def _leaf_jvp(leaf: nn.Module, x: Tensor, dx: Tensor | None, dp: dict[str, Tenso
         dx = torch.zeros_like(x)
     if isinstance(leaf, nn.Identity):
         return x, dx
-    if isinstance(leaf, nn.ReLU):
-        mask = x > 0
-        return x * mask, dx * mask
-    if isinstance(leaf, nn.Tanh):
-        y = torch.tanh(x)
-        return y, dx * (1 - y * y)
-    if isinstance(leaf, nn.ELU) and not leaf.inplace:
-        y = F.elu(x, leaf.alpha)  # ELU'(x) = 1 for x > 0, else α·exp(x) = y + α
-        if leaf.alpha == 1.0:  # then ELU' = min(y + 1, 1) (y + 1 = x + 1 > 1 for x > 0, = exp(x) <= 1 else)
-            return y, dx * (y + 1.0).clamp_(max=1.0)
-        return y, dx * torch.where(x > 0, 1.0, y + leaf.alpha)
-    if isinstance(leaf, nn.LayerNorm):
-        if len(leaf.normalized_shape) != 1:
+    if isinstance(leaf, _ELEMENTWISE) and not getattr(leaf, "inplace", False):
+        y = leaf(x)
+        derivative = _activation_derivative(leaf, x, y)
+        if derivative is not None:
+            return y, dx * derivative
+    if isinstance(leaf, nn.LayerNorm | GroupedNorm):
+        # x̂ = (x − μ)/s per group (RMS: x/s): dx̂ = (dx − [mean(dx)] − x̂ ⊙ mean(dx ⊙ x̂)) / s;
+        # y = x̂ ⊙ γ + β, dy = dx̂ ⊙ γ + x̂ ⊙ δγ + δβ
+        if isinstance(leaf, nn.LayerNorm) and len(leaf.normalized_shape) != 1:
             raise ValueError("the forward-mode fast path supports LayerNorm over the last dimension only")
-        xhat, _, inv = torch.native_layer_norm(x, leaf.normalized_shape, None, None, leaf.eps)  # inv = 1/s
-        dxhat = inv * (dx - dx.mean(-1, keepdim=True) - xhat * (dx * xhat).mean(-1, keepdim=True))
+        y, xhat, inv = _norm_forward(leaf, x)
+        dxv = dx.reshape(xhat.shape)
+        centred = dxv if isinstance(leaf, GroupedNorm) and leaf.kind == "rms" else dxv - dxv.mean(-1, keepdim=True)
+        dxhat = torch.addcmul(centred, xhat, (dxv * xhat).mean(-1, keepdim=True), value=-1.0).mul_(inv)
         if leaf.weight is None:
-            return xhat, dxhat
-        y = xhat * leaf.weight + (leaf.bias if leaf.bias is not None else 0.0)
-        dy = dxhat * leaf.weight + xhat * dp["weight"] + (dp["bias"] if leaf.bias is not None else 0.0)
-        return y, dy
+            return y, dxhat.reshape(dx.shape)
+        dy = xhat * dp["weight"] if leaf.bias is None else torch.addcmul(dp["bias"], xhat, dp["weight"])
+        return y, torch.addcmul(dy, dxhat, leaf.weight).reshape(dx.shape)
     if isinstance(leaf, RMSNorm):
         if len(leaf.shape) != 1:
             raise ValueError("the forward-mode fast path supports RMSNorm over the last dimension only")
@@ -486,20 +494,6 @@ def _leaf_jvp(leaf: nn.Module, x: Tensor, dx: Tensor | None, dp: dict[str, Tenso
         y = leaf.weight * x * r + leaf.bias
         dy = dp["weight"] * x * r + leaf.weight * (dx * r + x * dr) + dp["bias"]
         return y, dy
-    if isinstance(leaf, GroupedNorm):  # the LayerNorm / RMSNorm tangents above, per group
-        b, g, h = x.shape[0], leaf.groups, leaf.width
-        xv, dxv = x.reshape(b, g, h), dx.reshape(b, g, h)
-        if leaf.kind == "layer":
-            xhat, _, inv = torch.native_layer_norm(xv, (h,), None, None, leaf.eps)
-            centred = dxv - dxv.mean(-1, keepdim=True)
-        else:
-            inv = torch.rsqrt(xv.pow(2).mean(-1, keepdim=True) + leaf.eps)
-            xhat, centred = xv * inv, dxv
-        # dx̂ = (dx − [mean(dx)] − x̂ mean(dx ⊙ x̂)) / s; y = x̂ γ + β; dy = dx̂ γ + x̂ δγ + δβ
-        dxhat = torch.addcmul(centred, xhat, (dxv * xhat).mean(-1, keepdim=True), value=-1.0).mul_(inv)
-        y = torch.addcmul(leaf.bias, xhat, leaf.weight)
-        dy = torch.addcmul(torch.addcmul(dp["bias"], xhat, dp["weight"]), dxhat, leaf.weight)
-        return y.reshape(b, g * h), dy.reshape(b, g * h)
     # other elementwise activations: their own jvp (no parameters)
     return torch.func.jvp(leaf, (x,), (dx,))
 
