@@ -1,6 +1,6 @@
 """Registers everything the project ships, lazily (strings only): importing this is cheap.
 
-Each issue adds its lines here.
+A new algorithm, task, config block or diagnostic adds its lines here.
 """
 
 from algorithms.diagnostics.registry import register_diagnostic_lazy  # noqa: F401
@@ -12,30 +12,30 @@ register_task("regression_demo", "algorithms.tasks.demo:RegressionDemo")
 # Diagnostics: register_diagnostic_lazy(name, "module that calls register_diagnostic() on import").
 register_diagnostic_lazy("plasticity", "algorithms.diagnostics.rllib_plasticity")
 
-# Issue 3, networks: the spec's `config.network` block (pydantic model imported here; RLlib only on apply).
+# Networks: the spec's `config.network` block (pydantic model imported here; RLlib only on apply).
 from algorithms.networks.block import apply_network_block  # noqa: E402
 from algorithms.networks.config import NetworkConfig  # noqa: E402
 from algorithms.registry import register_config_block  # noqa: E402
 
 register_config_block("network", NetworkConfig, apply_network_block)
 
-# Issue 3, nonstationary supervised benchmarks on scikit-learn's digits.
+# Nonstationary supervised benchmarks on scikit-learn's digits (plasticity).
 register_task("digits_random_labels", "algorithms.tasks.digits:DigitsRandomLabels")
 register_task("digits_permuted", "algorithms.tasks.digits:DigitsPermuted")
 register_task("digits_shifting_regression", "algorithms.tasks.digits:DigitsShiftingRegression")
 
-# Algorithms on the off-policy core (issue 4).
+# Algorithms on the off-policy core (WPO, EVE) and bsuite scoring.
 from algorithms.registry import register_algorithm  # noqa: E402
 
 register_algorithm("WPO", "algorithms.wpo.algorithm:WPO")
 register_algorithm("EVE", "algorithms.eve.algorithm:EVE")
 register_diagnostic_lazy("bsuite", "algorithms.diagnostics.rllib_bsuite")
 
-# DataRater (issue 6)
+# DataRater meta-learned data filtering (meta-gradients by algorithms.meta).
 register_task("datarater_digits", "algorithms.tasks.datarater_digits:DigitsDataRater")
 register_task("datarater_text", "algorithms.tasks.datarater_text:TextDataRater")
 
-# Analysis (issue 8): credit-assignment and convergence diagnostics.
+# Analysis: credit-assignment, convergence and per-task return diagnostics.
 register_diagnostic_lazy("credit", "algorithms.diagnostics.rllib_credit")
 register_diagnostic_lazy("convergence", "algorithms.diagnostics.rllib_convergence")
 register_diagnostic_lazy("task_returns", "algorithms.diagnostics.rllib_tasks")

@@ -19,7 +19,7 @@ resumes; --force measures again):
 Every line records the load average (1, 5, 15 min); throughput lines also give CPU-time rates
 (``env_steps_per_cpu_s``, driver process) and the ratios on CPU time, which depend less on the load.
 
-Goals (issue 5): EVE solves N >= 30 with one network; EVE's time per step <= 1.5x the baseline's;
+Goals: EVE solves N >= 30 with one network; EVE's time per step <= 1.5x the baseline's;
 EVE's throughput >= 5x RLlib DQN's (47 env steps/s measured earlier on this machine).
 
 Usage: .venv/bin/python benchmarks/eve_deep_sea.py [--what throughput,deep_sea] [--iters 5]

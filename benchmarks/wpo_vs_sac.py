@@ -1,4 +1,4 @@
-"""WPO on our off-policy core vs RLlib's SAC vs a bare PyTorch loop doing WPO's updates (issue 4).
+"""WPO on our off-policy core vs RLlib's SAC vs a bare PyTorch loop doing WPO's updates.
 
 Same env, seed, network sizes (256-256-256) and samples per insert (32, batch 256: one update every 8
 env steps) for all three. Parts (``--parts``):

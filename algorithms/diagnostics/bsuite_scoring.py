@@ -1,7 +1,7 @@
 """bsuite scores for deep_sea, umbrella_length, discounting_chain and memory_len on per-episode logs.
 
 Definitions: bsuite 0.3.6 `experiments/<name>/analysis.py` (Osband et al., "Behaviour Suite for
-Reinforcement Learning", ICLR 2020) and REFERENCE.md "Credit assignment and convergence", rewritten on
+Reinforcement Learning", ICLR 2020; docs/methods.md#credit-and-convergence), rewritten on
 plain sequences (bsuite's own analysis needs pandas < 2). Per-episode inputs are what
 `algorithms.envs.bsuite.BsuiteEnv` puts in `info["bsuite"]` at each episode end.
 

@@ -1,7 +1,8 @@
 """Convergence diagnostics: pure functions, each with its definition.
 
-Source: REFERENCE.md "Credit assignment and convergence" (Abel et al., arXiv 2307.11044: an agent has
-converged when its behaviour no longer changes, or changes only with internal-state change).
+Source: Abel et al., "On the Convergence of Bounded Agents", arXiv 2307.11044
+(docs/methods.md#credit-and-convergence): an agent has converged when its behaviour no longer changes,
+or changes only with internal-state change.
 Computable proxies between two successive evaluations t−1, t on the same fixed probe set of N states
 (:mod:`algorithms.diagnostics.probe`):
 
@@ -21,7 +22,7 @@ change is ≤ ``return_rtol``·max(|R_{t−1}|, 1) (returns that are unknown, Na
 ``converged`` = 1 when behaviour is stable over a full window. ``parameters_moving`` = 1 when the mean
 ‖Δθ‖ over the window exceeds ``param_tol``. Converged with parameters moving is Abel et al.'s case
 "behaviour fixed while internal state still changes"; converged without is "both stable". Both count
-as converged, as the issue asks. Before a full window has been seen both flags are 0.
+as converged. Before a full window has been seen both flags are 0.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Credit-assignment diagnostics: pure functions on episodes, each with its definition.
 
-Definitions: ../shared/REFERENCE.md "Credit assignment and convergence" (Pignatelli et al., TMLR,
+Definitions: docs/methods.md#credit-and-convergence (Pignatelli et al., TMLR 2024,
 arXiv 2312.01072: credit as action influence; delay as the depth challenge). Shape letters: T steps
 of one episode, A discrete actions.
 

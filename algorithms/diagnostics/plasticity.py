@@ -1,6 +1,6 @@
 """Plasticity metrics: pure functions on tensors, each with its exact definition.
 
-Definitions follow ../shared/REFERENCE.md ("Plasticity metrics"); sources are named per function.
+Definitions: docs/methods.md#plasticity-metrics (a table of all of them); sources are named per function.
 Shape letters: N probe inputs, D features (units) of one layer, P parameters.
 
 A *feature matrix* Φ ∈ R^{N×D} stacks one layer's activations for the N probe inputs (conv maps are

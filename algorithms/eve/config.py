@@ -2,7 +2,7 @@
 off-policy core, and its epsilon-greedy baseline (the same implementation with
 ``exploration="epsilon_greedy"`` instead of ``"posterior"``, so only exploration differs).
 
-Method (REFERENCE.md, EVE): value prediction as return density N(G; Q_θ(s, a), σ²) (``noise_var`` σ²),
+Method (docs/methods.md#eve): value prediction as return density N(G; Q_θ(s, a), σ²) (``noise_var`` σ²),
 a running diagonal Fisher of ∇_θQ (EMA with ``fisher_decay``), the posterior N(θ̂, (N·diag F + λ)⁻¹)
 with N the transitions seen and λ = ``prior_precision``, and Thompson sampling of a parameter
 perturbation per episode (``resample``) on each env runner; target network, replay, Adam, burn-in
@@ -10,30 +10,27 @@ perturbation per episode (``resample``) on each env runner; target network, repl
 
 Defaults: one update per 2 env steps (``samples_per_insert`` 16, batch 32), Adam 1e-3, no gradient
 clipping, hard target update every 50 updates, burn-in 100 env steps, σ² = 0.001 (tuned on deep_sea size
-10 with a plain-torch replica of this loop), and the setting that solved every deep_sea size 10-30 with
-one network (issue 5 report; benchmarks/README.md): one MLP [64] per action (``q_heads="per_action"``)
-with LayerNorm and ELU (``norm="layer"``, ``activation="elu"``), λ = 0.1 (``prior_precision``),
-linearised perturbations for acting and for the bootstrap targets, bootstrap targets that are the
-Q-learning targets of the posterior sample (``target_argmax="sample"``: the sampled values also pick the
-bootstrap action, so the targets carry the next state's uncertainty back as optimism; see
-algorithms.eve.learner), with each sampled value's perturbation clipped to ±1 (``target_noise_clip``).
-What each piece did (in-process core of ``benchmarks/eve_deep_sea.py --what core``, seed 0): ReLU units
-died on deep_sea's one-hot inputs (size 20 unsolved), ELU solved sizes up to 24 (episode 10,000) and not
-30; LayerNorm and λ = 0.1 solved 30 but stalled at 22 with a shared output layer; per-action heads
-explored every cell of size 30 by episode 1,500 but, without the clip, the optimism of barely visited
-states inflated Q to ~60 (true values <= 1) and the noisy values never settled on the treasure path
-(size 20 unsolved by 2,005 episodes); with the clip size 20 was solved at 900 and Q along the path
-matched γ^k to ~0.05. ``target_argmax="mean"`` failed size 10 (seed 1).
+10 with a plain-torch replica of this loop). The network and exploration defaults are the combination that
+solved every bsuite deep_sea size 10-30 with one network: one MLP [64] per action (``q_heads="per_action"``)
+with LayerNorm and ELU (``norm="layer"``, ``activation="elu"``), λ = 0.1 (``prior_precision``), linearised
+posterior samples for acting and for the bootstrap targets, bootstrap targets that are the Q-learning
+targets of the posterior sample (``target_argmax="sample"``: the sampled values also pick the bootstrap
+action, so the targets carry the next state's uncertainty back as optimism; see algorithms.eve.learner),
+and each sampled value's perturbation clipped to ±1 (``target_noise_clip``). Why each piece: ELU and
+LayerNorm keep hidden units active at unvisited states, so posterior noise reaches them; a small λ leaves
+the parameters the data has not pinned down uncertain; separate towers keep one action's uncertainty from
+moving every action's value alike; the clip bounds the optimism of barely visited states so the values
+settle once those states are visited. Episode counts per size and seed, the ablation of each piece and
+throughput against the baseline and RLlib DQN: benchmarks/README.md, section ``eve_deep_sea.py``.
 
 Deviations from the paper, each documented where it acts: acting and bootstrapping use the linearised
-posterior sample Q_θ̂ + ∇_θQᵀδ (``perturbation="linearised"``; the plain weight perturbation never solved
-deep_sea-10 here), the sampled values pick the bootstrap action (``target_argmax``), the targets' perturbation
+posterior sample Q_θ̂ + ∇_θQᵀδ (``perturbation="linearised"``; ``"parameters"`` perturbs the weights
+themselves), the sampled values pick the bootstrap action (``target_argmax``), the targets' perturbation
 is clipped (``target_noise_clip``), and the Q network has one tower per action (``q_heads``; still one
 network with one posterior and one sample per episode, not an ensemble; ``q_heads="shared"`` gives the
 paper's single MLP with A outputs). The towers run as one grouped network (one matrix product per layer,
 :func:`algorithms.networks.build_grouped_mlp`), and the learner gets the Fisher and the loss gradient from one
-hand-written reverse pass: at one update per env step EVE's time per step is 1.26-1.44x its baseline's and
-its throughput 5.1-5.5x RLlib DQN's (rollout fragments of 1 and 8 env steps; benchmarks/README.md).
+hand-written reverse pass (docs/methods.md#eve).
 """
 
 from __future__ import annotations
@@ -77,10 +74,9 @@ class EVEConfig(OffPolicyConfig):
         """Q network widths (ignored when the spec's ``network`` block is set)."""
         self.activation: str = "elu"
         """Hidden activation of the Q network (ignored when the spec's ``network`` block is set). ELU, not
-        ReLU: on deep_sea's one-hot inputs ReLU units die (size 20: 26% of hidden units active at episode
-        500, 3% at 2,500), and a dead unit passes no posterior noise, so the epistemic spread collapsed
-        (std of Q 0.27 -> 0.003) and size 20 went unsolved; with ELU ~45% stay positive, the derivative
-        elsewhere is exp(x) > 0, and size 20 was solved at episode 4,000 (issue 5 report)."""
+        ReLU: on deep_sea's one-hot inputs ReLU units die, and a dead unit passes no posterior noise, so
+        the epistemic spread collapses; ELU's derivative below zero is exp(x) > 0 (measurements:
+        benchmarks/README.md, eve_deep_sea.py)."""
         self.norm: str = "layer"
         """Normalisation before each hidden activation of the Q network: none | layer | rms (ignored when
         the spec's ``network`` block is set; with a norm the hidden layers drop their bias). LayerNorm keeps
@@ -120,8 +116,8 @@ class EVEConfig(OffPolicyConfig):
         """With target_sampling: clip each sampled value's perturbation J δ to [-c, c] in the targets (None: no
         clip). Bounds the optimism a barely visited next state adds to a target (E[max] of the noisy values),
         so inflated values wash out once the states are visited; set it on the scale of the rewards (bsuite's
-        are within [-1, 1]). Default 1: without it per-action heads inflated deep_sea's values to ~60 (config
-        docstring)."""
+        are within [-1, 1]). Default 1: without it per-action heads inflated deep_sea's values far above their
+        true range (benchmarks/README.md, eve_deep_sea.py)."""
         self.q_heads: str = "per_action"
         """shared (one MLP with A outputs) | per_action (A separate MLPs with one output each: the posterior
         noise of different actions' values is independent, so the gap between them keeps the spread of

@@ -28,7 +28,7 @@ carries that optimism back along trajectories, so the mean Q prefers actions lea
 Why this is the default: with ``target_argmax="mean"`` (the action picked by Q_θ alone) the target noise
 has mean zero, no uncertainty reaches the Q values of well-visited states, and acting there is decided by
 learning noise: on deep_sea-10 seed 1 the first state's action gap settled at -0.017 ± 0.015 (posterior
-std) with the reward found once, and the run failed; with "sample" seeds 0, 1, 2 solve it (issue 5 report).
+std) with the reward found once, and the run failed; with "sample" seeds 0, 1, 2 solve it (benchmarks/README.md, EVE).
 A diagonal posterior gives each rarely visited input its own independent noise but no correlation along
 a chain of states, so the per-episode samples alone do not explore deeply; the propagated optimism does.
 Perturbing the target network's weights directly instead shifts the mean of a ReLU network's output as

@@ -5,8 +5,8 @@ Pure pydantic (no torch import), so registering the block at spec load stays che
     config:
       network: {hidden: [256, 256], norm: layer, nap: true, weight_decay: {kind: l2, coef: 1e-3}}
 
-Methods (REFERENCE.md): Normalize-and-Project (Lyle et al. 2024, arXiv 2407.01800), LayerNorm + L2 and
-L2-Init (Lyle et al. 2024, arXiv 2402.18762).
+Methods (docs/methods.md#nap, #weight-decay-and-l2-init): Normalize-and-Project (Lyle et al. 2024,
+arXiv 2407.01800), LayerNorm + L2 and L2-Init (Lyle et al. 2024, arXiv 2402.18762).
 """
 
 from __future__ import annotations

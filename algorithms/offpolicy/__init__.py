@@ -1,4 +1,4 @@
-"""The project's fast off-policy core (issue 4): RLlib's interfaces, without RLlib's slow episode path.
+"""The project's fast off-policy core (WPO, EVE): RLlib's interfaces, without RLlib's slow episode path.
 
 Pure pieces (no RLlib): :class:`TensorReplay` (preallocated ring buffer, n-step returns on insert for
 E parallel envs), :func:`nstep_targets` (reference n-step targets of one episode), :func:`updates_due`

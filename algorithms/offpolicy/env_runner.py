@@ -2,7 +2,7 @@
 
 Why not RLlib's SingleAgentEnvRunner: it builds episode objects and runs connector pipelines per
 step, and the learner then rebuilds train batches from those episodes in Python; for small
-off-policy updates that bookkeeping, not the maths, set the pace (issue 4). This runner is still a
+off-policy updates that bookkeeping, not the maths, set the pace. This runner is still a
 real RLlib EnvRunner (created by EnvRunnerGroup locally or as remote actors, weights synced with
 ``EnvRunnerGroup.sync_weights``, metrics under ``env_runners/...``, Checkpointable), but ``sample``
 returns a dict of arrays [T, E, ...]: ``obs, action, reward, next_obs, terminated, truncated`` with

@@ -1,4 +1,4 @@
-"""Delta Variances and Fisher estimates for any torch module (REFERENCE.md: EVE, Delta Variances).
+"""Delta Variances and Fisher estimates for any torch module (docs/methods.md#delta-variances, #eve).
 
 - :func:`delta_variance`: Var[u_θ(z)] ≈ ∇_θuᵀ Σ ∇_θu for any differentiable quantity of interest.
 - :func:`fisher_full`, :func:`fisher_diagonal`, :class:`RunningDiagonalFisher`: F = E[∇_θu ∇_θuᵀ]/σ²;

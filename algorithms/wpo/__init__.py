@@ -1,1 +1,3 @@
-"""Wasserstein Policy Optimization (issue 4): config, module, learner, algorithm and the pure losses."""
+"""Wasserstein Policy Optimization (Pfau et al., ICML 2025; docs/methods.md#wpo) on the off-policy core:
+config, module, learner, algorithm and the pure losses.
+"""

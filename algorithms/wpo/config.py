@@ -1,11 +1,12 @@
 """WPOConfig: Wasserstein Policy Optimization on the off-policy core.
 
-Defaults follow the reference configuration in REFERENCE.md (Acme's WPO config: samples per insert 32,
-N = 20 action samples, Adam lr 1e-4, batch 256, γ 0.99, 5-step returns, grad-norm clip 40, hard target
-update every 100 learner steps, replay 1M, learning starts at 1000, Gaussian init scale 0.5, decoupled
-KL with fixed α: ε_μ 0.0025, ε_σ 1e-6, log α_μ 0, log α_σ 10 000).
+Defaults follow the reference configuration (Acme's WPO config; docs/methods.md#wpo): samples per
+insert 32, N = 20 action samples, Adam lr 1e-4, batch 256, γ 0.99, 5-step returns, grad-norm clip 40,
+hard target update every 100 learner steps, replay 1M, learning starts at 1000, Gaussian init scale
+0.5, decoupled KL with fixed α: ε_μ 0.0025, ε_σ 1e-6, log α_μ 0, log α_σ 10 000. Learning results of
+these defaults and of the sample-limited variant are in benchmarks/README.md (wpo_vs_sac.py).
 
-Networks: with ``network`` unset, REFERENCE.md's architecture (policy and critic MLPs 256-256-256 with
+Networks: with ``network`` unset, the reference architecture (policy and critic MLPs 256-256-256 with
 LayerNorm + tanh after the first layer, then ELU). A spec ``network`` block replaces it for both
 networks (hidden widths, norm, activation, NaP, weight decay, LR schedule all apply).
 """
@@ -29,9 +30,8 @@ class WPOConfig(OffPolicyConfig):
         super().__init__(algo_class=algo_class or WPO)
         self.samples_per_insert = 32.0
         # Acme's reference value (one update of batch 256 every 8 env steps). Sample-limited runs do
-        # better with more updates: samples_per_insert 128 with N = M = 5 (about the same compute per env
-        # step) reached 857 on dmc/cartpole-swingup at 100k env steps where these defaults reached 393
-        # (benchmarks/README.md, arm wpo_spi128_n5).
+        # better with more updates at about the same compute per env step (samples_per_insert 128 with
+        # N = M = 5: arm wpo_spi128_n5 in benchmarks/README.md).
         self.lr = 1e-4
         self.train_batch_size_per_learner = 256
         self.gamma = 0.99

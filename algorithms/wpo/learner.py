@@ -1,6 +1,6 @@
 """WPOLearner: the WPO losses of ``losses.py`` on replay batches (one update = one call of the loss).
 
-Per batch of B transitions (REFERENCE.md, WPO):
+Per batch of B transitions (docs/methods.md#wpo):
 - critic: y = R^(n) + γ^{n'}(1 − term)·mean_m Q_targ(s', a'_m), a'_m ~ π_targ(·|s') (M samples);
   loss 0.5·(y − Q(s, a))²; with ``critic_clip_actions`` (default, as the reference code) every action
   reaches the critic as clip(a, −1, 1), so Q(s, a) = Q(s, clip(a)) and ∇_a Q = 0 outside the bounds;

@@ -22,7 +22,7 @@ from torch import Tensor
 
 
 def fisher_preconditioned(mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
-    """(μ', σ') equal to (μ, σ) in value whose gradients reach (μ, σ) scaled by (σ², σ²/2) (REFERENCE.md, WPO):
+    """(μ', σ') equal to (μ, σ) in value whose gradients reach (μ, σ) scaled by (σ², σ²/2) (docs/methods.md#wpo):
 
         μ' = sg(σ²)·μ + sg((1 − σ²)·μ),    σ' = sg(σ²/2)·σ + sg((1 − σ²/2)·σ)      (sg = stop-gradient)
 
@@ -61,7 +61,7 @@ def out_of_bounds_grad(actions: Tensor, low: float = -1.0, high: float = 1.0) ->
 
 
 def wpo_policy_loss(grad_log_prob: Tensor, grad_q: Tensor, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """−mean_b Σ_n Σ_d ∇_a log π(a_n|s_b) · ∇_a Q(s_b, a_n)   (Pfau et al. 2025, eq. 6; REFERENCE.md).
+    """−mean_b Σ_n Σ_d ∇_a log π(a_n|s_b) · ∇_a Q(s_b, a_n)   (Pfau et al. 2025, eq. 6; docs/methods.md#wpo).
 
     Args:
         grad_log_prob: [N, B, D] ∇_a log π at the sampled actions, with a graph to the policy (use
@@ -100,7 +100,7 @@ def decoupled_gaussian_kl(
 
 
 def alpha_from_log(log_alpha: Tensor) -> Tensor:
-    """α = softplus(log α) + 1e-8 (REFERENCE.md: the KL penalty weights)."""
+    """α = softplus(log α) + 1e-8: the KL penalty weights (docs/methods.md#wpo)."""
     return F.softplus(log_alpha) + 1e-8
 
 
@@ -110,7 +110,7 @@ def kl_penalty(
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Penalty α_μ·Σ_d mean_b KL_μ + α_σ·Σ_d mean_b KL_σ (α held constant) and the MPO dual loss
     α_μ·Σ_d(ε_μ − sg(mean_b KL_μ)) + α_σ·Σ_d(ε_σ − sg(mean_b KL_σ)) that learns α when its log α
-    require gradients (REFERENCE.md: the reference keeps α fixed).
+    require gradients (the reference configuration keeps α fixed; docs/methods.md#wpo).
 
     Args: kl_mean, kl_std [B, D]; log_alpha_mean, log_alpha_std scalars or [D].
     Returns (penalty, dual_loss, statistics).
@@ -137,7 +137,7 @@ def expected_sarsa_targets(nstep_return: Tensor, bootstrap_discount: Tensor, tar
 
 
 def critic_loss(q: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """0.5·mean_b (y_b − Q(s_b, a_b))² (REFERENCE.md: plain scalar critic). Args: q, targets [B]."""
+    """0.5·mean_b (y_b − Q(s_b, a_b))² (a plain scalar critic, as in Pfau et al. 2025). Args: q, targets [B]."""
     td = targets.detach() - q
     loss = 0.5 * td.square().mean()
     return loss, {"q_mean": q.detach().mean(), "q_min": q.detach().min(), "q_max": q.detach().max(),

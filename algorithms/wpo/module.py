@@ -1,6 +1,6 @@
 """WPOModule: diagonal Gaussian policy and scalar Q critic, built by algorithms.networks.
 
-Reference architecture (REFERENCE.md, WPO; used when the config's ``network`` block is unset):
+Reference architecture (Acme's WPO networks, docs/methods.md#wpo; used when the config's ``network`` block is unset):
 - policy: obs -> Linear(256) -> LayerNorm -> tanh -> [Linear(256) -> ELU] x 2 -> Linear(2D);
   mean = first D outputs, std = softplus(x)·init_scale/softplus(0) + 1e-6 (no tanh squashing);
 - critic: concat(obs, action) -> the same torso -> Linear(1).
