@@ -163,6 +163,150 @@ def test_critic_clip_actions_zeroes_dq_outside_the_bounds_and_feeds_clipped_repl
 
 
 # ---------------------------------------------------------------------------------------------------
+# Action bounds (policy_bound)
+
+
+def _bound_batch():
+    return {"obs": torch.zeros(1, 1), "action": torch.zeros(1, 1), "bootstrap_obs": torch.zeros(1, 1),
+            "nstep_return": torch.zeros(1), "bootstrap_discount": torch.zeros(1)}
+
+
+def test_tanh_squash_policy_gradient_by_hand():
+    """1-D, μ_u = 0.3, σ_u = 0.5, u = (0.8, −0.2), Q(a) = −(a − 0.5)², a = tanh u. By hand:
+    ∇_u Q(tanh u) = (1 − a²)·(−2)(a − 0.5), and the Fisher-preconditioned policy loss has
+    −∂L/∂μ = Σ_n ∇_u Q_n,  −∂L/∂σ = Σ_n ((u_n − μ)/σ)·∇_u Q_n."""
+    mu, sigma, us = 0.3, 0.5, (0.8, -0.2)
+    # a = (0.664037, −0.197375); 1 − a² = (0.559055, 0.961043); ∇_a Q = −2(a − 0.5) = (−0.328074, 1.394751)
+    # ∇_u Q = (−0.183411, 1.340415); (u − μ)/σ = (1, −1)
+    # ∂L/∂μ = −(−0.183411 + 1.340415) = −1.157004;  ∂L/∂σ = −(1·(−0.183411) + (−1)·1.340415) = 1.523827
+    expect_mu, expect_sigma = -1.157004, 1.523827
+    a = [math.tanh(u) for u in us]
+    dq_u = [(1 - x * x) * (-2.0) * (x - 0.5) for x in a]
+    assert dq_u[0] == pytest.approx(-0.183411, abs=1e-6) and dq_u[1] == pytest.approx(1.340415, abs=1e-6)
+
+    mean = torch.tensor([[mu]], dtype=torch.float64, requires_grad=True)
+    std = torch.tensor([[sigma]], dtype=torch.float64, requires_grad=True)
+    u = torch.tensor(us, dtype=torch.float64).reshape(2, 1, 1)
+    actions = torch.tanh(u).requires_grad_(True)
+    grad_a = torch.autograd.grad((-(actions - 0.5).square()).sum(), actions)[0]
+    grad_u = L.tanh_squash_grad(u, grad_a)
+    # the chain rule of Q(tanh u) by autograd gives the same ∇_u Q
+    u_var = u.clone().requires_grad_(True)
+    auto_u = torch.autograd.grad((-(torch.tanh(u_var) - 0.5).square()).sum(), u_var)[0]
+    assert torch.allclose(grad_u, auto_u, rtol=1e-12, atol=0)
+    mp, sp = L.fisher_preconditioned(mean, std)
+    loss, _ = L.wpo_policy_loss(L.gaussian_grad_log_prob(u, mp, sp), grad_u)
+    loss.backward()
+    assert mean.grad.item() == pytest.approx(expect_mu, abs=1e-6)
+    assert std.grad.item() == pytest.approx(expect_sigma, abs=1e-6)
+    # far past the bound the chain factor is tiny but exact (no 1 − tanh² cancellation to 0 at u = 12)
+    assert L.tanh_squash_grad(torch.tensor([12.0]), torch.tensor([1.0])).item() == pytest.approx(4 * math.exp(-24), rel=1e-5)
+
+
+def test_tanh_squash_wiring_in_wpo_loss():
+    """wpo_loss with policy_bound=tanh_squash: the critic only sees tanh(u) (target and policy samples),
+    and the μ_u gradient equals −Σ_n (1 − a_n²)·∇_a Q(a_n) at the actions the critic saw."""
+    from algorithms.wpo.learner import WPOSettings, wpo_loss
+
+    class Policy(torch.nn.Module):  # μ_u = 3 (tanh 3 = 0.995), σ_u = 0.5
+        def __init__(self):
+            super().__init__()
+            self.mean = torch.nn.Parameter(torch.tensor([[3.0]], dtype=torch.float64))
+
+        def forward(self, obs):
+            return self.mean.expand(obs.shape[0], 1), torch.full((obs.shape[0], 1), 0.5, dtype=torch.float64)
+
+    seen = []
+
+    def critic(obs, a):
+        seen.append(a.detach().clone())
+        return -(a - 0.5).square().sum(-1)
+
+    batch = {k: v.double() for k, v in _bound_batch().items()}
+    policy, zero = Policy(), torch.tensor(0.0, dtype=torch.float64)
+    _, stats = wpo_loss(policy, critic, policy, critic, zero, zero, batch,
+                        WPOSettings(num_action_samples=6, num_target_action_samples=5, policy_bound="tanh_squash"),
+                        torch.Generator().manual_seed(0))
+    stats["policy_loss"].backward()
+    target_actions, actions = seen[0], seen[2]
+    assert target_actions.shape == (5, 1, 1) and actions.shape == (6, 1, 1)
+    assert target_actions.abs().max() < 1 and actions.abs().max() < 1
+    expected = -((1 - actions.square()) * (-2.0) * (actions - 0.5)).sum().item()
+    assert policy.mean.grad.item() == pytest.approx(expected, rel=1e-8)
+    assert stats["policy_mean_abs"].item() == pytest.approx(math.tanh(3.0))
+    assert stats["policy_mean_out_of_bounds"].item() == 0.0 and stats["policy_mean_saturated"].item() == 1.0
+
+
+@pytest.mark.parametrize("bound", ["tanh_mean", "tanh_squash"])
+def test_bounded_policy_mean_and_actions_stay_in_bounds(bound):
+    import gymnasium as gym
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from algorithms.wpo.module import WPOModule
+
+    obs_space, act_space = gym.spaces.Box(-1, 1, (3,)), gym.spaces.Box(-1, 1, (2,))
+    mc = {"policy_bound": bound, "policy_hidden": [8], "critic_hidden": [8], "init_scale": 0.5}
+    module = RLModuleSpec(WPOModule, obs_space, act_space, model_config=mc, inference_only=True).build()
+    with torch.no_grad():  # make the raw mean huge, whatever the observation
+        for p in module.policy.parameters():
+            p.mul_(1000.0)
+    obs = torch.randn(64, 3) * 10
+    mean, _ = module.policy(obs)
+    det = module.act(obs, explore=False, generator=None)
+    sampled = module.act(obs, explore=True, generator=torch.Generator().manual_seed(0))
+    assert det.abs().max() <= 1.0 and det.abs().max() > 0.9  # bounded, and the raw output really was large
+    if bound == "tanh_mean":
+        assert mean.abs().max() <= 1.0 and torch.equal(det, mean)
+    else:  # the Gaussian is over u; the deterministic action is tanh of its mean, every sample is tanh(u)
+        assert mean.abs().max() > 1.0 and torch.equal(det, torch.tanh(mean))
+        assert sampled.abs().max() <= 1.0
+    stats = L.mean_bound_stats(module.policy.to_action(mean))
+    assert stats["policy_mean_out_of_bounds"].item() == 0.0
+
+
+def _bandit(bound: str, steps: int, centers=(1.5,), seed: int = 0) -> list[tuple[float, float]]:
+    """1-D bandit through wpo_loss: critic Q(a) = −(a − c)² (extrapolating; seen at clip(a), the default, its
+    optimum is the bound 1.0), a GaussianPolicy on a constant observation, Adam 0.02. Returns the
+    action-space mean and policy_mean_out_of_bounds after each phase (one phase per centre c)."""
+    from algorithms.wpo.learner import WPOSettings, wpo_loss
+    from algorithms.wpo.module import GaussianPolicy
+
+    torch.manual_seed(seed)
+    net = torch.nn.Linear(1, 2)
+    torch.nn.init.zeros_(net.weight)
+    torch.nn.init.zeros_(net.bias)
+    policy = GaussianPolicy(net, 1, 0.5, bound)
+    opt = torch.optim.Adam(policy.parameters(), lr=0.02)
+    gen, zero = torch.Generator().manual_seed(seed), torch.tensor(0.0)
+    settings = WPOSettings(num_action_samples=16, num_target_action_samples=1, policy_bound=bound)
+    out = []
+    for c in centers:
+        critic = lambda o, a, c=c: -(a - c).square().sum(-1)  # noqa: E731
+        for _ in range(steps):
+            total, stats = wpo_loss(policy, critic, policy, critic, zero, zero, _bound_batch(), settings, gen)
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+        with torch.no_grad():
+            mean = policy.to_action(policy(torch.zeros(1, 1))[0]).item()
+        out.append((mean, stats["policy_mean_out_of_bounds"].item()))
+    return out
+
+
+def test_bandit_with_optimum_at_the_bound_unbounded_mean_drifts_out_bounded_ones_converge_near_it():
+    """Optimum at the bound 1.0 (critic at clip(a)): the unbounded mean drifts past it (1.4 after 600
+    updates; with plain SGD it ends out of reach of every sample and stays there for good), the tanh
+    bounds converge just inside it and come back when the optimum moves to 0."""
+    torch.set_num_threads(1)
+    (mean_none, oob_none), = _bandit("none", 600)
+    assert mean_none > 1.2 and oob_none == 1.0
+    for bound in ("tanh_mean", "tanh_squash"):
+        (m1, oob1), (m2, _) = _bandit(bound, 600, centers=(1.5, 0.0))
+        assert 0.95 < m1 <= 1.0 and oob1 == 0.0, bound
+        assert abs(m2) < 0.1, bound
+
+
+# ---------------------------------------------------------------------------------------------------
 # Config
 
 
@@ -177,9 +321,13 @@ def test_config_defaults_and_validation_errors():
                      (dict(samples_per_insert=-1.0), "samples_per_insert"), (dict(target_update_tau=2.0), "target_update_tau"),
                      (dict(policy_hidden=[]), "policy_hidden"),
                      (dict(action_penalty=-1.0), "action_penalty"),
-                     (dict(critic_clip_actions="yes"), "critic_clip_actions")):
+                     (dict(critic_clip_actions="yes"), "critic_clip_actions"),
+                     (dict(policy_bound="tanh"), "policy_bound")):
         with pytest.raises(ValueError, match=key):
             WPOConfig().environment("Pendulum-v1").training(**bad).validate()
+    assert cfg.policy_bound == "none"  # the reference; the tanh bounds are opt-in
+    with pytest.raises(ValueError, match="allowed: none, tanh_mean, tanh_squash"):
+        WPOConfig().environment("Pendulum-v1").training(policy_bound="clip").validate()
     with pytest.raises(ValueError, match="action_space"):
         _discrete_cfg().validate()
 
@@ -225,7 +373,8 @@ def test_wpo_learns_pendulum(ray_local):
                 break
         assert best > -400, f"WPO did not reach -400 on Pendulum-v1 within 15k env steps (best {best:.0f})"
         learner = result["learners"]["default_policy"]
-        for key in ("critic_loss", "policy_loss", "kl_penalty", "policy_std_mean", "q_mean", "policy_grad_norm"):
+        for key in ("critic_loss", "policy_loss", "kl_penalty", "policy_std_mean", "q_mean", "policy_grad_norm",
+                    "policy_mean_abs", "policy_mean_out_of_bounds"):
             assert math.isfinite(learner[key])
     finally:
         algo.stop()
@@ -267,6 +416,7 @@ def test_wpo_runs_through_tune_by_name(ray_local, tmp_path: Path):
         "config": {"policy_hidden": [16], "critic_hidden": [16], "num_action_samples": 2,
                    "num_target_action_samples": 2, "train_batch_size_per_learner": 32, "learning_starts": 100,
                    "samples_per_insert": 16.0, "min_sample_timesteps_per_iteration": 200,
+                   "policy_bound": "tanh_squash",
                    "network": {"hidden": [16, 16], "norm": "layer", "activation": "elu", "nap": True}},
         "seeds": [0], "stop": {"training_iteration": 2}, "checkpoint": {"replay": True},
         "diagnostics": {"plasticity": {"every": 2, "probe_size": 32}},
@@ -276,8 +426,10 @@ def test_wpo_runs_through_tune_by_name(ray_local, tmp_path: Path):
     assert result.num_errors == 0 and len(result.trials) == 1
     last = result.result_grid[0].metrics
     assert last["steps"] == 512  # 2 iterations of 4 chunks of 64 env steps (>= 200 each)
-    for key in ("critic_loss", "policy_loss", "kl_penalty", "network_nap_max_norm_deviation"):
+    for key in ("critic_loss", "policy_loss", "kl_penalty", "network_nap_max_norm_deviation", "policy_mean_abs",
+                "policy_mean_out_of_bounds", "policy_mean_saturated"):
         assert key in last["learner"], sorted(last["learner"])
+    assert last["learner"]["policy_mean_out_of_bounds"] == 0.0  # tanh_squash: the mean is tanh(μ_u)
     assert last["learner"]["network_nap_max_norm_deviation"] < 1e-5
     assert last["system"]["updates_per_s"] > 0 and last["env"]["num_env_steps_sampled_lifetime"] == 512
     plasticity = {k for k in last if k.startswith("plasticity/")} | set(last.get("plasticity", {}))

@@ -71,7 +71,27 @@ class WPOConfig(OffPolicyConfig):
         self.critic_clip_actions: bool = True
         """Clip the action fed to the critic into [−1, 1], as the reference code does (Acme's WPO critic,
         ``ClipToSpec``): Q outside the bounds equals Q at the bound the env clips to, so ∇_a Q is zero
-        there and the unsquashed policy mean is not pushed by critic extrapolation. False: unclipped."""
+        there and the unsquashed policy mean is not pushed by critic extrapolation. False: unclipped.
+        With ``policy_bound="tanh_squash"`` every action is inside the bounds and the clip does nothing."""
+        self.policy_bound: str = "none"
+        """How the policy respects the action bounds [−1, 1] (docs/methods.md#wpo, "Action bounds"):
+
+        - ``none`` (the reference, Acme's WPO): an unbounded Gaussian over a; the env clips its actions
+          and the critic sees clip(a) (``critic_clip_actions``). ∇_a Q = 0 at every out-of-bounds sample,
+          so a mean that drifts out gets less and less gradient and cannot come back (on DMC
+          ``learner/policy_mean_abs`` rose from 1.2 to 4.8 in 100k steps).
+        - ``tanh_mean``: the Gaussian over a with mean tanh(μ_raw) (Acme's TF ``MultivariateNormalDiagHead``
+          option ``tanh_mean``, used by its SVG0-prior networks). The mean cannot leave [−1, 1]; samples
+          still can (clipped as with ``none``, and those samples still carry no gradient).
+        - ``tanh_squash``: a = tanh(u), u ~ N(μ, σ²); WPO's Gaussian update runs on u with
+          ∇_u Q(s, tanh u) = (1 − a²) ⊙ ∇_a Q (``losses.tanh_squash_grad``), the Wasserstein flow in
+          u-space. Every sample is inside the bounds and carries gradient, the critic is only queried
+          where the env acts, the KL regulariser is the exact KL of the squashed policies, and the
+          deterministic action is tanh(μ). The documented choice for DMC (experiments/wpo_dmc.yaml,
+          as a commented alternative until benchmarked): it removes the dead zone instead of only
+          bounding the mean, and is exact WPO for the squashed family.
+        Both tanh options pass the gradient through tanh, which saturates: ``learner/policy_mean_saturated``
+        reports the fraction of mean components with |μ_a| > 0.99."""
         self.policy_hidden: list[int] = [256, 256, 256]
         """Policy widths of the reference architecture (ignored when ``network`` is set)."""
         self.critic_hidden: list[int] = [256, 256, 256]
@@ -94,6 +114,7 @@ class WPOConfig(OffPolicyConfig):
         squash_grad_q: str | None = NotProvided,
         action_penalty: float | None = NotProvided,
         critic_clip_actions: bool | None = NotProvided,
+        policy_bound: str | None = NotProvided,
         policy_hidden: list[int] | None = NotProvided,
         critic_hidden: list[int] | None = NotProvided,
         **kwargs: Any,
@@ -121,6 +142,9 @@ class WPOConfig(OffPolicyConfig):
             _check(v is None or (isinstance(v, int | float) and v > 0), key, v, "None or a number > 0")
         _check(self.squash_grad_q in ("none", "cube_root"), "squash_grad_q", self.squash_grad_q,
                "none, cube_root")
+        from algorithms.wpo.losses import POLICY_BOUNDS
+
+        _check(self.policy_bound in POLICY_BOUNDS, "policy_bound", self.policy_bound, ", ".join(POLICY_BOUNDS))
         for key in ("policy_hidden", "critic_hidden"):
             v = getattr(self, key)
             _check(isinstance(v, list | tuple) and len(v) >= 1 and all(isinstance(w, int) and w >= 1 for w in v),
@@ -145,6 +169,7 @@ class WPOConfig(OffPolicyConfig):
     def _model_config_auto_includes(self) -> dict[str, Any]:
         return super()._model_config_auto_includes | {
             "init_scale": float(self.init_scale),
+            "policy_bound": str(self.policy_bound),
             "policy_hidden": list(self.policy_hidden),
             "critic_hidden": list(self.critic_hidden),
             "init_log_alpha_mean": float(self.init_log_alpha_mean),

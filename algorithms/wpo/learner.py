@@ -9,7 +9,13 @@ Per batch of B transitions (docs/methods.md#wpo):
   replay batch is terminal (s_t always had an action taken), so the mask is all ones;
 - optional out-of-bounds penalty (``action_penalty`` c > 0): dQ_n += c·∇_a(−‖a_n − clip(a_n, −1, 1)‖²), the
   policy loss of the penalised critic Q − c·‖a − clip(a)‖² (actions are in the normalised [−1, 1] space);
-- decoupled KL penalty to the target policy, α fixed unless ``dual_learning``.
+- decoupled KL penalty to the target policy, α fixed unless ``dual_learning``;
+- action bounds (``policy_bound``): ``none`` (the reference: the Gaussian is over a, unbounded);
+  ``tanh_mean``: the module's policy outputs μ = tanh(μ_raw), nothing changes here; ``tanh_squash``:
+  the policy outputs the Gaussian (μ_u, σ_u) of a pre-squash u, every action is a = tanh(u) (target
+  actions, critic inputs), and the Gaussian update above runs on u with ∇_u Q = (1 − a²) ⊙ ∇_a Q
+  (``losses.tanh_squash_grad``, applied before the optional ``squash_grad_q``); the KL is then the
+  one between the u-Gaussians, which equals the KL between the squashed policies.
 Optimisers: Adam for the policy, Adam for the critic (each clipped to ``grad_clip``), Adam for log α
 when ``dual_learning``.
 """
@@ -38,12 +44,14 @@ class WPOSettings:
     squash_grad_q: str = "none"
     action_penalty: float = 0.0
     critic_clip_actions: bool = True
+    policy_bound: str = "none"
 
     @classmethod
     def from_config(cls, config: Any) -> WPOSettings:
         return cls(int(config.num_action_samples), int(config.num_target_action_samples),
                    float(config.epsilon_mean), float(config.epsilon_stddev), bool(config.dual_learning),
-                   str(config.squash_grad_q), float(config.action_penalty), bool(config.critic_clip_actions))
+                   str(config.squash_grad_q), float(config.action_penalty), bool(config.critic_clip_actions),
+                   str(config.policy_bound))
 
 
 def _sample(mean: Tensor, std: Tensor, n: int, generator: torch.Generator) -> Tensor:
@@ -56,7 +64,9 @@ def wpo_loss(policy: nn.Module, critic: nn.Module, target_policy: nn.Module, tar
              generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
     """Critic + WPO policy + KL penalty (+ dual) loss of one replay batch; the module docstring gives the terms.
 
-    ``policy(obs) -> (mean, std)`` [B, D]; ``critic(obs, action) -> Q`` [B]; batch fields as in the replay.
+    ``policy(obs) -> (mean, std)`` [B, D] of the policy's Gaussian (over a, or over the pre-squash u when
+    ``s.policy_bound == "tanh_squash"``; for ``tanh_mean`` the policy itself bounds the mean);
+    ``critic(obs, action) -> Q`` [B]; batch fields as in the replay (actions in action space).
     Returns the total loss and the statistics (detached scalars).
     """
     obs, action = batch["obs"].float(), batch["action"]
@@ -70,7 +80,7 @@ def wpo_loss(policy: nn.Module, critic: nn.Module, target_policy: nn.Module, tar
     # Critic: n-step expected-SARSA target from the target networks.
     with torch.no_grad():
         t_mean, t_std = target_policy(boot_obs)
-        next_actions = _sample(t_mean, t_std, n_tgt, generator)  # [M, B, D]
+        next_actions = L.to_action(_sample(t_mean, t_std, n_tgt, generator), s.policy_bound)  # [M, B, D]
         target_q = target_critic(boot_obs.unsqueeze(0).expand(n_tgt, *boot_obs.shape), next_actions)
         targets = L.expected_sarsa_targets(batch["nstep_return"], batch["bootstrap_discount"], target_q)
     q = critic(obs, action)
@@ -79,17 +89,20 @@ def wpo_loss(policy: nn.Module, critic: nn.Module, target_policy: nn.Module, tar
     # Policy: WPO's loss with the Fisher-preconditioned Gaussian; sampled actions are constants.
     mean, std = policy(obs)
     with torch.no_grad():
-        actions = _sample(mean, std, n_pol, generator)  # [N, B, D]
+        samples = _sample(mean, std, n_pol, generator)  # [N, B, D]: a, or u for tanh_squash
+        actions = L.to_action(samples, s.policy_bound)
     actions.requires_grad_(True)
     with torch.enable_grad():
         q_n = critic(obs.unsqueeze(0).expand(n_pol, *obs.shape), actions)
         grad_q = torch.autograd.grad(q_n.sum(), actions)[0]  # input gradient only: critic params untouched
     if s.action_penalty > 0.0:
         grad_q = grad_q + s.action_penalty * L.out_of_bounds_grad(actions.detach())
+    if s.policy_bound == "tanh_squash":
+        grad_q = L.tanh_squash_grad(samples, grad_q)  # ∇_u Q(s, tanh u): the flow runs in u-space
     if s.squash_grad_q == "cube_root":
         grad_q = L.cube_root(grad_q)
     mean_p, std_p = L.fisher_preconditioned(mean, std)
-    loss_pi, stats_pi = L.wpo_policy_loss(L.gaussian_grad_log_prob(actions, mean_p, std_p), grad_q)
+    loss_pi, stats_pi = L.wpo_policy_loss(L.gaussian_grad_log_prob(samples, mean_p, std_p), grad_q)
 
     # Decoupled KL to the target policy.
     with torch.no_grad():
@@ -102,7 +115,7 @@ def wpo_loss(policy: nn.Module, critic: nn.Module, target_policy: nn.Module, tar
         total = total + dual
     stats = dict(critic_loss=loss_q, policy_loss=loss_pi, kl_penalty=penalty, dual_loss=dual,
                  policy_std_mean=std.detach().mean(), policy_std_min=std.detach().min(),
-                 policy_std_max=std.detach().max(), policy_mean_abs=mean.detach().abs().mean(),
+                 policy_std_max=std.detach().max(), **L.mean_bound_stats(L.to_action(mean, s.policy_bound)),
                  q_value_sample_mean=q_n.detach().mean(), **stats_q, **stats_pi, **stats_kl)
     return total, stats
 

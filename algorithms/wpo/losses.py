@@ -12,6 +12,9 @@ F⁻¹ scales the gradient reaching μ by σ² and the one reaching σ by σ²/2
 does this without changing forward values). Per dimension the update is then
 
     Δμ ∝ E[∇_a Q],    Δσ ∝ E[((a − μ)/σ) · ∇_a Q].
+
+With a tanh-squashed policy a = tanh(u) the same update runs on u with ∇_u Q(s, tanh u) in place of
+∇_a Q (:func:`tanh_squash_grad`; docs/methods.md#wpo, "Action bounds").
 """
 
 from __future__ import annotations
@@ -58,6 +61,57 @@ def out_of_bounds_grad(actions: Tensor, low: float = -1.0, high: float = 1.0) ->
     Args: actions [..., D] in the normalised action space. Returns the same shape.
     """
     return -2.0 * (actions - actions.clamp(low, high))
+
+
+POLICY_BOUNDS = ("none", "tanh_mean", "tanh_squash")
+"""Allowed ``policy_bound`` values (WPOConfig.policy_bound; docs/methods.md#wpo, "Action bounds")."""
+
+
+def to_action(x: Tensor, policy_bound: str) -> Tensor:
+    """Env-space action of a Gaussian variable x: tanh(x) for ``tanh_squash`` (x = u, the pre-squash
+    sample or mean), x itself otherwise (``none``; ``tanh_mean``, whose mean is already tanh(μ_raw)).
+
+    Applied to a sample it gives the action; applied to the mean it gives the deterministic (eval)
+    action and the mean reported in action space. Args: x [..., D]. Returns the same shape.
+    """
+    return torch.tanh(x) if policy_bound == "tanh_squash" else x
+
+
+def tanh_squash_grad(pre_actions: Tensor, grad_q: Tensor) -> Tensor:
+    """∇_u Q(s, tanh u) = (1 − tanh² u) ⊙ ∇_a Q(s, a)|_{a = tanh u}: the action gradient WPO's Gaussian
+    update needs when the policy is a = tanh(u), u ~ N(μ, diag σ²) (``policy_bound="tanh_squash"``).
+
+    Derivation (docs/methods.md#wpo, "Action bounds"): the Wasserstein gradient flow is taken in u-space
+    (Euclidean metric on u), where the policy is the Gaussian p_u and the objective is
+    J = E_{u~p_u}[Q̃(s, u)] with Q̃(s, u) = Q(s, tanh u). Its velocity field is ∇_u Q̃ = J_tanh(u)ᵀ ∇_a Q,
+    J_tanh = diag(1 − tanh² u), and its projection onto θ is the paper's eq. 6 for the Gaussian p_u:
+
+        Δθ ∝ F⁻¹ E_{u~p_u}[ ∇_θ ∇_u log p_u(u|s) · ∇_u Q̃(s, u) ]
+
+    with p_u's own (μ, σ) Fisher (the Fisher of θ is the same for p_u and for the squashed π_a, a
+    bijection of the sample space does not change it). The change-of-variables term −Σ log(1 − a²)
+    of log π_a never appears: p_u is a plain Gaussian. (Taking the flow in a-space instead, where that
+    term does appear, its ∇_a is θ-independent and drops out of ∇_θ∇_a, but the update becomes
+    E[∇_θ∇_u log p_u · (1 − a²)⁻¹ ∇_a Q], which blows up at the bounds; the u-space flow is the a-space
+    flow under the metric da²/(1 − a²)², for which the bounds are infinitely far away.)
+
+    1 − tanh² u is computed as 4·sigmoid(2u)·sigmoid(−2u) (exact for large |u|, no cancellation).
+
+    Args: pre_actions u [N, B, D] (the Gaussian samples, constants); grad_q ∇_a Q [N, B, D] at a = tanh u.
+    Returns ∇_u Q̃ [N, B, D].
+    """
+    two_u = 2.0 * pre_actions.detach()
+    return 4.0 * torch.sigmoid(two_u) * torch.sigmoid(-two_u) * grad_q
+
+
+def mean_bound_stats(mean_action: Tensor) -> dict[str, Tensor]:
+    """Statistics of the policy mean in action space [..., D] (after ``to_action``): ``policy_mean_abs``
+    (mean |μ_a|), ``policy_mean_out_of_bounds`` (fraction of components with |μ_a| > 1; 0 by
+    construction for the tanh bounds) and ``policy_mean_saturated`` (fraction with |μ_a| > 0.99, where
+    tanh' < 0.02: the bounded policies' analogue of drifting out, a saturated tanh passes little gradient)."""
+    m = mean_action.detach().abs()
+    return {"policy_mean_abs": m.mean(), "policy_mean_out_of_bounds": (m > 1.0).float().mean(),
+            "policy_mean_saturated": (m > 0.99).float().mean()}
 
 
 def wpo_policy_loss(grad_log_prob: Tensor, grad_q: Tensor, mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:

@@ -2,7 +2,9 @@
 
 Reference architecture (Acme's WPO networks, docs/methods.md#wpo; used when the config's ``network`` block is unset):
 - policy: obs -> Linear(256) -> LayerNorm -> tanh -> [Linear(256) -> ELU] x 2 -> Linear(2D);
-  mean = first D outputs, std = softplus(x)·init_scale/softplus(0) + 1e-6 (no tanh squashing);
+  mean = first D outputs, std = softplus(x)·init_scale/softplus(0) + 1e-6 (no tanh squashing, the
+  default ``policy_bound="none"``; ``tanh_mean``: mean = tanh(first D outputs); ``tanh_squash``: the two
+  halves are the Gaussian of a pre-squash u and actions are tanh(u); docs/methods.md#wpo, "Action bounds");
 - critic: concat(obs, action) -> the same torso -> Linear(1).
 With a ``network`` block both torsos are ``build_mlp(in, out, block)``.
 
@@ -23,6 +25,7 @@ from torch import Tensor, nn
 from algorithms.networks.builders import build_mlp
 from algorithms.networks.config import NetworkConfig
 from algorithms.offpolicy.module import OffPolicyRLModule
+from algorithms.wpo import losses as L
 
 _SOFTPLUS_0 = math.log(2.0)
 
@@ -39,19 +42,33 @@ def make_mlp(in_dim: int, out_dim: int, block: NetworkConfig | None, hidden: lis
 
 
 class GaussianPolicy(nn.Module):
-    """obs [..., O] -> (mean [..., D], std [..., D]); std = softplus(x)·init_scale/softplus(0) + 1e-6."""
+    """obs [..., O] -> (mean [..., D], std [..., D]) of the policy's Gaussian; std = softplus(x)·init_scale/softplus(0) + 1e-6.
 
-    def __init__(self, net: nn.Module, action_dim: int, init_scale: float):
+    ``bound`` (WPOConfig.policy_bound): ``none``: mean = x (the reference); ``tanh_mean``: mean = tanh(x),
+    a Gaussian over a whose mean stays in [−1, 1]; ``tanh_squash``: (mean, std) of the pre-squash u, the
+    action is ``to_action(u)`` = tanh(u). ``to_action`` maps a Gaussian sample or the mean to action space.
+    """
+
+    def __init__(self, net: nn.Module, action_dim: int, init_scale: float, bound: str = "none"):
         super().__init__()
+        if bound not in L.POLICY_BOUNDS:
+            raise ValueError(f"policy_bound: got {bound!r}; allowed: {', '.join(L.POLICY_BOUNDS)}")
         self.net = net
         self.action_dim = action_dim
         self.init_scale = init_scale
+        self.bound = bound
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         out = self.net(obs)
         mean, pre_std = out[..., : self.action_dim], out[..., self.action_dim :]
+        if self.bound == "tanh_mean":
+            mean = torch.tanh(mean)
         std = F.softplus(pre_std) * (self.init_scale / _SOFTPLUS_0) + 1e-6
         return mean, std
+
+    def to_action(self, x: Tensor) -> Tensor:
+        """Action for a Gaussian sample or mean x: tanh(x) with ``tanh_squash``, else x."""
+        return L.to_action(x, self.bound)
 
 
 class QCritic(nn.Module):
@@ -79,20 +96,24 @@ class WPOModule(OffPolicyRLModule):
             raise ValueError(f"WPO: observations must be flat vectors [D], got shape {self.observation_space.shape}")
         block = self.network_config
         self.policy = GaussianPolicy(make_mlp(obs_dim, 2 * act_dim, block, list(mc.get("policy_hidden", [256] * 3))),
-                                     act_dim, float(mc.get("init_scale", 0.5)))
+                                     act_dim, float(mc.get("init_scale", 0.5)), str(mc.get("policy_bound", "none")))
         if not self.inference_only:
             self.critic = QCritic(make_mlp(obs_dim + act_dim, 1, block, list(mc.get("critic_hidden", [256] * 3))))
             self.log_alpha_mean = nn.Parameter(torch.tensor(float(mc.get("init_log_alpha_mean", 0.0))))
             self.log_alpha_stddev = nn.Parameter(torch.tensor(float(mc.get("init_log_alpha_stddev", 10_000.0))))
 
     def act(self, obs: Tensor, *, explore: bool, generator: torch.Generator | None) -> Tensor:
+        """Sampled (explore) or deterministic actions: the Gaussian's sample / mean mapped by ``to_action``
+        (tanh(u) / tanh(μ_u) with ``tanh_squash``, so every action is inside [−1, 1])."""
         mean, std = self.policy(obs.float())
         if not explore:
-            return mean
+            return self.policy.to_action(mean)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + std * noise
+        return self.policy.to_action(mean + std * noise)
 
     def _forward(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """[mean, log std] of the policy's Gaussian (of u with ``tanh_squash``: a KL between two of them is
+        the KL between the squashed policies, so the convergence diagnostic reads it unchanged)."""
         mean, std = self.policy(batch[Columns.OBS].float())
         return {Columns.ACTION_DIST_INPUTS: torch.cat([mean, std.log()], dim=-1)}
 
@@ -102,5 +123,5 @@ class WPOModule(OffPolicyRLModule):
     def plasticity_probe_forward(self, batch: dict[str, Any]) -> Tensor:
         """Probe forward for the plasticity diagnostic: policy on obs, critic at the policy mean."""
         obs = batch[Columns.OBS].float()
-        mean, _ = self.policy(obs)
+        mean = self.policy.to_action(self.policy(obs)[0])
         return self.critic(obs, mean) if hasattr(self, "critic") else mean
