@@ -4,26 +4,42 @@
     orchestra resume NAME              continue an interrupted launch (launch name or spec name)
     orchestra validate SPEC [--set ...] check a spec without running it (names resolve)
     orchestra ls [EXPERIMENT]          experiments and runs with status and best metric
-    orchestra ui [--port N]            MLflow UI on 127.0.0.1 for the configured store
+    orchestra ui [EXPERIMENT] [--port N]   MLflow UI on 127.0.0.1; prints the experiment's runs page
     orchestra sync PATH                upload metric batches spooled while MLflow was unreachable
     orchestra report NAME [--html] [--parquet DIR]   seed aggregates, plots, HTML report
     orchestra eval CHECKPOINT [--env NAME] [--episodes K] [--video]   deterministic episodes, logged to MLflow
     orchestra validate-cluster FILE    check a `ray up` config (Ray's validator + our security rules)
     orchestra launch SPEC --cluster FILE [--set ...] [--detach]   run a spec as a Ray Job on a cluster
     orchestra status JOB --cluster FILE / orchestra stop JOB --cluster FILE
+    orchestra --version
+
+Errors in what the user asked for (a missing file, an unknown experiment or launch, a bad option value,
+an unusable --uri) print one line ``error: ...`` on stderr and exit 2. ``--uri`` defaults to
+``$MLFLOW_TRACKING_URI`` when set, else ``sqlite:///mlruns/mlflow.db``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from orchestration.spec import SpecError
+from orchestration.spec import UserError
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
+URI_ENV = "MLFLOW_TRACKING_URI"
+URI_HELP = f"MLflow tracking URI (default: ${URI_ENV} if set, else {DEFAULT_URI})"
+# Store URI schemes MLflow's tracking store registry accepts (no scheme: a local folder).
+URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+URI_ALLOWED = ("sqlite:///PATH, file:///PATH or a folder, http(s)://HOST:PORT of an MLflow server, "
+               "postgresql://, mysql://, mssql://, databricks")
+STORE_COMMANDS = ("ls", "ui", "sync", "report", "eval")
+ML_VIEW = "workflowType=machine_learning"  # the MLflow 3 UI's model-training view (not the GenAI one)
 
 
 def _abs_uri(uri: str) -> str:
@@ -32,11 +48,85 @@ def _abs_uri(uri: str) -> str:
     return uri
 
 
+def _uri_arg(args: argparse.Namespace) -> tuple[str, str]:
+    """(URI as given, where it came from): --uri, else $MLFLOW_TRACKING_URI, else the default."""
+    if getattr(args, "uri", None):
+        return args.uri, "--uri"
+    if os.environ.get(URI_ENV):
+        return os.environ[URI_ENV], f"${URI_ENV}"
+    return DEFAULT_URI, "--uri (default)"
+
+
+def store_uri(args: argparse.Namespace, *, must_exist: bool = True, local_only: bool = False) -> str:
+    """The command's MLflow store URI, absolute, checked before MLflow sees it (UserError otherwise):
+    a known scheme; a SQLite file or store folder that exists (``must_exist``, else its folder);
+    a tracking server that accepts connections."""
+    raw, source = _uri_arg(args)
+    where = f"{source} {raw!r}"
+    scheme = raw.split("://", 1)[0].split("+", 1)[0].lower() if "://" in raw else (
+        "file" if raw.startswith("file:") else "")
+    if scheme and scheme not in URI_SCHEMES:
+        raise UserError(f"{where}: unsupported URI scheme {scheme!r}; allowed: {URI_ALLOWED}")
+    if local_only and scheme in ("http", "https", "databricks"):
+        raise UserError(f"{where}: `orchestra ui` serves a local store (sqlite:///PATH, a folder or a database "
+                        f"URI); a tracking server serves its own UI: open {raw} in a browser")
+    uri = _abs_uri(raw)
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if path and path != ":memory:":
+            f = Path(path)
+            if must_exist and not f.is_file():
+                raise UserError(f"{where}: no MLflow store at {f} (file not found); `orchestra run` creates it, "
+                                f"or point --uri / ${URI_ENV} at an existing store")
+            if not f.parent.is_dir():
+                raise UserError(f"{where}: folder {f.parent} does not exist")
+    elif scheme in ("", "file"):
+        folder = Path(raw[len("file://"):] if raw.startswith("file://") else raw[len("file:"):] if scheme else raw)
+        if must_exist and not folder.is_dir():
+            raise UserError(f"{where}: no MLflow store folder {folder}; allowed: {URI_ALLOWED}")
+    elif scheme in ("http", "https"):
+        _check_server(raw, where)
+    return uri
+
+
+def _check_server(url: str, where: str) -> None:
+    """Fail fast on a tracking server that refuses connections (MLflow itself retries for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=10):
+            return
+    except urllib.error.HTTPError:  # it answered: reachable (auth, proxies, no /health route)
+        return
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise UserError(f"{where}: cannot reach the MLflow tracking server ({reason})") from None
+
+
+def _one_line(text: object) -> str:
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _error(message: object) -> None:
+    text = _one_line(message)
+    print(text if text.startswith("error:") else f"error: {text}", file=sys.stderr)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("orchestra-rl")
+    except PackageNotFoundError:
+        return "unknown (orchestra-rl is not installed)"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from orchestration.runner import run
 
     out = run(args.spec, overrides=args.set, address=args.address, dry_run=args.dry_run, num_cpus=args.num_cpus,
-              launch_name=args.launch_name)
+              launch_name=args.launch_name, verbose=args.verbose)
     if isinstance(out, str):
         print(out)
         return 0
@@ -47,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from orchestration.runner import resume
 
-    out = resume(args.name, storage=args.storage, address=args.address, num_cpus=args.num_cpus)
+    out = resume(args.name, storage=args.storage, address=args.address, num_cpus=args.num_cpus, verbose=args.verbose)
     print(out.summary())
     return 130 if out.interrupted else (1 if out.num_errors else 0)
 
@@ -65,22 +155,127 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     from orchestration.tracking import list_runs_table
 
-    print(list_runs_table(_abs_uri(args.uri), args.experiment))
+    print(list_runs_table(store_uri(args), args.experiment))
     return 0
 
 
+def ui_experiment(uri: str, name: str | None):
+    """The experiment ``orchestra ui`` opens: ``name`` (UserError listing the experiments if there is
+    none), else the experiment of the most recent run (None when the store has no runs). An experiment
+    holding orchestra launches that has no kind tag yet is tagged as a model-training experiment, so
+    that the MLflow UI opens it on its runs table."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    from orchestration.tracking import mark_training_experiment
+
+    client = MlflowClient(uri)
+    if name is not None:
+        exp = client.get_experiment_by_name(name)
+        if exp is None or exp.lifecycle_stage == "deleted":
+            names = sorted(e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY))
+            raise UserError(f"no experiment {name!r} in {uri}; existing: {', '.join(names) or 'none'}")
+    else:
+        ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+        runs = client.search_runs(ids, order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+        if not runs:
+            return None
+        exp = client.get_experiment(runs[0].info.experiment_id)
+    if client.search_runs([exp.experiment_id], "tags.`orchestra.run_type` = 'launch'", max_results=1):
+        mark_training_experiment(client, exp)
+    return exp
+
+
+def runs_page_url(base: str, experiment_id: str) -> str:
+    """The MLflow 3 UI's runs table of an experiment (hash route ``/experiments/<id>/runs``), in the
+    model-training view."""
+    return f"{base}/#/experiments/{experiment_id}/runs?{ML_VIEW}"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM the process group led by ``proc`` (started with start_new_session=True), wait for the
+    whole group until ``timeout``, then SIGKILL what is left."""
+    pgid = proc.pid
+    if _group_alive(pgid):
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, else its zombie keeps the group "alive"
+        if not _group_alive(pgid):
+            break
+        time.sleep(0.1)
+    else:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
-    uri = _abs_uri(args.uri)
+    uri = store_uri(args, local_only=True)
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port}: allowed: 1..65535")
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", args.port))
+        except OSError as e:
+            raise UserError(f"--port {args.port}: 127.0.0.1:{args.port} is not free ({e.strerror}); "
+                            "pick another port with --port") from None
+    exp = ui_experiment(uri, args.experiment)
+    base = f"http://127.0.0.1:{args.port}"
     cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port),
            "--backend-store-uri", uri]
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)")
-    return subprocess.call(cmd)
+    print(f"MLflow UI for {uri} at {base} (Ctrl-C to stop)")
+    if exp is not None:
+        print(f"runs of experiment {exp.name!r}: {runs_page_url(base, exp.experiment_id)}")
+    sys.stdout.flush()
+    # Its own session, so that stopping `orchestra ui` (Ctrl-C, SIGTERM) stops the server and its workers
+    # as one process group, and a terminal's Ctrl-C reaches the server only through us.
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    stopped: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopped.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stopped and proc.poll() is None:
+            try:
+                proc.wait(0.5)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        try:
+            stop_process_group(proc)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return 0 if stopped else proc.returncode
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from orchestration.tracking import sync_spool
+    from orchestration.tracking import SPOOL_NAME, sync_spool
 
-    n = sync_spool(args.path, _abs_uri(args.uri))
+    n = sync_spool(args.path, store_uri(args, must_exist=False))
+    if Path(args.path).is_dir() and not any(Path(args.path).rglob(SPOOL_NAME + "*")):
+        print(f"nothing to sync: no {SPOOL_NAME} under {args.path}")
     print(f"sent {n} metric points")
     return 0
 
@@ -121,9 +316,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestration import report as rep
 
-    uri = _abs_uri(args.uri)
+    uri = store_uri(args)
     data = rep.load_experiment(uri, args.name, launch=args.launch)
     metric = args.metric or data.metric or "env/episode_return_mean"
+    rep.require_metric(data, metric)
     if args.parquet:
         for p in rep.write_parquet(data, args.parquet):
             print(f"wrote {p}")
@@ -139,12 +335,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from orchestration.evaluate import evaluate_checkpoint
 
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise UserError(f"checkpoint {args.checkpoint}: {'not a folder' if ckpt.exists() else 'no such folder'} "
+                        "(a Tune trial checkpoint, e.g. runs/<launch>/<trial>/checkpoint_000003, or an RLlib "
+                        "checkpoint folder)")
+    if args.episodes < 1:
+        raise UserError(f"--episodes {args.episodes}: allowed: 1 or more")
     try:
         res = evaluate_checkpoint(args.checkpoint, env=args.env, episodes=args.episodes, seed=args.seed,
                                   video=args.video, out_dir=args.out, log=not args.no_log, module_id=args.module)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, KeyError) as e:  # no module, unknown --module, no env id
+        if not isinstance(e, UserError):
+            e = UserError(e.args[0] if e.args else type(e).__name__)
+        raise e from None
     for i, (r, n) in enumerate(zip(res.returns, res.lengths)):
         print(f"episode {i}: return {r:.6g} ({n} steps)")
     m = res.metrics()
@@ -159,8 +363,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line ``error: ...`` (exit 2); subcommand parsers inherit it."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {_one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="orchestra", description="Run RL and meta-learning experiments from YAML specs.")
+    p = _Parser(prog="orchestra", description="Run RL and meta-learning experiments from YAML specs.")
+    p.add_argument("--version", action="version", version=f"orchestra {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a spec")
@@ -170,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", default=None, help="join a running Ray cluster (e.g. auto) instead of a local one")
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
     r.add_argument("--launch-name", default=None, help="launch name (default: <spec name>-<timestamp>)")
+    r.add_argument("--verbose", action="store_true",
+                   help="also print Ray's, RLlib's and the trials' log lines (default: in the launch's log files)")
     r.set_defaults(fn=cmd_run)
 
     rs = sub.add_parser("resume", help="continue an interrupted launch")
@@ -177,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--storage", default="runs")
     rs.add_argument("--address", default=None)
     rs.add_argument("--num-cpus", type=int, default=None)
+    rs.add_argument("--verbose", action="store_true", help="also print Ray's, RLlib's and the trials' log lines")
     rs.set_defaults(fn=cmd_resume)
 
     v = sub.add_parser("validate", help="check a spec without running it")
@@ -186,21 +401,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list experiments, runs, status and best metric")
     ls.add_argument("experiment", nargs="?", default=None)
-    ls.add_argument("--uri", default=DEFAULT_URI)
+    ls.add_argument("--uri", default=None, help=URI_HELP)
     ls.set_defaults(fn=cmd_ls)
 
-    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1")
-    ui.add_argument("--uri", default=DEFAULT_URI)
+    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1; print the experiment's runs page",
+                        description="Serve the MLflow UI on 127.0.0.1 and print the URL of the runs table of "
+                                    "EXPERIMENT (default: the experiment of the most recent run). SIGTERM or "
+                                    "Ctrl-C stops the server with it.")
+    ui.add_argument("experiment", nargs="?", default=None, help="experiment to open (default: the most recent)")
+    ui.add_argument("--uri", default=None, help=URI_HELP)
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(fn=cmd_ui)
 
     sy = sub.add_parser("sync", help="upload spooled metric batches to MLflow")
     sy.add_argument("path", help="launch or trial folder holding mlflow_spool.jsonl files")
-    sy.add_argument("--uri", default=DEFAULT_URI)
+    sy.add_argument("--uri", default=None, help=URI_HELP)
     sy.set_defaults(fn=cmd_sync)
+
     rp = sub.add_parser("report", help="aggregate seeds, plot, write an HTML report (or print a summary table)")
     rp.add_argument("name", help="MLflow experiment (the spec's name)")
-    rp.add_argument("--uri", default=DEFAULT_URI)
+    rp.add_argument("--uri", default=None, help=URI_HELP)
     rp.add_argument("--metric", default=None, help="default: the spec's metric")
     rp.add_argument("--launch", default=None, help="only this launch")
     rp.add_argument("--html", action="store_true", help="write plots and index.html")
@@ -253,17 +473,34 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
         return int(args.fn(args) or 0)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # SpecError included: what the user asked for is wrong, not the code
+        _error(e)
         return 2
     except RuntimeError as e:  # cluster commands: `ray up` failed, dashboard unreachable, ...
         if args.command not in ("launch", "status", "stop"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: resume with `orchestra resume <launch>`", file=sys.stderr)
+        if args.command in ("run", "resume"):
+            print("interrupted: resume with `orchestra resume <launch>`", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.command not in STORE_COMMANDS or not _is_store_error(e):
+            raise
+        uri = _abs_uri(_uri_arg(args)[0]) if hasattr(args, "uri") else "the MLflow store"
+        _error(f"MLflow store {uri}: {type(e).__name__}: {_one_line(e)[:600]}")
+        return 2
+
+
+def _is_store_error(e: BaseException) -> bool:
+    """An error of the MLflow store (unreachable server, not a database, schema MLflow refuses)."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError  # MLflow's SQL stores
+
+    return isinstance(e, MlflowException | SQLAlchemyError)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from orchestration.spec import SpecError
+from orchestration.spec import SpecError, yaml_error
 
 OPEN_CIDRS = ("0.0.0.0/0", "::/0")
 ANY_ADDRESS = ".".join(["0"] * 4)  # the wildcard bind address, spelled so greps for binds skip it
@@ -132,7 +132,9 @@ def validate_cluster(path: str | Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise SpecError(file, "", f"not valid YAML: {e}") from None
+        raise yaml_error(file, e) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(file, "", f"cannot read the cluster config: {type(e).__name__}: {e}") from None
     if not isinstance(raw, dict):
         raise SpecError(file, "", "a cluster config must be a YAML mapping")
     from ray.autoscaler._private.util import prepare_config, validate_config

@@ -93,6 +93,7 @@ class ExperimentData:
     parents: list[dict[str, Any]]
     metric: str | None
     mode: str
+    experiment_id: str = "0"
 
 
 def _label(params: dict[str, str], varying: list[str]) -> str:
@@ -104,15 +105,21 @@ def load_experiment(uri: str, experiment: str, *, launch: str | None = None,
     """Child runs and metric histories of ``experiment`` (optionally one launch) as pyarrow tables."""
     from mlflow import MlflowClient
 
+    from orchestration.spec import UserError
+
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
-    if exp is None:
+    if exp is None or exp.lifecycle_stage == "deleted":
         names = [e.name for e in client.search_experiments()]
-        raise KeyError(f"no MLflow experiment {experiment!r} at {uri}; experiments: {', '.join(names) or 'none'}")
+        raise UserError(f"no MLflow experiment {experiment!r} at {uri}; experiments: {', '.join(names) or 'none'}")
     all_runs = client.search_runs([exp.experiment_id], max_results=50000)
     parents = [r for r in all_runs if r.data.tags.get("orchestra.run_type") == "launch"]
     if launch:
+        launches = sorted({p.data.tags.get("orchestra.launch_id", "") for p in parents})
         parents = [p for p in parents if p.data.tags.get("orchestra.launch_id") == launch]
+        if not parents:
+            raise UserError(f"no launch {launch!r} in experiment {experiment!r}; launches: "
+                            f"{', '.join(launches) or 'none'}")
     parent_ids = {p.info.run_id for p in parents}
     children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") in parent_ids]
     metric = next((p.data.tags.get("orchestra.metric") for p in parents if p.data.tags.get("orchestra.metric")), None)
@@ -142,6 +149,10 @@ def load_experiment(uri: str, experiment: str, *, launch: str | None = None,
     iters = {}
     for r in children:
         it = r.data.metrics.get("system/training_iteration")
+        if it is not None and float(it) < 1:
+            # Logged before RLlib trials reported their iteration (the value was a constant 0): one point
+            # per training iteration, so the number of points is the last iteration.
+            it = len(client.get_metric_history(r.info.run_id, "system/training_iteration"))
         iters[r.info.run_id] = int(float(it)) if it is not None else None
     for r in children:
         lid = r.data.tags.get("orchestra.launch_id", "")
@@ -171,7 +182,28 @@ def load_experiment(uri: str, experiment: str, *, launch: str | None = None,
                                                             pa.float64()))
     parent_rows = [{"run_id": p.info.run_id, "launch": p.data.tags.get("orchestra.launch_id"), "status": p.info.status}
                    for p in parents]
-    return ExperimentData(experiment, uri, table, pa.table(hist), parent_rows, metric, mode)
+    return ExperimentData(experiment, uri, table, pa.table(hist), parent_rows, metric, mode, exp.experiment_id)
+
+
+def require_metric(data: ExperimentData, metric: str) -> None:
+    """Raise :class:`~orchestration.spec.UserError` unless some trial run of ``data`` logged ``metric``
+    (the message lists the metrics that were logged, close matches first)."""
+    import difflib
+
+    from orchestration.spec import UserError
+
+    if data.runs.num_rows == 0:
+        raise UserError(f"experiment {data.experiment!r} has no trial runs (launches: "
+                        f"{', '.join(str(p['launch']) for p in data.parents) or 'none'})")
+    logged = sorted(c[len("final:"):] for c in data.runs.column_names if c.startswith("final:"))
+    if metric in logged:
+        return
+    close = difflib.get_close_matches(metric, logged, n=3, cutoff=0.5)
+    shown = logged[:40]
+    more = f" ... ({len(logged) - len(shown)} more)" if len(logged) > len(shown) else ""
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise UserError(f"metric {metric!r} was not logged by any run of {data.experiment!r}{hint}; "
+                    f"logged metrics: {', '.join(shown) or 'none'}{more}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -490,6 +522,7 @@ def write_report(uri: str, experiment: str, out_dir: str | Path, *, metric: str 
     """Plots + table + ``index.html`` under ``out_dir``; attached to each parent run as artifacts."""
     data = load_experiment(uri, experiment, launch=launch)
     metric = metric or data.metric or "env/episode_return_mean"
+    require_metric(data, metric)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate_final(data, metric)
@@ -536,7 +569,8 @@ def write_html(path: Path, data: ExperimentData, metric: str, rows: list[dict[st
     for r in rows:
         notes = ", ".join(f"{r[k]} {k.replace('_', ' ')}" for k in ("stopped_early", "failed", "killed") if r[k])
         links = " ".join(
-            (f"<a href='{e(base)}/#/experiments/0/runs/{rid}'>{rid[:8]}</a>" if base else f"<code>{rid[:8]}</code>")
+            (f"<a href='{e(base)}/#/experiments/{e(data.experiment_id)}/runs/{rid}'>{rid[:8]}</a>" if base
+             else f"<code>{rid[:8]}</code>")
             for rid in r["run_ids"])
         parts.append(f"<tr><td>{e(r['env'])}</td><td>{e(r['config'])}</td><td>{r['n']}</td><td>{r['mean']:.4g}</td>"
                      f"<td>[{r['ci_low']:.4g}, {r['ci_high']:.4g}]</td><td>{r['iqm']:.4g}</td><td>{e(notes)}</td>"
@@ -557,7 +591,8 @@ def write_html(path: Path, data: ExperimentData, metric: str, rows: list[dict[st
         status = "stopped early" if r["stopped_early"] else r["status"]
         used = "no" if r["stopped_early"] or r["status"] != "FINISHED" else "yes"
         rid = r["run_id"]
-        link = f"<a href='{e(base)}/#/experiments/0/runs/{rid}'>{rid[:8]}</a>" if base else f"<code>{rid[:8]}</code>"
+        link = (f"<a href='{e(base)}/#/experiments/{e(data.experiment_id)}/runs/{rid}'>{rid[:8]}</a>" if base
+                else f"<code>{rid[:8]}</code>")
         parts.append(f"<tr class='{'early' if r['stopped_early'] else ''}'><td>{link}</td><td>{e(r['env'])}</td>"
                      f"<td>{e(r['config'])}</td><td>{e(str(r['seed']))}</td><td>{e(status)}</td>"
                      f"<td>{r['last_iteration']}</td><td>{r.get('final:' + metric, math.nan):.4g}</td>"

@@ -37,11 +37,14 @@ def init_ray(
     num_gpus: int | None = None,
     imports: list[str] | tuple[str, ...] = (),
     extra_pythonpath: list[str] | tuple[str, ...] = (),
+    log_to_driver: bool = True,
 ) -> None:
     """Start an embedded Ray on 127.0.0.1 (default) or join ``address``; no-op if Ray is up.
 
     Every worker of the job imports ``imports`` (and the project's envs) at start through a
     worker-process setup hook, and gets the driver's working directory on its PYTHONPATH.
+    ``log_to_driver=False`` keeps the workers' stdout/stderr off the driver's console (an embedded
+    Ray only; a joined cluster always streams them): trials write theirs to their trial folder.
     """
     set_local_ray_env()
     import ray
@@ -68,6 +71,7 @@ def init_ray(
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             runtime_env=runtime_env,
+            log_to_driver=log_to_driver,
         )
 
 
@@ -258,14 +262,26 @@ def _tracking_callback(spec: Spec, launch: Launch, resumed: bool) -> Any:
     )
 
 
+def display_metric(spec: Spec) -> str | None:
+    """The metric the console and the summary show: the spec's, else an RL workload's episode return."""
+    from orchestration.console import RL_METRIC
+
+    return spec.metric or (None if spec.is_task else RL_METRIC)
+
+
 def _run_config(spec: Spec, launch: Launch, resumed: bool) -> Any:
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    from orchestration.console import ConsoleCallback, TrialTable
 
     # Tune's auto loggers are off (TensorBoard files per trial cost time); keep result.json/progress.csv.
     callbacks: list[Any] = [JsonLoggerCallback(), CSVLoggerCallback()]
     if spec.tracking.enabled:
         callbacks.append(_tracking_callback(spec, launch, resumed))
+    step_label = "steps" if spec.is_task else "env steps"
+    console = ConsoleCallback(spec.stop, display_metric(spec), step_label)
+    callbacks.append(console)
     c = spec.checkpoint
     return tune.RunConfig(
         name=launch.name,
@@ -276,8 +292,17 @@ def _run_config(spec: Spec, launch: Launch, resumed: bool) -> Any:
             num_to_keep=c.keep, checkpoint_frequency=c.frequency, checkpoint_at_end=c.at_end
         ),
         callbacks=callbacks,
+        # Our table (Tune's classic output engine: orchestration.console.library_output sets it) and
+        # each trial's stdout/stderr in its folder (synced with the trial's checkpoints and at its end).
+        progress_reporter=TrialTable(display_metric(spec), spec.mode, step_label, console),
+        log_to_file=True,
+        sync_config=tune.SyncConfig(sync_artifacts=True),
         verbose=1,
     )
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 @dataclass
@@ -290,13 +315,76 @@ class RunResult:
     num_errors: int = 0
     trials: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
+    metric: str | None = None
+    mode: str = "max"
+    tracking: bool = True
+    driver_log: str | None = None
+
+    MAX_CONFIGS = 10
+
+    def best_per_configuration(self) -> list[tuple[str, dict[str, Any] | None, int]]:
+        """(grid point as text, its best trial or None without a metric value, its number of trials), in
+        the trials' order. A grid point = the trial's searched values without the seed."""
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for t in self.trials:
+            point = {k: v for k, v in (t.get("params") or {}).items() if k != "seed"}
+            label = " ".join(f"{k.rsplit('/', 1)[-1]}={v!r}" for k, v in point.items()) or "(one configuration)"
+            groups.setdefault(label, []).append(t)
+        sign = 1.0 if self.mode == "max" else -1.0
+        out = []
+        for label, ts in groups.items():
+            valued = [t for t in ts if t.get("value") is not None]
+            best = max(valued, key=lambda t: sign * t["value"]) if valued else None
+            out.append((label, best, len(ts)))
+        return out
 
     def summary(self) -> str:
-        lines = [f"launch {self.launch}: {len(self.trials)} trials, {self.num_errors} errors"
-                 + (f" -- INTERRUPTED: continue with `orchestra resume {self.launch}`" if self.interrupted else ""),
-                 f"  trial folders: {self.path}",
-                 f"  MLflow: {self.tracking_uri} (experiment {self.experiment!r})",
-                 f"  see it:  orchestra ui --uri '{self.tracking_uri}'   |   orchestra ls {self.experiment}"]
+        """The end-of-launch block: trials, best trial per grid point, errors, where everything is, what next."""
+        from orchestration.console import fmt, short_name
+
+        statuses: dict[str, int] = {}
+        for t in self.trials:
+            statuses[t.get("status") or "?"] = statuses.get(t.get("status") or "?", 0) + 1
+        states = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()) if s != "?")
+        lines = [f"launch {self.launch}: {_plural(len(self.trials), 'trial')}" + (f" ({states})" if states else "")
+                 + f", {_plural(self.num_errors, 'error')}"
+                 + (f" -- INTERRUPTED: continue with `orchestra resume {self.launch}`" if self.interrupted else "")]
+        if self.metric and self.trials:
+            configs = self.best_per_configuration()
+            lines.append(f"best trial per configuration (last {short_name(self.metric)}, {self.mode}):")
+            ranked = sorted(configs, key=lambda c: -(1.0 if self.mode == "max" else -1.0) * c[1]["value"]
+                            if c[1] else float("inf"))
+            shown = configs if len(configs) <= self.MAX_CONFIGS else ranked[: self.MAX_CONFIGS]
+            width = max(len(label) for label, _, _ in shown)
+            for label, best, n in shown:
+                if best is None:
+                    lines.append(f"  {label.ljust(width)}  no {short_name(self.metric)} reported ({n} trials)")
+                    continue
+                seed = (best.get("params") or {}).get("seed", best.get("config", {}).get("seed"))
+                lines.append(f"  {label.ljust(width)}  {fmt(best['value']):>8}  {best.get('name')}"
+                             + (f" (seed {seed}" + (f", best of {n})" if n > 1 else ")") if seed is not None else ""))
+            if len(configs) > len(shown):
+                lines.append(f"  ... {len(configs) - len(shown)} more configurations")
+        errors = [t for t in self.trials if t.get("error")]
+        if errors:
+            lines.append("errors:")
+            for t in errors:
+                from orchestration.console import error_summary
+
+                lines.append(f"  {t.get('name')}: {error_summary(t['error'])}")
+                lines.append(f"    log: {t.get('error_file') or t.get('path')}")
+        lines.append(f"trial folders: {self.path}")
+        if self.tracking:
+            lines.append(f"MLflow: {self.tracking_uri} (experiment {self.experiment!r})")
+        if self.driver_log:
+            lines.append(f"library output: {self.driver_log} and each trial folder's stdout/stderr (--verbose prints it)")
+        if self.tracking:
+            from orchestration.spec import TrackingSpec
+
+            default = f"sqlite:///{(Path.cwd() / TrackingSpec().uri[len('sqlite:///'):]).resolve()}"
+            uri = "" if self.tracking_uri == default else f" --uri '{self.tracking_uri}'"
+            lines.append(f"next: orchestra ui{uri}   |   orchestra report {self.experiment}{uri}"
+                         f"   |   orchestra ls {self.experiment}{uri}")
         return "\n".join(lines)
 
 
@@ -331,19 +419,31 @@ def dry_run_text(spec: Spec) -> str:
     return "\n".join(lines)
 
 
-def _collect(result_grid: Any, launch: Launch, spec: Spec) -> RunResult:
+def _collect(result_grid: Any, launch: Launch, spec: Spec, driver_log: Path | None = None) -> RunResult:
+    from orchestration.console import result_value, trial_error_path
+
+    metric = display_metric(spec)
+    tune_trials = list(getattr(getattr(result_grid, "_experiment_analysis", None), "trials", None) or [])
+    by_path = {str(t.path): t for t in tune_trials}
     trials = []
     errors = 0
     for r in result_grid:
         err = r.error
         errors += err is not None
+        t = by_path.get(str(r.path))
         trials.append({"config": {k: v for k, v in (r.config or {}).items() if k != ORCHESTRA_KEY},
                        "metrics": {k: v for k, v in (r.metrics or {}).items() if not isinstance(v, dict)},
-                       "error": str(err) if err else None, "path": r.path})
-    statuses = [t.status for t in getattr(getattr(result_grid, "_experiment_analysis", None), "trials", [])]
+                       "error": str(err) if err else None, "path": r.path,
+                       "name": str(t) if t is not None else Path(r.path).name,
+                       "status": t.status if t is not None else None,
+                       "params": dict(t.evaluated_params) if t is not None else {},
+                       "value": result_value(r.metrics, metric) if metric else None,
+                       "error_file": trial_error_path(t) if err and t is not None else None})
+    statuses = [t.status for t in tune_trials]
     interrupted = any(st not in ("TERMINATED", "ERROR") for st in statuses)
     return RunResult(launch.name, launch.path, spec.tracking.uri, spec.experiment_name, result_grid, errors, trials,
-                     interrupted)
+                     interrupted, metric=metric, mode=spec.mode, tracking=spec.tracking.enabled,
+                     driver_log=str(driver_log) if driver_log else None)
 
 
 def run(
@@ -354,8 +454,11 @@ def run(
     dry_run: bool = False,
     launch_name: str | None = None,
     num_cpus: int | None = None,
+    verbose: bool = False,
 ) -> RunResult | str:
-    """Load, validate and run a spec; returns a :class:`RunResult` (or the dry-run text)."""
+    """Load, validate and run a spec; returns a :class:`RunResult` (or the dry-run text).
+
+    ``verbose``: Ray's, RLlib's and the trials' log lines on the console too (else in log files)."""
     spec = spec_or_path if isinstance(spec_or_path, Spec) else load_spec(spec_or_path, overrides)
     spec_file = getattr(spec, "_file", None)
     if dry_run:
@@ -369,14 +472,24 @@ def run(
     if launch.path.exists() and (launch.path / LAUNCH_FILE).exists():
         raise SpecError(spec_file, "name", f"launch folder {launch.path} exists already; use `orchestra resume {name}`")
     launch.save()
-    return _fit(spec, launch, resumed=False, num_cpus=num_cpus)
+    return _fit(spec, launch, resumed=False, num_cpus=num_cpus, verbose=verbose)
 
 
-def _fit(spec: Spec, launch: Launch, resumed: bool, num_cpus: int | None = None) -> RunResult:
+def _fit(spec: Spec, launch: Launch, resumed: bool, num_cpus: int | None = None,
+         verbose: bool = False) -> RunResult:
+    from orchestration.console import library_output
+
+    with library_output(launch.path, verbose=verbose, rllib=not spec.is_task) as driver_log:
+        return _tune(spec, launch, resumed, num_cpus, verbose, driver_log)
+
+
+def _tune(spec: Spec, launch: Launch, resumed: bool, num_cpus: int | None, verbose: bool,
+          driver_log: Path | None) -> RunResult:
     from ray import tune
 
     init_ray(launch.address, num_cpus=num_cpus, imports=spec.imports,
-             extra_pythonpath=[str(Path(launch.spec_file).parent.resolve())] if launch.spec_file else [])
+             extra_pythonpath=[str(Path(launch.spec_file).parent.resolve())] if launch.spec_file else [],
+             log_to_driver=verbose)
     from algorithms import registry as R
 
     R.load_builtin_plugins()
@@ -390,7 +503,7 @@ def _fit(spec: Spec, launch: Launch, resumed: bool, num_cpus: int | None = None)
         tuner = tune.Tuner.restore(str(launch.path), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False,
                                    param_space=build_param_space(spec))
-        _replace_callbacks(tuner, run_config.callbacks)
+        _replace_callbacks(tuner, run_config)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -406,15 +519,19 @@ def _fit(spec: Spec, launch: Launch, resumed: bool, num_cpus: int | None = None)
             run_config=run_config,
         )
     result_grid = tuner.fit()
-    return _collect(result_grid, launch, spec)
+    return _collect(result_grid, launch, spec, driver_log)
 
 
-def _replace_callbacks(tuner: Any, callbacks: list[Any]) -> None:
-    """Tuner.restore unpickles the old run config; use fresh tracking callbacks in resume mode."""
+def _replace_callbacks(tuner: Any, run_config: Any) -> None:
+    """Tuner.restore unpickles the old run config; use fresh tracking and console callbacks (and the table
+    that reads the console callback) in resume mode."""
     local = getattr(tuner, "_local_tuner", None)
     rc = getattr(local, "_run_config", None) if local is not None else None
     if rc is not None:
-        rc.callbacks = callbacks
+        rc.callbacks = run_config.callbacks
+        rc.progress_reporter = run_config.progress_reporter
+        rc.log_to_file = run_config.log_to_file
+        rc.sync_config = run_config.sync_config
 
 
 def find_launch(name: str, storage: str | Path = "runs") -> Path:
@@ -435,7 +552,7 @@ def find_launch(name: str, storage: str | Path = "runs") -> Path:
 
 
 def resume(name: str, *, storage: str | Path = "runs", address: str | None = None,
-           num_cpus: int | None = None) -> RunResult:
+           num_cpus: int | None = None, verbose: bool = False) -> RunResult:
     """Continue an interrupted launch: unfinished trials from their last checkpoint; MLflow runs reused."""
     path = find_launch(name, storage)
     launch = Launch.load(path)
@@ -445,4 +562,4 @@ def resume(name: str, *, storage: str | Path = "runs", address: str | None = Non
         launch.address = address
     launch.resumes.append(time.time())
     launch.save()
-    return _fit(spec, launch, resumed=True, num_cpus=num_cpus)
+    return _fit(spec, launch, resumed=True, num_cpus=num_cpus, verbose=verbose)

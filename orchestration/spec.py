@@ -36,7 +36,14 @@ from orchestration import search as S
 ORCHESTRA_KEY = "_orchestra"
 
 
-class SpecError(ValueError):
+class UserError(ValueError):
+    """A problem with what the user asked for (a file, a name, a URI, an option value), not a bug.
+
+    The CLI prints it as one line ``error: <message>`` and exits 2, without a traceback; the message
+    names what was wrong and what is allowed."""
+
+
+class SpecError(UserError):
     """A spec problem: ``file: key: message (got value; allowed: ...)``."""
 
     def __init__(self, file: str | None, key: str, message: str, value: Any = ..., allowed: Any = None):
@@ -49,6 +56,21 @@ class SpecError(ValueError):
                 allowed = ", ".join(str(a) for a in allowed)
             text += f"; allowed: {allowed}"
         super().__init__(text)
+
+
+def yaml_error(file: str, err: yaml.YAMLError) -> SpecError:
+    """A YAML syntax error as ``FILE:LINE:COLUMN: problem`` (1-based, as editors count), one line."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or getattr(err, "context", None) or str(err)
+    context = getattr(err, "context", None) if getattr(err, "problem", None) else None
+    where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark is not None else file
+    text = f"{where}: {problem}"
+    cmark = getattr(err, "context_mark", None)
+    if context and cmark is not None and mark is not None and (cmark.line, cmark.column) != (mark.line, mark.column):
+        text += f" ({context} at {cmark.line + 1}:{cmark.column + 1})"
+    out = SpecError(file, "", "not valid YAML: " + problem)
+    out.args = (" ".join(text.split()),)
+    return out
 
 
 class _Strict(BaseModel):
@@ -207,7 +229,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise SpecError(None, key, f"value is not valid YAML: {e}", raw) from None
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(None, key, " ".join(f"value is not valid YAML: {problem}".split()), raw) from None
     return key.split("."), value
 
 
@@ -245,7 +268,9 @@ def load_spec(
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
-            raise SpecError(file, "", f"not valid YAML: {e}") from None
+            raise yaml_error(file, e) from None
+        except (OSError, UnicodeDecodeError) as e:  # a folder, unreadable, not text
+            raise SpecError(file, "", f"cannot read the spec file: {type(e).__name__}: {e}") from None
         if not isinstance(data, dict):
             raise SpecError(file, "", "a spec must be a YAML mapping", type(data).__name__)
     data = apply_overrides(data, overrides)

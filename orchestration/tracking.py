@@ -36,9 +36,10 @@ journal ``<trial dir>/mlflow_spool.jsonl`` and one queue entry. A background thr
 order with ``MlflowClient.log_batch`` (<= ``max_batch`` metrics per call), retrying failed calls
 until they succeed; MLflow's own HTTP retries are turned off (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0``
 unless set) so an unreachable server costs one refused connection per attempt, never the driver's
-time. At experiment end the driver waits at most ``retry_timeout_s`` for the queue to drain; journals
-of trials that were fully delivered are deleted, the others stay for ``orchestra sync``
-(:func:`sync_spool`).
+time. At experiment end the driver waits at most ``retry_timeout_s`` for the queue to drain (default
+30 s, or ``$ORCHESTRA_MLFLOW_RETRY_TIMEOUT_S``: the test suite sets a generous one, since a loaded
+machine may need longer than 30 s to deliver a launch); journals of trials that were fully delivered
+are deleted, the others stay for ``orchestra sync`` (:func:`sync_spool`).
 
 Statuses
 A child ends FINISHED when its trial completes, FAILED when it errors (tag ``orchestra.error``: the
@@ -86,6 +87,8 @@ METRIC_GROUPS: tuple[str, ...] = (
     "convergence", "meta", "system", "hparam",
 )
 SPOOL_NAME = "mlflow_spool.jsonl"
+RETRY_TIMEOUT_ENV = "ORCHESTRA_MLFLOW_RETRY_TIMEOUT_S"
+DEFAULT_RETRY_TIMEOUT_S = 30.0
 
 # MLflow's limits (mlflow.utils.validation): key length, param value length, tag value length,
 # params/tags per log_batch call, metrics per call.
@@ -259,22 +262,40 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+# MLflow 3's UI opens an experiment by its kind: untagged or GenAI experiments land on the GenAI
+# overview / traces, ``custom_model_development`` on the runs table of the model-training view. The tag
+# and value are the ones the UI's own "experiment type" selector writes (setExperimentTag).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def mark_training_experiment(client, exp) -> None:
+    """Tag ``exp`` (an ``mlflow.entities.Experiment``) as a model-training experiment unless it already
+    has a kind (a kind chosen in the UI is kept)."""
+    if not (exp.tags or {}).get(EXPERIMENT_KIND_TAG):
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
 def _experiment_id(client, name: str, artifact_location: str | None, create: bool = True) -> str | None:
+    """Get or create experiment ``name`` (restored if deleted), tagged as a model-training experiment."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        mark_training_experiment(client, exp)
         return exp.experiment_id
     if not create:
         return None
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException:  # created concurrently by another driver
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
+        mark_training_experiment(client, exp)
         return exp.experiment_id
 
 
@@ -432,7 +453,8 @@ class MLflowTracking(Callback):
             case (a restored Tuner may carry a callback pickled with ``resumed=False``).
         flush_interval_s: how often the background thread sends the queue.
         max_batch: metrics per ``log_batch`` call (MLflow allows 1000).
-        retry_timeout_s: how long ``on_experiment_end`` waits for undelivered data.
+        retry_timeout_s: how long ``on_experiment_end`` waits for undelivered data (None:
+            ``$ORCHESTRA_MLFLOW_RETRY_TIMEOUT_S`` if set, else 30 s).
         extra_metric_prefixes: result groups logged besides ``METRIC_GROUPS``.
         spool_dir: where journals go when a trial's directory is not on the local filesystem.
     """
@@ -451,12 +473,14 @@ class MLflowTracking(Callback):
         resumed: bool = False,
         flush_interval_s: float = 2.0,
         max_batch: int = 1000,
-        retry_timeout_s: float = 30.0,
+        retry_timeout_s: float | None = None,
         extra_metric_prefixes: Iterable[str] = (),
         spool_dir: str | None = None,
     ):
         if not 1 <= max_batch <= MAX_METRICS_PER_BATCH:
             raise ValueError(f"max_batch={max_batch}: allowed 1..{MAX_METRICS_PER_BATCH} (MLflow's limit)")
+        if retry_timeout_s is None:
+            retry_timeout_s = float(os.environ.get(RETRY_TIMEOUT_ENV) or DEFAULT_RETRY_TIMEOUT_S)
         if flush_interval_s <= 0 or retry_timeout_s < 0:
             raise ValueError(
                 f"flush_interval_s={flush_interval_s} must be > 0 and retry_timeout_s={retry_timeout_s} >= 0"
@@ -992,7 +1016,12 @@ def sync_spool(path: str | Path, tracking_uri: str) -> int:
     to ``mlflow_spool.jsonl.synced``, so running sync twice sends nothing twice. Returns the number of
     metric points sent.
     """
+    from orchestration.spec import UserError
+
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder (a launch or trial folder holding {SPOOL_NAME} files, "
+                        f"or one {SPOOL_NAME})")
     files = [path] if path.is_file() else sorted(path.rglob(SPOOL_NAME))
     client = _client(tracking_uri)
     sent = 0
@@ -1059,12 +1088,14 @@ def list_runs_table(tracking_uri: str, experiment: str | None = None) -> str:
     ``orchestra.mode`` on the parent; best = max or min over the trial's whole history)."""
     from mlflow.entities import ViewType
 
+    from orchestration.spec import UserError
+
     client = _client(tracking_uri)
     if experiment is not None:
         exp = client.get_experiment_by_name(experiment)
-        if exp is None:
+        if exp is None or exp.lifecycle_stage == "deleted":
             names = sorted(e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY))
-            raise ValueError(f"experiment {experiment!r} not found in {tracking_uri}; existing: {names}")
+            raise UserError(f"experiment {experiment!r} not found in {tracking_uri}; existing: {names}")
         experiments = [exp]
     else:
         experiments = client.search_experiments(view_type=ViewType.ACTIVE_ONLY)

@@ -274,6 +274,10 @@ class OrchestraAlgorithmMixin(CheckpointFallbackMixin):
     def step(self) -> dict[str, Any]:
         result = super().step()
         extra = project_result_keys(result)
+        # Algorithm.step() results have no training_iteration yet (Trainable.train() adds it after step
+        # returns): this step is iteration self.iteration + 1.
+        if not result.get("training_iteration"):
+            extra.setdefault("system", {})["training_iteration"] = float(self.iteration + 1)
         learner = extra.get("learner", {})
         losses = {f"learner/{k}": v for k, v in learner.items() if isinstance(v, float) and "loss" in k}
         _finite_or_raise(losses, list(losses), result.get("training_iteration", 0) or self.iteration + 1)

@@ -18,6 +18,11 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+# Generous deadlines, not fixed short timeouts: on 2 shared, busy cores delivering a launch to MLflow
+# can take longer than the callback's 30 s default, and one request longer than MLflow's 10 s (a request
+# that timed out after the server stored it would be sent again). Subprocesses inherit both.
+os.environ.setdefault("ORCHESTRA_MLFLOW_RETRY_TIMEOUT_S", "600")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
 
 from orchestration.env import set_local_ray_env  # noqa: E402 - after the variables above
 
@@ -27,9 +32,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1 below the kernel's ephemeral range: a client connecting to a port
+    in that range while nothing listens there (a server being restarted) can be given the same port
+    as its source and connect to itself, which would then keep the server from binding it."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for port in random.sample(range(10000, max(10001, low)), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 @pytest.fixture(scope="session")
@@ -78,15 +97,16 @@ class MlflowServer:
         deadline = time.time() + timeout
         import urllib.request
 
-        while time.time() < deadline:
+        while time.time() < deadline:  # poll for health; a loaded machine may take minutes
             try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=1) as r:
+                with urllib.request.urlopen(self.uri + "/health", timeout=10) as r:
                     if r.status == 200:
                         return
             except OSError:
-                time.sleep(0.3)
+                pass
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited: see {log.name}")
+            time.sleep(0.3)
         self.stop()  # never leave a half-started server behind
         raise TimeoutError("mlflow server did not become healthy")
 
@@ -94,12 +114,14 @@ class MlflowServer:
         if self.proc and self.proc.poll() is None:
             import signal
 
+            # SIGTERM: the server finishes the requests it has (a request cut by SIGKILL after the
+            # store took it would be retried by the client and logged twice); allowed a minute.
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(15)
+                self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+                self.proc.wait(60)
         self.proc = None
 
 

@@ -53,6 +53,9 @@ def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
         "RAY_DEDUP_LOGS": "0",
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        # generous delivery deadlines on a loaded machine, as tests/conftest.py sets for local runs
+        "ORCHESTRA_MLFLOW_RETRY_TIMEOUT_S": "600",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "120",
         "OMP_NUM_THREADS": "1",
     }
     env.update(extra or {})
@@ -118,7 +121,7 @@ class Host:
         self.run(["mount", "--rbind", str(self.home), "/root"], env=sh, check=True)
         self.run(["mount", "--bind", str(self.raytmp), "/tmp/ray"], env=sh, check=True)
 
-    def _find_init(self, timeout: float = 60) -> int:
+    def _find_init(self, timeout: float = 300) -> int:
         deadline = time.time() + timeout
         while time.time() < deadline:
             for k in _children(self.unshare.pid):

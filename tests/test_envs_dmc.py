@@ -201,6 +201,6 @@ def test_module_prefixed_id_registers_in_a_fresh_process():
 
     code = ("import gymnasium, sys; assert 'algorithms' not in sys.modules; "
             "e = gymnasium.make('algorithms.envs:dmc/cartpole-swingup'); print(e.reset(seed=0)[0].shape)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(5,)"

@@ -163,9 +163,14 @@ class TestTwoNodes:
             pytest.fail("worker host not alive at test start")
         uri = f"sqlite:///{tmp_path / 'head-mlruns' / 'mlflow.db'}"
         n_iter = 10
+        # Trials wait before iteration 3 until `release` exists (created once node B is dead): the node
+        # dies while its trial is still running, however fast the trials are.
+        shutil.copy(Path(__file__).with_name("gated_task.py"), tmp_path / "gated_task.py")
+        release = tmp_path / "release"
         spec = _spec(tmp_path / "ft.yaml", "mn_ft", f"""
-            task: regression_demo
-            config: {{lr: 0.05, steps_per_iteration: {STEPS_PER_ITER}}}
+            task: gated_regression
+            imports: [gated_task]
+            config: {{lr: 0.05, steps_per_iteration: {STEPS_PER_ITER}, gate_iteration: 3, gate_file: "{release}"}}
             seeds: [0, 1]
             stop: {{training_iteration: {n_iter}}}
             resources: {{cpus: 1}}
@@ -187,6 +192,7 @@ class TestTwoNodes:
             wait_for(worker_trial_progressed, 600, "a trial on the worker node with 2 results")
             b.kill()  # every process of the worker node: raylet, workers, the trial actor
             assert not b.pids()
+            release.write_text("go")  # the trial on the head, and the retry of B's, go on
             driver.wait(900)
         finally:
             if driver.poll() is None:
@@ -276,13 +282,16 @@ def test_ray_up_launch_and_ray_down_on_local_provider(tmp_path):
         # The cluster token, made on the client as a user would; file_mounts copies it to every node.
         tok = c.run("ray get-auth-token --generate", timeout=300)
         assert tok.returncode == 0 and (c.home / ".ray" / "auth_token").exists(), tok.stderr[-2000:]
-        wait_for(lambda: _port_open(c, HEAD_IP, 22) and _port_open(c, WORKER_IP, 22), 120, "sshd on both nodes")
+        wait_for(lambda: _port_open(c, HEAD_IP, 22) and _port_open(c, WORKER_IP, 22), 300, "sshd on both nodes")
 
         db = tmp_path / "head-mlflow.db"
-        health = ("python -c \"import time, urllib.request as u\n"
-                  "for _ in range(240):\n"
-                  "    try: u.urlopen('http://127.0.0.1:5000/health', timeout=2); break\n"
-                  "    except OSError: time.sleep(1)\"")
+        health = ("python -c \"import time, urllib.request as u\n"  # poll, then fail loudly
+                  "deadline = time.time() + 600\n"
+                  "while True:\n"
+                  "    try: u.urlopen('http://127.0.0.1:5000/health', timeout=10); break\n"
+                  "    except OSError:\n"
+                  "        if time.time() > deadline: raise SystemExit('mlflow server on the head not healthy')\n"
+                  "        time.sleep(1)\"")
         cluster = {
             "cluster_name": f"orchtest-{lab.tag}",
             "provider": {"type": "local", "head_ip": HEAD_IP, "worker_ips": [WORKER_IP]},
@@ -354,7 +363,7 @@ def test_ray_up_launch_and_ray_down_on_local_provider(tmp_path):
         def ray_procs(h) -> list[str]:
             return [p for p in h.procs() if any(m in p for m in RAY_PROCESS_MARKERS)]
 
-        wait_for(lambda: not ray_procs(a), 120, "no Ray process left on the head after ray down")
+        wait_for(lambda: not ray_procs(a), 300, "no Ray process left on the head after ray down")
         # `ray down` returns 0 but (local provider) only marks workers terminated in its state file:
         # Ray keeps running on them. Check and kill everything left by PID (sshd, the MLflow server
         # and, on the worker, Ray), then nothing may remain in either host.
@@ -365,7 +374,7 @@ def test_ray_up_launch_and_ray_down_on_local_provider(tmp_path):
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            wait_for(lambda h=h: not h.pids(), 120, f"every process on {h.ip} killed")
+            wait_for(lambda h=h: not h.pids(), 300, f"every process on {h.ip} killed")
         print(f"\n[multinode] Ray processes left by `ray down` (killed by PID): {left}")
         print(f"\n[multinode] test 3 wall time {time.time() - t0:.1f}s")
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,66 +120,93 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _orchestra(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
+def _orchestra(args: list[str], cwd: Path, stdout=subprocess.PIPE) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(ORCHESTRA + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, **kw)
+    return subprocess.Popen(ORCHESTRA + args, cwd=cwd, env=env, stdout=stdout, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds; fail after ``timeout`` s (a deadline, not a timing)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
         time.sleep(0.5)
-    raise TimeoutError(what)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _gated_task(cwd: Path) -> None:
+    """tests/gated_task.py in the launch's working dir, where the driver and its workers import it."""
+    shutil.copy(Path(__file__).with_name("gated_task.py"), cwd / "gated_task.py")
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_continues_the_same_runs(tmp_path: Path):
-    spec = _write(tmp_path / "resume.yaml", """
+    import json
+
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    # The trials wait before iteration 6 until `release` exists: the driver is killed while both are
+    # still running whatever their speed (the test creates the file only for the resume).
+    _gated_task(tmp_path)
+    release = tmp_path / "release"
+    spec = _write(tmp_path / "resume.yaml", f"""
         name: e2e_resume
-        task: regression_demo
-        config: {steps_per_iteration: 400, batch_size: 256, dim: 64, lr: 0.01}
+        task: gated_regression
+        imports: [gated_task]
+        config: {{steps_per_iteration: 400, batch_size: 256, dim: 64, lr: 0.01, gate_iteration: 6,
+                  gate_file: "{release}"}}
         seeds: [0, 1]
-        stop: {training_iteration: 25}
-        checkpoint: {frequency: 1, keep: 2}
+        stop: {{training_iteration: 25}}
+        checkpoint: {{frequency: 1, keep: 2}}
     """)
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
-    proc = _orchestra(["run", str(spec), "--num-cpus", "2"], cwd=tmp_path)
+    with open(tmp_path / "first-driver.log", "w") as log:  # a pipe nobody reads could fill and block it
+        proc = _orchestra(["run", str(spec), "--num-cpus", "2"], cwd=tmp_path, stdout=log)
+
+    def latest_checkpoints() -> list:
+        """Each trial's latest checkpoint as named by the newest experiment state (None: none yet)."""
+        states = list((tmp_path / "runs").glob("*/experiment_state-*.json"))
+        if not states:
+            return []
+        state = max(states, key=lambda f: f.stat().st_mtime)
+        return [_TrainingRunMetadata.from_json_state(runtime).checkpoint_manager.latest_checkpoint_result
+                for _, runtime in json.loads(state.read_text())["trial_data"]]
 
     def progressed() -> bool:
         try:
             client, _, children = runs_of(uri, "e2e_resume")
-        except Exception:  # noqa: BLE001 - the store may not exist yet
+            logged = len(children) == 2 and all(
+                len(steps_of(client, c.info.run_id, "train/loss")) >= 4 for c in children)
+            latest = latest_checkpoints()
+        except Exception:  # noqa: BLE001 - the store or the state may not exist yet (or be mid-write)
             return False
-        return len(children) == 2 and all(len(steps_of(client, c.info.run_id, "train/loss")) >= 4 for c in children)
+        # ... and Tune's experiment state names a checkpoint of each trial (it is saved periodically)
+        return logged and len(latest) == 2 and all(r is not None for r in latest)
 
     try:
-        _wait_for(progressed, 240, "both trials logged 4 iterations")
+        _wait_for(progressed, 900, "both trials logged 4 iterations and the experiment state names checkpoints")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-        proc.wait(30)
+        proc.wait(60)
     client, parents, children = runs_of(uri, "e2e_resume")
-    assert any(len(steps_of(client, c.info.run_id, "train/loss")) < 25 for c in children), "finished before kill"
+    assert all(len(steps_of(client, c.info.run_id, "train/loss")) <= 5 for c in children), "passed the gate"
 
     launch = next((tmp_path / "runs").iterdir()).name
     # What a kill between Tune's checkpoint pruning and its experiment-state snapshot leaves: the state names
     # checkpoints that are gone. Delete the one each trial's latest state names; resume must fall back.
-    import json
-    import shutil
-
-    from ray.tune.trainable.metadata import _TrainingRunMetadata
-
-    state = max((tmp_path / "runs" / launch).glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
-    for _, runtime in json.loads(state.read_text())["trial_data"]:
-        latest = _TrainingRunMetadata.from_json_state(runtime).checkpoint_manager.latest_checkpoint_result
-        if latest is not None:
-            shutil.rmtree(latest.checkpoint.path, ignore_errors=True)
+    latest = latest_checkpoints()
+    assert len(latest) == 2 and all(r is not None for r in latest), latest
+    for r in latest:
+        shutil.rmtree(r.checkpoint.path, ignore_errors=True)
+    release.write_text("go")
     resumed = _orchestra(["resume", launch, "--num-cpus", "2"], cwd=tmp_path)
-    out, _ = resumed.communicate(timeout=600)
+    out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out[-3000:]
-    assert "no longer exists (pruned after the experiment state was saved)" in out
+    # a trial's warning is in its stderr file (on the console only with --verbose)
+    trial_logs = "".join(f.read_text() for f in (tmp_path / "runs" / launch).glob("*/stderr"))
+    assert "no longer exists (pruned after the experiment state was saved)" in trial_logs
 
     client, parents, children = runs_of(uri, "e2e_resume")
     assert len(parents) == 1 and len(children) == 2, "resume must reuse the launch's runs"
@@ -245,7 +273,7 @@ def test_imports_register_user_env_and_diagnostic_in_workers(tmp_path: Path):
         stop: {training_iteration: 2}
     """)
     proc = _orchestra(["run", str(spec), "--num-cpus", "2"], cwd=tmp_path)
-    out, _ = proc.communicate(timeout=600)
+    out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-3000:]
     client, _, children = runs_of(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", "e2e_imports")
     (child,) = children
