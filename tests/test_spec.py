@@ -96,7 +96,8 @@ def test_yaml_and_file_errors(tmp_path: Path):
     assert "not found" in str(error(str(tmp_path / "missing.yaml")))
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
-    assert "not valid YAML" in str(error(str(bad)))
+    # FILE:LINE:COLUMN (1-based) of where PyYAML stopped, then its problem
+    assert str(error(str(bad))).startswith(f"{bad}:2:1: expected ',' or ']'")
     lst = tmp_path / "list.yaml"
     lst.write_text("- 1\n- 2\n")
     assert "mapping" in str(error(str(lst)))
