@@ -106,12 +106,10 @@ def load_experiment(uri: str, experiment: str, *, launch: str | None = None,
     from mlflow import MlflowClient
 
     from orchestration.spec import UserError
+    from orchestration.tracking import require_experiment
 
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None or exp.lifecycle_stage == "deleted":
-        names = [e.name for e in client.search_experiments()]
-        raise UserError(f"no MLflow experiment {experiment!r} at {uri}; experiments: {', '.join(names) or 'none'}")
+    exp = require_experiment(client, experiment, uri)
     all_runs = client.search_runs([exp.experiment_id], max_results=50000)
     parents = [r for r in all_runs if r.data.tags.get("orchestra.run_type") == "launch"]
     if launch:

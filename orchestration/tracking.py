@@ -276,6 +276,19 @@ def mark_training_experiment(client, exp) -> None:
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
+def require_experiment(client, name: str, uri: str):
+    """The active experiment ``name``, or a UserError naming the store and the existing experiments."""
+    from mlflow.entities import ViewType
+
+    from orchestration.spec import UserError
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        names = sorted(e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY))
+        raise UserError(f"no experiment {name!r} in {uri}; existing: {', '.join(names) or 'none'}")
+    return exp
+
+
 def _experiment_id(client, name: str, artifact_location: str | None, create: bool = True) -> str | None:
     """Get or create experiment ``name`` (restored if deleted), tagged as a model-training experiment."""
     exp = client.get_experiment_by_name(name)
@@ -1088,15 +1101,10 @@ def list_runs_table(tracking_uri: str, experiment: str | None = None) -> str:
     ``orchestra.mode`` on the parent; best = max or min over the trial's whole history)."""
     from mlflow.entities import ViewType
 
-    from orchestration.spec import UserError
 
     client = _client(tracking_uri)
     if experiment is not None:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None or exp.lifecycle_stage == "deleted":
-            names = sorted(e.name for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY))
-            raise UserError(f"experiment {experiment!r} not found in {tracking_uri}; existing: {names}")
-        experiments = [exp]
+        experiments = [require_experiment(client, experiment, tracking_uri)]
     else:
         experiments = client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
     rows = [("EXPERIMENT", "RUN", "RUN ID", "STATUS", "STARTED", "BEST")]

@@ -31,6 +31,29 @@ set_local_ray_env()
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def wait_for(predicate, timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds; fail after ``timeout`` s (a deadline, not a timing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def chromium() -> str | None:
+    """Debian's Chromium for the browser tests (installed with apt-get when missing and possible)."""
+    import shutil
+
+    for name in ("chromium", "chromium-browser"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True, timeout=900,
+                       env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    return shutil.which("chromium")
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 below the kernel's ephemeral range: a client connecting to a port
     in that range while nothing listens there (a server being restarted) can be given the same port

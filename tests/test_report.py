@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 from mlflow import MlflowClient
@@ -76,14 +76,44 @@ def test_parquet_export_roundtrip(launch, tmp_path: Path):
     assert sum(k == "train/loss" for k in hist["key"]) == 6 * 4
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser"):
-        if shutil.which(name):
-            return shutil.which(name)
-    if shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True, timeout=900,
-                       env={"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-    return shutil.which("chromium")
+def _last_iteration_cells(page: str) -> list[str]:
+    """The "last iteration" cells of the report's runs table."""
+    import re
+
+    table = page.split("<h2>Runs</h2>", 1)[1]
+    heads = re.findall(r"<th>(.*?)</th>", table.split("</tr>", 1)[0])
+    col = heads.index("last iteration")
+    rows = re.findall(r"<tr class='[^']*'>(.*?)</tr>", table, re.S)
+    return [re.findall(r"<td>(.*?)</td>", re.sub(r"<td><(?:a|code)[^>]*>.*?</(?:a|code)></td>", "<td>link</td>", r))[col]
+            for r in rows]
+
+
+def test_html_runs_table_shows_the_last_iteration(launch, tmp_path: Path):
+    uri, _ = launch
+    data = rep.load_experiment(uri, "report_study")
+    assert data.runs.column("last_iteration").to_pylist() == [4] * 6  # stop: training_iteration 4
+    page = rep.write_report(uri, "report_study", tmp_path / "report", attach=False).read_text()
+    assert _last_iteration_cells(page) == ["4"] * 6
+
+
+def test_last_iteration_of_runs_that_logged_a_constant_zero(tmp_path: Path):
+    # RLlib launches before the fix logged system/training_iteration = 0 every iteration: the report
+    # counts the points instead (one per iteration) rather than showing 0.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("old_rllib")
+    parent = client.create_run(exp, run_name="old-1", tags={"orchestra.run_type": "launch",
+                                                            "orchestra.launch_id": "old-1"})
+    kid = client.create_run(exp, run_name="trial", tags={"mlflow.parentRunId": parent.info.run_id,
+                                                         "orchestra.launch_id": "old-1"})
+    for i in range(5):
+        client.log_metric(kid.info.run_id, "system/training_iteration", 0.0, step=1000 * (i + 1))
+        client.log_metric(kid.info.run_id, "env/episode_return_mean", float(i), step=1000 * (i + 1))
+    client.set_terminated(kid.info.run_id, "FINISHED")
+    data = rep.load_experiment(uri, "old_rllib")
+    assert data.runs.column("last_iteration").to_pylist() == [5]
+    page = rep.write_report(uri, "old_rllib", tmp_path / "report", attach=False).read_text()
+    assert _last_iteration_cells(page) == ["5"]
 
 
 def test_html_report_renders_every_image_in_chromium(launch, tmp_path: Path):
@@ -94,7 +124,7 @@ def test_html_report_renders_every_image_in_chromium(launch, tmp_path: Path):
                   if r.data.tags.get("orchestra.run_type") == "launch")
     assert "report/index.html" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
 
-    browser = _chromium()
+    browser = conftest.chromium()
     assert browser, "chromium could not be installed (apt-get install chromium)"
     # Count images that decoded (naturalWidth > 0) through a script the page runs, dumped via --dump-dom.
     probe = tmp_path / "report" / "probe.html"
@@ -191,7 +221,12 @@ def test_report_credit_and_convergence_panels_from_a_ppo_launch(ray_local, tmp_p
     keys = set(data.history.column("key").to_pylist())
     assert {"credit/td_error_mean", "credit/td_error_mean/delay_0", "convergence/policy_kl",
             "convergence/converged"} <= keys
+    # RLlib results carry no training_iteration when step() returns: the trainable reports the real one.
+    assert data.runs.column("last_iteration").to_pylist() == [3]
+    assert [m.value for m in sorted(MlflowClient(uri).get_metric_history(
+        data.runs.column("run_id")[0].as_py(), "system/training_iteration"), key=lambda m: m.step)] == [1, 2, 3]
     index = rep.write_report(uri, "diag_study", tmp_path / "report", attach=False)
     page = index.read_text()
+    assert _last_iteration_cells(page) == ["3"]
     for name in ("panel_credit.png", "panel_convergence.png", "credit_delays.png"):
         assert name in page and (tmp_path / "report" / name).stat().st_size > 5000

@@ -8,9 +8,9 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
+import conftest
 import pytest
 from mlflow import MlflowClient
 
@@ -126,14 +126,19 @@ def _orchestra(args: list[str], cwd: Path, stdout=subprocess.PIPE) -> subprocess
                             text=True, start_new_session=True)
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    """Poll ``predicate`` until it holds; fail after ``timeout`` s (a deadline, not a timing)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+def _group_states(pgid: int) -> list[str]:
+    """Process states (R, S, T, ...) of every process in process group ``pgid``."""
+    states = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            states.append(fields[0])
+    return states
 
 
 def _gated_task(cwd: Path) -> None:
@@ -185,8 +190,24 @@ def test_resume_after_sigkill_continues_the_same_runs(tmp_path: Path):
         # ... and Tune's experiment state names a checkpoint of each trial (it is saved periodically)
         return logged and len(latest) == 2 and all(r is not None for r in latest)
 
+    def frozen_with_checkpoints() -> bool:
+        """Stop the driver's process group; keep it stopped if the state on disk (written by plain
+        copies, so a kill at a random moment could cut it short) parses and names checkpoints, else let
+        it run on and poll again. The kill then finds the files exactly as checked."""
+        os.killpg(proc.pid, signal.SIGSTOP)
+        conftest.wait_for(lambda: all(st in "TtZX" for st in _group_states(proc.pid)), 120, "the driver's group stopped")
+        try:
+            latest = latest_checkpoints()
+            if len(latest) == 2 and all(r is not None for r in latest):
+                return True
+        except Exception:  # noqa: BLE001 - caught mid-write
+            pass
+        os.killpg(proc.pid, signal.SIGCONT)
+        return False
+
     try:
-        _wait_for(progressed, 900, "both trials logged 4 iterations and the experiment state names checkpoints")
+        conftest.wait_for(progressed, 900, "both trials logged 4 iterations and the experiment state names checkpoints")
+        conftest.wait_for(frozen_with_checkpoints, 300, "a complete experiment state with the driver stopped")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
         proc.wait(60)

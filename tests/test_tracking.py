@@ -270,7 +270,7 @@ def test_tune_run_logs_parent_children_metrics_artifacts_sqlite(ray_local, sqlit
     # best train/score of trial 1 (max over its history) and of the launch (max over trials)
     assert f"train/score={value(1, N_STEPS):.6g}" in table
     assert table.count("FINISHED") == 2
-    with pytest.raises(ValueError, match="existing: \\['Default', 'toy-sqlite'\\]"):
+    with pytest.raises(ValueError, match="existing: Default, toy-sqlite$"):
         list_runs_table(sqlite_uri, "nope")
 
 
