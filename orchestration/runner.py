@@ -340,7 +340,7 @@ class RunResult:
 
     def summary(self) -> str:
         """The end-of-launch block: trials, best trial per grid point, errors, where everything is, what next."""
-        from orchestration.console import fmt, short_name
+        from orchestration.console import error_summary, fmt, short_name
 
         statuses: dict[str, int] = {}
         for t in self.trials:
@@ -369,8 +369,6 @@ class RunResult:
         if errors:
             lines.append("errors:")
             for t in errors:
-                from orchestration.console import error_summary
-
                 lines.append(f"  {t.get('name')}: {error_summary(t['error'])}")
                 lines.append(f"    log: {t.get('error_file') or t.get('path')}")
         lines.append(f"trial folders: {self.path}")

@@ -1101,7 +1101,6 @@ def list_runs_table(tracking_uri: str, experiment: str | None = None) -> str:
     ``orchestra.mode`` on the parent; best = max or min over the trial's whole history)."""
     from mlflow.entities import ViewType
 
-
     client = _client(tracking_uri)
     if experiment is not None:
         experiments = [require_experiment(client, experiment, tracking_uri)]

@@ -18,8 +18,8 @@ import conftest
 import pytest
 from mlflow import MlflowClient
 
-from orchestration.cli import process_group_alive
 from orchestration.runner import run
+from orchestration.ui import process_group_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 ORCHESTRA = [sys.executable, "-m", "orchestration.cli"]
@@ -56,9 +56,9 @@ def launch(ray_local, tmp_path_factory):
 
 
 def test_ui_experiment_tags_the_kind_and_saves_the_runs_view(launch):
-    from orchestration.cli import VIEW_TAG, runs_page_url, ui_experiment
     from orchestration.spec import UserError
     from orchestration.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+    from orchestration.ui import VIEW_TAG, runs_page_url, ui_experiment
 
     uri, _ = launch
     client = MlflowClient(uri)

@@ -1,0 +1,167 @@
+"""`orchestra ui`: the MLflow UI of a local store on 127.0.0.1, opened on an experiment's runs table.
+
+MLflow 3's UI opens experiments on their GenAI overview unless they are tagged as model training
+(:func:`orchestration.tracking.mark_training_experiment`); the runs route picks the model-training view
+from ``workflowType=machine_learning`` in its URL, and a saved view (:func:`save_runs_view`) shows the
+launch's metric as a column, best first. The server runs in its own process group, stopped as a whole
+when `orchestra ui` gets SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ML_VIEW = "workflowType=machine_learning"  # the MLflow 3 UI's model-training view (not the GenAI one)
+
+
+def ui_experiment(uri: str, name: str | None):
+    """(experiment, saved view key or None) that ``orchestra ui`` opens: ``name`` (UserError listing the
+    experiments if there is none), else the experiment of the most recent run ((None, None) when the
+    store has no runs). An experiment holding orchestra launches is tagged as a model-training
+    experiment when it has no kind yet (so that the MLflow UI opens it on its runs table) and gets the
+    saved view of :func:`save_runs_view`."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    from orchestration.tracking import mark_training_experiment, require_experiment
+
+    client = MlflowClient(uri)
+    if name is not None:
+        exp = require_experiment(client, name, uri)
+    else:
+        ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ACTIVE_ONLY)]
+        runs = client.search_runs(ids, order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+        if not runs:
+            return None, None
+        exp = client.get_experiment(runs[0].info.experiment_id)
+    if not client.search_runs([exp.experiment_id], "tags.`orchestra.run_type` = 'launch'", max_results=1):
+        return exp, None
+    mark_training_experiment(client, exp)
+    return exp, save_runs_view(client, exp)
+
+
+VIEW_KEY = "orchestra"
+VIEW_TAG = "mlflow.sharedViewState." + VIEW_KEY  # MLflow 3 UI saved views: one experiment tag per view
+
+
+def save_runs_view(client, exp) -> str | None:
+    """Save (or refresh) the MLflow UI view ``orchestra`` of ``exp``: the runs table sorted by the newest
+    launch's metric, best first, with that metric and the params that vary across trials as columns.
+    Returns the view key, or None when the experiment has no launch with a metric.
+
+    The tag is what the UI's "Views > Save as new view" writes: an envelope {name, createdAt, updatedAt,
+    state} whose state holds search facets (``orderByKey``, ``orderByAsc``) and UI state
+    (``selectedColumns``); ``?viewStateShareKey=<key>`` opens it. Sorted by anything but the start time,
+    the UI lists child runs as rows of their own instead of folding them under their parent."""
+    import json
+
+    launches = client.search_runs([exp.experiment_id], "tags.`orchestra.run_type` = 'launch'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+    metric = launches[0].data.tags.get("orchestra.metric") if launches else None
+    if not metric:
+        return None
+    mode = launches[0].data.tags.get("orchestra.mode", "max")
+    kids = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{launches[0].info.run_id}'",
+                              max_results=1000)
+    keys = sorted({k for r in kids for k in r.data.params if not k.startswith("_orchestra")})
+    varying = [k for k in keys if len({r.data.params.get(k) for r in kids}) > 1][:8]
+    state = {"orderByKey": f"metrics.`{metric}`", "orderByAsc": mode == "min",
+             "selectedColumns": [f"metrics.`{metric}`", *(f"params.`{k}`" for k in varying)]}
+    now = int(time.time() * 1000)
+    old = (exp.tags or {}).get(VIEW_TAG)
+    created = now
+    if old:
+        try:
+            envelope = json.loads(old)
+            if envelope.get("state") == json.dumps(state):
+                return VIEW_KEY
+            created = int(envelope.get("createdAt", now))
+        except (ValueError, TypeError, AttributeError):
+            pass
+    client.set_experiment_tag(exp.experiment_id, VIEW_TAG, json.dumps(
+        {"name": f"orchestra: {metric} ({'lowest' if mode == 'min' else 'highest'} first)",
+         "createdAt": created, "updatedAt": now, "state": json.dumps(state)}))
+    return VIEW_KEY
+
+
+def runs_page_url(base: str, experiment_id: str, view: str | None = None) -> str:
+    """The MLflow 3 UI's runs table of an experiment (hash route ``/experiments/<id>/runs``), in the
+    model-training view, optionally opening a saved view."""
+    share = f"viewStateShareKey={view}&" if view else ""
+    return f"{base}/#/experiments/{experiment_id}/runs?{share}{ML_VIEW}"
+
+
+def process_group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` still exists (signal 0 probes without sending)."""
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM the process group led by ``proc`` (started with start_new_session=True), wait for the
+    whole group until ``timeout``, then SIGKILL what is left."""
+    pgid = proc.pid
+    if process_group_alive(pgid):
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, else its zombie keeps the group "alive"
+        if not process_group_alive(pgid):
+            break
+        time.sleep(0.1)
+    else:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def serve(uri: str, port: int, experiment: str | None) -> int:
+    """Run ``mlflow ui`` for ``uri`` on 127.0.0.1:``port`` until it exits or we get SIGTERM/SIGINT; print
+    the runs page of ``experiment`` (default: the experiment of the most recent run)."""
+    exp, view = ui_experiment(uri, experiment)
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", uri]
+    print(f"MLflow UI for {uri} at {base} (Ctrl-C to stop)")
+    if exp is not None:
+        print(f"runs of experiment {exp.name!r}: {runs_page_url(base, exp.experiment_id, view)}")
+    sys.stdout.flush()
+    # Its own session, so that stopping `orchestra ui` (Ctrl-C, SIGTERM) stops the server and its workers
+    # as one process group, and a terminal's Ctrl-C reaches the server only through us.
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    stopped: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopped.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stopped and proc.poll() is None:
+            try:
+                proc.wait(0.5)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        try:
+            stop_process_group(proc)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return 0 if stopped else proc.returncode
