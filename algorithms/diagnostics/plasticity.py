@@ -322,7 +322,8 @@ def capture_activations(module: nn.Module, forward_fn: Callable[[], object]) -> 
     """Run ``forward_fn()`` with forward hooks on every activation module inside ``module``.
 
     Returns {qualified module name: output of its first call} (detached), in call order. Works for any
-    torch module whose nonlinearities are nn.Module instances (:data:`ACTIVATION_TYPES`); functional
+    torch module whose nonlinearities are nn.Module instances (:data:`ACTIVATION_TYPES`, or any module
+    with ``is_activation = True`` such as :class:`algorithms.networks.builders.CReLU`); functional
     activations (F.relu inside forward) are invisible. A module instance called several times keeps
     only its first output, so a layer reused by two forward paths is not counted twice.
     """
@@ -338,7 +339,7 @@ def capture_activations(module: nn.Module, forward_fn: Callable[[], object]) -> 
 
     try:
         for name, sub in module.named_modules():
-            if isinstance(sub, ACTIVATION_TYPES):
+            if isinstance(sub, ACTIVATION_TYPES) or getattr(sub, "is_activation", False):
                 handles.append(sub.register_forward_hook(make_hook(name or "activation")))
         forward_fn()
     finally:

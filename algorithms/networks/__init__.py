@@ -1,10 +1,13 @@
-"""The one place networks are built: MLP/CNN, normalisation, NaP, weight decay, LR schedules.
+"""The one place networks are built: MLP/CNN, normalisation, NaP, weight decay, LR schedules, and the
+plasticity interventions (ReDo, Shrink & Perturb, resets, CReLU).
 
 - ``config``: :class:`NetworkConfig` (the spec's ``config.network`` block; pydantic only, no torch).
 - ``builders``: :func:`build_mlp`, :func:`build_cnn`, :func:`build_network`, :class:`Network`.
 - ``grouped``: :func:`build_grouped_mlp`, G MLPs without shared parameters run as one network.
 - ``updates``: pieces around any torch optimiser (:class:`NaP`, :class:`DecoupledWeightDecay`,
   :class:`LRSchedule`, :class:`Chain`, :func:`network_updates`, :func:`nap_project_`).
+- ``interventions``: :class:`ReDo`, :class:`ShrinkPerturb`, :class:`Reset` (update pieces, built by
+  :func:`network_updates` from the block's ``redo``, ``shrink_perturb``, ``reset`` keys).
 - ``rllib``: RLModules for RLlib's PPO/DQN built from the config, and :class:`NetworkLearnerMixin`.
 - ``block``: the ``network`` config block applied to an RLlib AlgorithmConfig.
 
@@ -21,6 +24,10 @@ _EXPORTS = {
     "WeightDecayConfig": "config",
     "LRScheduleConfig": "config",
     "CNNConfig": "config",
+    "ReDoConfig": "config",
+    "ShrinkPerturbConfig": "config",
+    "ResetConfig": "config",
+    "CReLU": "builders",
     "Network": "builders",
     "MLP": "builders",
     "CNN": "builders",
@@ -47,6 +54,15 @@ _EXPORTS = {
     "lr_multiplier": "updates",
     "warmup_cosine_multiplier": "updates",
     "decoupled_weight_decay_": "updates",
+    "ReDo": "interventions",
+    "ShrinkPerturb": "interventions",
+    "Reset": "interventions",
+    "network_layers": "interventions",
+    "fresh_parameters": "interventions",
+    "redo_scores": "interventions",
+    "redo_reset_": "interventions",
+    "shrink_perturb_": "interventions",
+    "reset_layers_": "interventions",
 }
 
 __all__ = sorted(_EXPORTS)

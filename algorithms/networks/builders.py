@@ -15,6 +15,12 @@ How to find things (used by NaP and by diagnostics):
 - :meth:`Network.named_activations`: the activation modules; a forward hook on them sees the hidden
   features. :func:`named_hidden_activations` finds them in any module (e.g. an RLlib RLModule).
 
+CReLU (``activation: crelu``, Shang et al. 2016): the block's activation is :class:`CReLU`,
+[relu(x), relu(−x)] concatenated on the feature (dense) or channel (conv) axis, so a hidden layer of width
+H (C channels) hands 2H features (2C channels) to the next layer; ``out_features`` of a torso is then
+2·hidden[-1]. Hooks on the activation see those 2H features (:attr:`CReLU.is_activation` lets the
+plasticity diagnostics find it).
+
 Naming convention: ``blocks.<i>.layer``, ``blocks.<i>.norm``, ``blocks.<i>.act`` and ``output``; a CNN
 has ``convs.<i>.*`` before its ``blocks``.
 """
@@ -54,15 +60,52 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(self.shape))
         self.bias = nn.Parameter(torch.zeros(self.shape))
 
+    def reset_parameters(self) -> None:
+        """g = 1, b = 0 (the initialiser that resets and ReDo draw from)."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = tuple(range(-len(self.shape), 0))
         return self.weight * x * torch.rsqrt(x.pow(2).mean(dim=dims, keepdim=True) + self.eps) + self.bias
 
 
-def make_activation(name: str) -> nn.Module:
+class CReLU(nn.Module):
+    """CReLU(x) = [relu(x), relu(−x)] concatenated along ``dim`` (Shang et al., ICML 2016).
+
+    Doubles the size of ``dim``: feature i of the input becomes outputs i and i + n (n the input size of
+    ``dim``). Used against plasticity loss by Abbas et al. 2023 ("Loss of plasticity in continual deep
+    RL", CoLLAs): a unit never has zero gradient on both halves at once.
+    """
+
+    is_activation = True  # a hidden nonlinearity for hooks (algorithms/diagnostics/plasticity.py)
+    width_factor = 2
+
+    def __init__(self, dim: int = -1):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.relu(x), torch.relu(-x)], dim=self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+_ACTIVATIONS["crelu"] = CReLU
+
+
+def make_activation(name: str, *, dim: int = -1) -> nn.Module:
+    """The activation module ``name``; ``dim`` is the feature/channel axis (used by crelu only)."""
     if name not in _ACTIVATIONS:
         raise ValueError(f"network.activation: unknown value {name!r}; allowed: {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]()
+    return CReLU(dim) if name == "crelu" else _ACTIVATIONS[name]()
+
+
+def width_factor(activation: str) -> int:
+    """How many features the activation hands on per unit: 2 for crelu, else 1."""
+    return 2 if activation == "crelu" else 1
 
 
 def make_norm(kind: str, shape: int | Sequence[int]) -> nn.Module:
@@ -132,7 +175,7 @@ class MLP(Network):
     def __init__(self, in_dim: int, out_dim: int | None, cfg: NetworkConfig):
         super().__init__()
         self.blocks = _dense_blocks(in_dim, cfg)
-        width = cfg.hidden[-1] if cfg.hidden else in_dim
+        width = cfg.hidden[-1] * width_factor(cfg.activation) if cfg.hidden else in_dim
         self.output = nn.Linear(width, out_dim) if out_dim is not None else None
         self.out_features = out_dim if out_dim is not None else width
 
@@ -157,11 +200,12 @@ class CNN(Network):
             if h < 1 or w < 1:
                 raise ValueError(f"network.cnn: kernel {k} / stride {s} too large for input {list(obs_shape)}")
             conv = nn.Conv2d(c, out_c, k, stride=s, bias=cfg.norm == "none")
-            convs.append(HiddenBlock(conv, make_norm(cfg.norm, (out_c, h, w)), make_activation(cfg.activation)))
-            c = out_c
+            act = make_activation(cfg.activation, dim=1)  # channels of [B, C, H, W]
+            convs.append(HiddenBlock(conv, make_norm(cfg.norm, (out_c, h, w)), act))
+            c = out_c * width_factor(cfg.activation)
         self.convs = nn.ModuleList(convs)
         self.blocks = _dense_blocks(c * h * w, cfg)
-        width = cfg.hidden[-1] if cfg.hidden else c * h * w
+        width = cfg.hidden[-1] * width_factor(cfg.activation) if cfg.hidden else c * h * w
         self.output = nn.Linear(width, out_dim) if out_dim is not None else None
         self.out_features = out_dim if out_dim is not None else width
 
@@ -180,7 +224,7 @@ def _dense_blocks(in_dim: int, cfg: NetworkConfig) -> nn.ModuleList:
     for width in cfg.hidden:
         linear = nn.Linear(in_dim, width, bias=cfg.norm == "none")
         blocks.append(HiddenBlock(linear, make_norm(cfg.norm, width), make_activation(cfg.activation)))
-        in_dim = width
+        in_dim = width * width_factor(cfg.activation)
     return nn.ModuleList(blocks)
 
 

@@ -5,8 +5,12 @@ Pure pydantic (no torch import), so registering the block at spec load stays che
     config:
       network: {hidden: [256, 256], norm: layer, nap: true, weight_decay: {kind: l2, coef: 1e-3}}
 
-Methods (docs/methods.md#nap, #weight-decay-and-l2-init): Normalize-and-Project (Lyle et al. 2024,
-arXiv 2407.01800), LayerNorm + L2 and L2-Init (Lyle et al. 2024, arXiv 2402.18762).
+Methods (docs/methods.md#nap, #weight-decay-and-l2-init, #plasticity-interventions): Normalize-and-Project
+(Lyle et al. 2024, arXiv 2407.01800), LayerNorm + L2 and L2-Init (Lyle et al. 2024, arXiv 2402.18762), ReDo
+(Sokar et al. 2023), Shrink & Perturb (Ash & Adams 2020), resets (Nikishin et al. 2022), CReLU (Shang et
+al. 2016; Abbas et al. 2023). The interventions combine by listing them::
+
+    network: {norm: layer, redo: {every: 1000, tau: 0.025}, weight_decay: {kind: l2, coef: 1e-4}}
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Activation = Literal["relu", "tanh", "elu", "gelu", "silu", "leaky_relu"]
+Activation = Literal["relu", "tanh", "elu", "gelu", "silu", "leaky_relu", "crelu"]
 Norm = Literal["none", "layer", "rms"]
 
 
@@ -65,6 +69,59 @@ class LRScheduleConfig(_Strict):
         return self
 
 
+class ReDoConfig(_Strict):
+    """ReDo (Sokar et al. 2023): recycle dormant hidden units every ``every`` optimiser steps.
+
+    Unit i of a hidden layer is dormant when s_i = E|h_i| / ((1/H) Σ_j E|h_j|) ≤ tau on the last update's
+    batch; its incoming weights and bias are drawn afresh, its outgoing weights set to zero and its Adam
+    moments reset (algorithms/networks/interventions.py::ReDo).
+    """
+
+    every: int = Field(1000, ge=1)
+    """Recycle every k optimiser steps (on the k-th, 2k-th, ... step)."""
+    tau: float = Field(0.025, ge=0)
+    """τ: units with score s_i ≤ τ are recycled (the paper uses 0.025 for DQN, 0.1 for DrQ/SAC)."""
+    seed: int = 0
+    """Seed of the piece's generator for the fresh draws (its state is checkpointed)."""
+
+
+class ShrinkPerturbConfig(_Strict):
+    """Shrink & Perturb (Ash & Adams 2020): θ ← λ·θ + σ·θ₀' every ``every`` optimiser steps, θ₀' a fresh
+    draw from the network's initialiser (algorithms/networks/interventions.py::ShrinkPerturb)."""
+
+    every: int = Field(1000, ge=1)
+    """Apply every k optimiser steps."""
+    shrink: float = Field(0.8, ge=0, le=1)
+    """λ in [0, 1]: the factor on the current parameters."""
+    perturb: float = Field(0.01, ge=0)
+    """σ ≥ 0: the factor on the fresh initialisation."""
+    seed: int = 0
+    """Seed of the piece's generator for the fresh draws (its state is checkpointed)."""
+
+
+class ResetConfig(_Strict):
+    """Periodic resets (Nikishin et al. 2022): re-initialise all layers or the last k layers of every
+    network every ``every`` optimiser steps; their optimiser state is cleared and target copies take the
+    fresh weights (algorithms/networks/interventions.py::Reset)."""
+
+    every: int = Field(ge=1)
+    """Reset every k optimiser steps."""
+    layers: Literal["all", "last_k"] = "all"
+    """all | last_k: which layers of each network (output or heads count as the last layer)."""
+    k: int | None = Field(None, ge=1)
+    """With layers=last_k: how many layers from the output side."""
+    seed: int = 0
+    """Seed of the piece's generator for the fresh draws (its state is checkpointed)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ResetConfig:
+        if self.layers == "last_k" and self.k is None:
+            raise ValueError("reset.k is required with reset.layers=last_k")
+        if self.layers == "all" and self.k is not None:
+            raise ValueError("reset.k is only used with reset.layers=last_k")
+        return self
+
+
 class CNNConfig(_Strict):
     """Convolutional torso (MinAtar-sized by default: one 3x3 conv with 16 channels, stride 1).
 
@@ -99,7 +156,8 @@ class NetworkConfig(_Strict):
     hidden: list[int] = Field(default_factory=lambda: [256, 256])
     """Widths of the hidden (fully connected) layers."""
     activation: Activation = "relu"
-    """relu | tanh | elu | gelu | silu | leaky_relu (nn.Module instances, hookable)."""
+    """relu | tanh | elu | gelu | silu | leaky_relu | crelu (nn.Module instances, hookable). crelu is
+    [relu(x), relu(−x)] concatenated (Shang et al. 2016): a hidden layer of width H feeds 2H features on."""
     norm: Norm = "none"
     """none | layer | rms: normalisation before each nonlinearity; the layer's bias is then removed."""
     nap: bool = False
@@ -109,6 +167,12 @@ class NetworkConfig(_Strict):
     """Project every k optimiser steps."""
     weight_decay: WeightDecayConfig = Field(default_factory=WeightDecayConfig)
     lr_schedule: LRScheduleConfig = Field(default_factory=LRScheduleConfig)
+    redo: ReDoConfig | None = None
+    """ReDo: recycle dormant units (off when unset)."""
+    shrink_perturb: ShrinkPerturbConfig | None = None
+    """Shrink & Perturb (off when unset)."""
+    reset: ResetConfig | None = None
+    """Periodic full or last-k-layer resets (off when unset)."""
     cnn: CNNConfig | None = None
     """Conv torso for image observations [H, W, C]; image inputs use the default CNNConfig when unset."""
 

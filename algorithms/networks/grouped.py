@@ -60,7 +60,11 @@ class GroupedLinear(nn.Module):
         self.shared_input = shared_input
         self.weight = nn.Parameter(torch.empty(groups, out_features, in_features))
         self.bias = nn.Parameter(torch.empty(groups, out_features)) if bias else None
-        bound = 1.0 / math.sqrt(in_features)  # nn.Linear's default initialisation, per group
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """W, c ~ U(−1/sqrt(I), 1/sqrt(I)): nn.Linear's default initialisation, per group."""
+        bound = 1.0 / math.sqrt(self.in_features)
         nn.init.uniform_(self.weight, -bound, bound)
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
@@ -90,6 +94,12 @@ class GroupedNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(groups, width))
         self.bias = nn.Parameter(torch.zeros(groups, width))
 
+    def reset_parameters(self) -> None:
+        """γ = 1, β = 0."""
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+            self.bias.zero_()
+
     def normalise(self, x: Tensor) -> Tensor:
         """x̂ [B, G·H] (before γ, β)."""
         xg = x.reshape(x.shape[0], self.groups, self.width)
@@ -117,6 +127,9 @@ class GroupedMLP(Network):
         super().__init__()
         if cfg.cnn is not None:
             raise ValueError("network.cnn: grouped networks (EVE's q_heads=per_action) take flat observations only")
+        if cfg.activation == "crelu":
+            raise ValueError("network.activation: crelu is not supported by grouped networks (EVE's "
+                             "q_heads=per_action); use q_heads=shared")
         towers = [MLP(in_dim, out_per_group, cfg) for _ in range(groups)]  # the draws of G MLPs, in order
         self.groups = groups
         blocks, width = [], in_dim

@@ -16,13 +16,19 @@ Modules (heads are plain ``nn.Linear`` output layers, never projected by NaP):
 Learner mixin (:class:`NetworkLearnerMixin`), per module whose model_config carries a network block
 (or, for our own algorithms, whose AlgorithmConfig has a ``network`` attribute):
 
-- after every optimiser step (``apply_gradients``): decoupled weight decay, then NaP projection every
-  ``nap_every`` optimiser steps;
+- after every optimiser step (``apply_gradients``): decoupled weight decay, the plasticity interventions
+  (resets, Shrink & Perturb, ReDo; :mod:`algorithms.networks.interventions`, each on its own ``every``),
+  then NaP projection every ``nap_every`` optimiser steps;
 - before every update call (``before_gradient_based_update``): lr = base_lr · m(t) with t the env steps
   sampled so far (RLlib's schedule unit; ``lr_schedule.task_length`` is in env steps). RLlib's own
   lr scheduler for that optimiser is removed so the logged ``..._lr`` is the scheduled value;
 - ``after_gradient_based_update`` logs ``network_nap_projections`` and the max relative deviation of
-  NaP groups from their initial norms (``network_nap_max_norm_deviation``; 0 right after projection);
+  NaP groups from their initial norms (``network_nap_max_norm_deviation``; 0 right after projection), and
+  the interventions' lifetime counters ``network_redo_units_reset``, ``network_redo_firings``,
+  ``network_redo_dormant_fraction`` (at the last firing), ``network_shrink_perturb_applications``,
+  ``network_resets``;
+- the modules declare the heads that read their torsos (``network_heads``), so ReDo zeroes the heads'
+  outgoing weights of recycled last-layer units and resets count the heads as the last layer;
 - the pieces' state (initial norms, L2-Init references, step count) is part of the learner state
   (key ``network_updates``) so a restored learner keeps projecting to the *original* norms.
 """
@@ -116,6 +122,16 @@ class NetworkPPOTorchRLModule(DefaultPPOTorchRLModule):
     def get_initial_state(self) -> dict:
         return {}
 
+    def network_heads(self) -> dict[str, list[str]]:
+        """The heads reading each torso's features (algorithms.networks.interventions.network_layers)."""
+        has_vf = hasattr(self, "vf")
+        if self.vf_share_layers:
+            return {"encoder.actor_encoder": ["pi"] + (["vf"] if has_vf else [])}
+        heads = {"encoder.actor_encoder": ["pi"]}
+        if self.encoder.critic_encoder is not None and has_vf:
+            heads["encoder.critic_encoder"] = ["vf"]
+        return heads
+
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         return {Columns.ACTION_DIST_INPUTS: self.pi(self.encoder.actor(batch[Columns.OBS]))}
 
@@ -168,6 +184,10 @@ class NetworkDQNTorchRLModule(DefaultDQNTorchRLModule):
     def get_initial_state(self) -> dict:
         return {}
 
+    def network_heads(self) -> dict[str, list[str]]:
+        """The heads reading the torso's features (algorithms.networks.interventions.network_layers)."""
+        return {"encoder.torso": ["af"] + (["vf"] if self.uses_dueling else [])}
+
 
 # --------------------------------------------------------------------------------------------------
 # Learner mixin
@@ -177,7 +197,8 @@ NETWORK_UPDATES_STATE = "network_updates"
 
 
 class NetworkLearnerMixin:
-    """Apply the network block's NaP, decoupled weight decay and LR schedule inside a TorchLearner.
+    """Apply the network block's NaP, decoupled weight decay, LR schedule and plasticity interventions
+    (ReDo, Shrink & Perturb, resets) inside a TorchLearner.
 
     Put it first in the bases: ``class MyLearner(NetworkLearnerMixin, PPOTorchLearner)``. Override
     :meth:`network_config_for_module` to take the block from elsewhere.
@@ -235,6 +256,8 @@ class NetworkLearnerMixin:
     def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
         super().after_gradient_based_update(timesteps=timesteps)
         for mid, chain in self._net_updates.items():
+            for name, value in chain.metrics().items():
+                self.metrics.log_value((mid, f"network_{name}"), value, window=1)
             nap = chain.find(NaP)
             if nap is None:
                 continue

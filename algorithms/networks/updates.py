@@ -1,4 +1,5 @@
-"""Small composable pieces applied around ANY torch optimiser (Optax style): NaP, weight decay, LR schedules.
+"""Small composable pieces applied around ANY torch optimiser (Optax style): NaP, weight decay, LR schedules,
+and the plasticity interventions of :mod:`algorithms.networks.interventions` (ReDo, Shrink & Perturb, resets).
 
 Each piece has ``init(module, optimizers)``, ``before_step(module, optimizers, step)`` and
 ``after_step(module, optimizers, step)`` plus ``state_dict`` / ``load_state_dict``; :class:`Chain`
@@ -30,6 +31,7 @@ from torch import nn
 
 from algorithms.networks.builders import trainable_networks
 from algorithms.networks.config import LRScheduleConfig, NetworkConfig, WeightDecayConfig
+from algorithms.networks.interventions import ReDo, Reset, ShrinkPerturb
 
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer]
 
@@ -279,6 +281,14 @@ class Chain:
     def find(self, kind: type) -> Any | None:
         return next((p for p in self.pieces if isinstance(p, kind)), None)
 
+    def metrics(self) -> dict[str, float]:
+        """Counters of the pieces that keep them (e.g. ``redo_units_reset``, ``resets``)."""
+        out: dict[str, float] = {}
+        for p in self.pieces:
+            if callable(getattr(p, "metrics", None)):
+                out.update(p.metrics())
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         return {"pieces": [p.state_dict() for p in self.pieces]}
 
@@ -292,11 +302,13 @@ def weight_decay_piece(cfg: WeightDecayConfig) -> DecoupledWeightDecay | None:
 
 
 def network_updates(cfg: NetworkConfig, *, task_length: int | None = None) -> Chain:
-    """The pieces ``cfg`` asks for, in the order schedule -> weight decay -> NaP.
+    """The pieces ``cfg`` asks for, in the order schedule -> weight decay -> reset -> shrink & perturb -> ReDo
+    -> NaP.
 
-    Decay runs before projection so that projected groups end each step exactly at their initial norm.
-    ``task_length`` fills ``lr_schedule.task_length`` when the spec left it out.
+    Decay and the interventions run before projection so that projected groups end each step exactly at
+    their initial norm. ``task_length`` fills ``lr_schedule.task_length`` when the spec left it out.
     """
+
     pieces: list[UpdatePiece] = []
     sched = cfg.lr_schedule
     if sched.kind != "constant":
@@ -307,6 +319,13 @@ def network_updates(cfg: NetworkConfig, *, task_length: int | None = None) -> Ch
     wd = weight_decay_piece(cfg.weight_decay)
     if wd is not None:
         pieces.append(wd)
+    if cfg.reset is not None:
+        pieces.append(Reset(cfg.reset.every, cfg.reset.layers, cfg.reset.k, cfg.reset.seed))
+    if cfg.shrink_perturb is not None:
+        sp = cfg.shrink_perturb
+        pieces.append(ShrinkPerturb(sp.every, sp.shrink, sp.perturb, sp.seed))
+    if cfg.redo is not None:
+        pieces.append(ReDo(cfg.redo.every, cfg.redo.tau, cfg.redo.seed))
     if cfg.nap:
         pieces.append(NaP(cfg.nap_every))
     return Chain(*pieces)
