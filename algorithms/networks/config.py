@@ -80,7 +80,7 @@ class ReDoConfig(_Strict):
     every: int = Field(1000, ge=1)
     """Recycle every k optimiser steps (on the k-th, 2k-th, ... step)."""
     tau: float = Field(0.025, ge=0)
-    """τ: units with score s_i ≤ τ are recycled (the paper uses 0.025 for DQN, 0.1 for DrQ/SAC)."""
+    """τ: units with score s_i ≤ τ are recycled (0.025 and 0.1 are the thresholds commonly used)."""
     seed: int = 0
     """Seed of the piece's generator for the fresh draws (its state is checkpointed)."""
 

@@ -427,8 +427,8 @@ class Reset:
     θ ← θ₀' (a fresh draw from each layer's initialiser), the optimisers' state of those parameters cleared
     (Adam restarts them at zero moments and step 0). Target networks: the algorithm's frozen target copies of
     the reset layers (the off-policy core's ``target_<name>``, RLlib DQN's ``_target_*``) are set to the same
-    fresh weights, so the bootstrap targets come from the new network as in the paper's agents (which
-    re-initialise online and target parameters together). The replay buffer lives in the learner/algorithm
+    fresh weights (this project's choice: the bootstrap targets then come from the reset network, not from the
+    network the reset was meant to forget). The replay buffer lives in the learner/algorithm
     and is untouched. L2-Init references and NaP's initial norms stay those of the original initialisation.
     """
 
