@@ -17,7 +17,7 @@ $(PY):
 # torch==2.13.0 first: the CPU build on disk; an unpinned torch would pull a CUDA build of several GB.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,video]'
 	touch $(STAMP)
 
 venv: $(STAMP)
