@@ -277,6 +277,20 @@ def test_reset_sets_rllib_dqn_target_copies_to_the_fresh_weights():
         assert all(torch.equal(a, b) for a, b in zip(online.parameters(), target.parameters()))
 
 
+def test_grouped_networks_take_resets_and_shrink_perturb():
+    from algorithms.networks import build_grouped_mlp
+
+    net = build_grouped_mlp(3, 4, 1, NetworkConfig(hidden=[8], norm="layer"), seed=0)
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = torch.optim.Adam(net.parameters())
+    reset_layers_(net, layers_to_reset(net, "all", None), opt, torch.Generator().manual_seed(0))
+    w = net.blocks[0].layer.weight
+    assert not torch.equal(w, before[0]) and float(w.abs().max()) <= 1 / 3**0.5  # U(±1/sqrt(I)) per tower
+    assert torch.equal(net.blocks[0].norm.weight, torch.ones(4, 8))
+    ShrinkPerturb(every=1, shrink=0.5, perturb=0.0).after_step(net, opt, 0)
+    assert torch.equal(net.blocks[0].norm.weight, torch.full((4, 8), 0.5))
+
+
 # --- CReLU --------------------------------------------------------------------------------------
 
 
@@ -395,6 +409,17 @@ def test_rllib_dqn_and_ppo_with_interventions(ray_local):
             assert stats["network_redo_firings"] >= 1 and stats["network_redo_units_reset"] > 0
             if cfg is dqn:
                 assert stats["network_resets"] >= 1
+                # the pieces' state (generators, counters) travels with the learner state
+                from algorithms.networks.rllib import NETWORK_UPDATES_STATE
+
+                learner = algo.learner_group._learner
+                redo = learner.network_updates_for("default_policy").find(ReDo)
+                saved = copy.deepcopy(learner.get_state()[NETWORK_UPDATES_STATE])
+                units, gen = redo.units_reset, redo.generator.get_state()
+                redo.units_reset = -1
+                torch.randint(0, 10, (3,), generator=redo.generator)
+                learner.set_state({NETWORK_UPDATES_STATE: saved})
+                assert redo.units_reset == units and torch.equal(redo.generator.get_state(), gen)
             else:
                 assert stats["network_shrink_perturb_applications"] >= 1
             assert result["env_runners"]["num_env_steps_sampled_lifetime"] > 0
