@@ -9,12 +9,13 @@ Configurations
     Trials are grouped by their *config label*: the params that vary across the experiment's
     trials, excluding ``seed`` and orchestration-private keys (``_orchestra.*``).
 
-Statistics (per config, over seeds)
-    mean; 95% percentile-bootstrap CI: resample the n seed values with replacement B = 2000 times
-    (seeded), take the 2.5% and 97.5% quantiles of the resampled means; IQM = mean of the middle 50%
-    (25% trimmed mean, Agarwal et al. 2021, via rliable.metrics). With several envs/tasks: IQM,
-    optimality gap and probability of improvement across tasks (rliable.metrics), and performance
-    profiles P(score > τ) computed here.
+Statistics (Agarwal et al. 2021, "Deep RL at the Edge of the Statistical Precipice", via rliable)
+    Per (env, config), over the seeds that finished: mean and IQM (25% trimmed mean) of the final metric,
+    each with a 95% percentile bootstrap interval (B = 2000 resamples of the seeds, seeded). With several
+    envs: scores min-max normalised per env (1 = best run seen there), then per config IQM, mean, median
+    and optimality gap (γ = 1) with stratified bootstrap intervals (seeds resampled within each env) and
+    performance profiles P(score > τ) with pointwise intervals. With two or more configs: probability of
+    improvement P(X > Y) with its interval. Formulas in the docstrings of the statistics functions below.
 
 Early stopping
     A FINISHED trial whose last ``system/training_iteration`` is below the largest one in its launch was
@@ -28,17 +29,21 @@ Panels (written when their keys exist; one PNG per panel, one subplot per key, a
     convergence: policy change, parameter change, feature drift, |ΔR|/‖Δθ‖, converged flag;
     bsuite score bars (final ``credit/bsuite_score/<experiment>``, ``exploration/bsuite_score``);
     DataRater score histograms: each run's newest ``*hist*.png`` artifact (copied into the report);
-    performance profiles with several envs: P(normalised score > τ) per config, scores min-max
-    normalised per env over all runs of that env.
+    performance profiles with several envs: P(normalised score > τ) per config, with 95% intervals.
+
+Page
+    ``index.html`` from the packaged Jinja2 template ``orchestration/templates/report.html.j2``
+    (autoescaped); run ids link to their MLflow UI page when the store is a tracking server.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,23 +55,84 @@ PRIVATE_PREFIXES = ("_orchestra", "__trial_index__")
 
 # ----------------------------------------------------------------------------------------------
 # Statistics (pure functions)
+#
+# Agarwal et al. 2021, "Deep Reinforcement Learning at the Edge of the Statistical Precipice"
+# (NeurIPS), computed by its library rliable. A score matrix is [N, M]: N runs (seeds) of one
+# configuration on M tasks (envs); x_{n,m} is the final metric of run n on task m.
 # ----------------------------------------------------------------------------------------------
-def bootstrap_ci(values: np.ndarray, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean: quantiles (1∓level)/2 of B resampled means."""
+BOOTSTRAP_REPS = 2000
+"""B, bootstrap resamples per interval."""
+CI_LEVEL = 0.95
+"""Coverage of every interval: the (1 - level)/2 and (1 + level)/2 quantiles of the B resampled values."""
+AGGREGATES = ("iqm", "mean", "median", "optimality_gap")
+"""The aggregate metrics of :func:`aggregate_intervals`, in the order the report shows them."""
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and its percentile stratified-bootstrap interval [ci_low, ci_high]."""
+
+    estimate: float
+    ci_low: float
+    ci_high: float
+
+
+@contextmanager
+def _seeded_global_rng(seed: int) -> Iterator[None]:
+    """rliable's StratifiedBootstrap draws its resampling indices from NumPy's global legacy RNG
+    (``np.random.choice`` in ``rliable.library``), not from the ``random_state`` it accepts: seed that RNG
+    for one estimate and put its previous state back afterwards, so an estimate depends on ``seed`` only."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def _interval_estimates(scores: dict[Any, Any], func: Callable[..., np.ndarray], *, reps: int, level: float,
+                        seed: int) -> dict[Any, tuple[np.ndarray, np.ndarray]]:
+    """{key: (func(scores[key]) [K], interval [2, K])} by rliable's ``get_interval_estimates`` (percentile
+    method, runs resampled with replacement within each task)."""
+    from rliable import library as rly
+
+    with _seeded_global_rng(seed):
+        points, intervals = rly.get_interval_estimates(scores, func, method="percentile", reps=reps,
+                                                       confidence_interval_size=level)
+    return {k: (np.atleast_1d(np.asarray(points[k], float)), np.asarray(intervals[k], float).reshape(2, -1))
+            for k in scores}
+
+
+def mean_intervals(values: np.ndarray, *, reps: int = BOOTSTRAP_REPS, level: float = CI_LEVEL,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap interval of the mean over runs, column by column: values [N, K] -> (low [K], high [K]).
+
+    x̄_k = (1/N) Σ_n x_{n,k}; each of B resamples draws N runs with replacement independently per column
+    (rliable's stratified bootstrap with the columns as strata), and the interval is the (1 ∓ level)/2
+    quantiles of the B resampled means. One run: the interval is that run's value.
+    """
     v = np.asarray(values, dtype=float)
+    if v.shape[0] == 1:
+        return v[0].copy(), v[0].copy()
+    (_, ci), = _interval_estimates({"x": v}, lambda s: np.mean(s, axis=0), reps=reps, level=level,
+                                   seed=seed).values()
+    return ci[0], ci[1]
+
+
+def bootstrap_ci(values: np.ndarray, *, n_boot: int = BOOTSTRAP_REPS, level: float = CI_LEVEL,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of the finite ``values`` [N] (:func:`mean_intervals`)."""
+    v = np.asarray(values, dtype=float).ravel()
     v = v[np.isfinite(v)]
     if v.size == 0:
         return (math.nan, math.nan)
-    if v.size == 1:
-        return (float(v[0]), float(v[0]))
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
-    alpha = (1 - level) / 2
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+    low, high = mean_intervals(v[:, None], reps=n_boot, level=level, seed=seed)
+    return float(low[0]), float(high[0])
 
 
 def iqm(values: np.ndarray) -> float:
-    """Interquartile mean: the 25%-trimmed mean (rliable's aggregate_iqm)."""
+    """Interquartile mean of the finite ``values``: the mean of the middle 50%, the 25%-trimmed mean
+    (Agarwal et al. 2021, sec. 4; ``rliable.metrics.aggregate_iqm``)."""
     from rliable import metrics
 
     v = np.asarray(values, dtype=float)
@@ -74,11 +140,75 @@ def iqm(values: np.ndarray) -> float:
     return float(metrics.aggregate_iqm(v)) if v.size else math.nan
 
 
+def aggregate_intervals(scores: dict[Any, np.ndarray], *, gamma: float = 1.0, reps: int = BOOTSTRAP_REPS,
+                        level: float = CI_LEVEL, seed: int = 0) -> dict[Any, dict[str, Interval]]:
+    """{key: {aggregate: Interval}} of each score matrix [N, M] (Agarwal et al. 2021, sec. 4; rliable.metrics):
+
+        iqm             = mean of the middle 50% of the N·M scores (25% trimmed mean, ``aggregate_iqm``)
+        mean            = (1/M) Σ_m x̄_m,  x̄_m = (1/N) Σ_n x_{n,m}            (``aggregate_mean``)
+        median          = median_m x̄_m                                          (``aggregate_median``)
+        optimality_gap  = γ - (1/(N·M)) Σ_{n,m} min(x_{n,m}, γ)                 (``aggregate_optimality_gap``)
+
+    Intervals: stratified bootstrap (each resample draws N runs with replacement within every task), B
+    resamples, percentile quantiles. Keys with no run get NaNs.
+    """
+    from rliable import metrics as rm
+
+    def aggregates(s: np.ndarray) -> np.ndarray:
+        return np.array([rm.aggregate_iqm(s), rm.aggregate_mean(s), rm.aggregate_median(s),
+                         rm.aggregate_optimality_gap(s, gamma=gamma)])
+
+    nan = Interval(math.nan, math.nan, math.nan)
+    out: dict[Any, dict[str, Interval]] = {k: dict.fromkeys(AGGREGATES, nan) for k, v in scores.items() if not len(v)}
+    full = {k: np.asarray(v, dtype=float) for k, v in scores.items() if len(v)}
+    estimates = _interval_estimates(full, aggregates, reps=reps, level=level, seed=seed) if full else {}
+    for k, (point, ci) in estimates.items():
+        out[k] = {name: Interval(float(point[i]), float(ci[0, i]), float(ci[1, i])) for i, name in enumerate(AGGREGATES)}
+    return {k: out[k] for k in scores}
+
+
+def probability_of_improvement(x: np.ndarray, y: np.ndarray, *, reps: int = BOOTSTRAP_REPS, level: float = CI_LEVEL,
+                               seed: int = 0) -> Interval:
+    """P(X > Y) of configuration X (scores x [N, M]) over Y (scores y [K, M]), with its interval:
+
+        P(X > Y) = (1/M) Σ_m (1/(N·K)) Σ_i Σ_j S(x_{i,m}, y_{j,m}),   S(a, b) = 1 if a > b, ½ if a = b, 0 if a < b
+
+    the Mann-Whitney U statistic per task over N·K, averaged over tasks (Agarwal et al. 2021, sec. 4;
+    ``rliable.metrics.probability_of_improvement``). P(Y > X) = 1 - P(X > Y). Interval: x and y resampled
+    independently, runs within each task (rliable's StratifiedIndependentBootstrap), percentile quantiles.
+    """
+    from rliable import metrics as rm
+
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    (point, ci), = _interval_estimates({"x>y": [xs, ys]}, rm.probability_of_improvement, reps=reps, level=level,
+                                       seed=seed).values()
+    return Interval(float(point[0]), float(ci[0, 0]), float(ci[1, 0]))
+
+
 def performance_profile(scores: np.ndarray, taus: np.ndarray) -> np.ndarray:
-    """Fraction of runs (all tasks pooled) with score > τ, for each τ: P(X > τ)."""
+    """Score distribution F̂(τ) = (1/(N·M)) Σ_{n,m} 1[x_{n,m} > τ] for each τ: the fraction of runs, all tasks
+    pooled, that score above τ (Agarwal et al. 2021, sec. 4; ``rliable.library.score_distributions``)."""
+    from rliable import library as rly
+
     s = np.asarray(scores, dtype=float).ravel()
     s = s[np.isfinite(s)]
-    return np.array([(s > t).mean() if s.size else math.nan for t in taus])
+    if not s.size:
+        return np.full(len(taus), math.nan)
+    return np.asarray(rly.score_distributions(s, np.asarray(taus, dtype=float)), dtype=float)
+
+
+def performance_profiles(scores: dict[str, np.ndarray], taus: np.ndarray, *, reps: int = BOOTSTRAP_REPS,
+                         level: float = CI_LEVEL, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{key: (F̂(τ), low(τ), high(τ))} for each score matrix [N, M] (:func:`performance_profile`), with pointwise
+    stratified-bootstrap intervals (``rliable.library.create_performance_profile``, percentile method)."""
+    from rliable import library as rly
+
+    with _seeded_global_rng(seed):
+        profiles, cis = rly.create_performance_profile({k: np.asarray(v, float) for k, v in scores.items()},
+                                                       np.asarray(taus, dtype=float), reps=reps,
+                                                       confidence_interval_size=level)
+    return {k: (np.asarray(profiles[k], float), np.asarray(cis[k][0], float), np.asarray(cis[k][1], float))
+            for k in scores}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,21 +337,30 @@ def require_metric(data: ExperimentData, metric: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Aggregation
 # ----------------------------------------------------------------------------------------------
-def aggregate_final(data: ExperimentData, metric: str) -> list[dict[str, Any]]:
-    """Per (env, config): n seeds used, mean, bootstrap CI, IQM of the final ``metric``; early stops counted."""
+def _used(r: dict[str, Any], col: str) -> bool:
+    """A run counts in the aggregates: FINISHED, not stopped early, and a finite final value of ``col``."""
+    v = r.get(col, math.nan)
+    return (r["status"] == "FINISHED" and not r["stopped_early"] and v is not None and math.isfinite(v))
+
+
+def aggregate_final(data: ExperimentData, metric: str, *, seed: int = 0) -> list[dict[str, Any]]:
+    """Per (env, config): n seeds used, mean and IQM of the final ``metric`` with their bootstrap intervals
+    (:func:`aggregate_intervals` on the [n, 1] score matrix); early stops, failures and kills counted."""
     runs = data.runs.to_pylist()
     col = f"final:{metric}"
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["env"], r["config"]), []).append(r)
+    scores = {key: np.array([[r[col]] for r in rs if _used(r, col)], dtype=float).reshape(-1, 1)
+              for key, rs in groups.items()}
+    stats = aggregate_intervals(scores, seed=seed)
     out = []
     for (env, config), rs in sorted(groups.items()):
-        used = [r for r in rs if not r["stopped_early"] and r["status"] == "FINISHED"]
-        vals = np.array([r.get(col, math.nan) for r in used], dtype=float)
-        vals = vals[np.isfinite(vals)]
-        lo, hi = bootstrap_ci(vals)
-        out.append({"env": env, "config": config, "n": int(vals.size), "mean": float(vals.mean()) if vals.size else math.nan,
-                    "ci_low": lo, "ci_high": hi, "iqm": iqm(vals), "stopped_early": sum(r["stopped_early"] for r in rs),
+        st = stats[(env, config)]
+        out.append({"env": env, "config": config, "n": int(scores[(env, config)].shape[0]),
+                    "mean": st["mean"].estimate, "ci_low": st["mean"].ci_low, "ci_high": st["mean"].ci_high,
+                    "iqm": st["iqm"].estimate, "iqm_ci_low": st["iqm"].ci_low, "iqm_ci_high": st["iqm"].ci_high,
+                    "stopped_early": sum(r["stopped_early"] for r in rs),
                     "failed": sum(r["status"] == "FAILED" for r in rs), "killed": sum(r["status"] == "KILLED" for r in rs),
                     "run_ids": [r["run_id"] for r in rs]})
     return out
@@ -239,7 +378,8 @@ def run_histories(data: ExperimentData, metric: str) -> dict[str, np.ndarray]:
 
 def curves(data: ExperimentData, metric: str, n_points: int = 50, *,
            include_stopped_early: bool = False) -> dict[tuple[str, str], dict[str, np.ndarray]]:
-    """Learning curves per (env, config): mean and bootstrap CI over seeds on a common step grid.
+    """Learning curves per (env, config): mean and pointwise bootstrap CI over seeds (:func:`mean_intervals`)
+    on a common step grid.
 
     Each seed's history is linearly interpolated onto a grid from the largest first step to the
     smallest last step shared by the group's seeds (no extrapolation). Seeds stopped early are left
@@ -263,32 +403,87 @@ def curves(data: ExperimentData, metric: str, n_points: int = 50, *,
         if hi_step < lo_step:
             continue
         grid = np.linspace(lo_step, hi_step, n_points) if hi_step > lo_step else np.array([lo_step])
-        ys = np.stack([np.interp(grid, s[:, 0], s[:, 1]) for s in series])
-        cis = np.array([bootstrap_ci(ys[:, j]) for j in range(grid.size)])
-        out[k] = {"step": grid, "mean": ys.mean(axis=0), "ci_low": cis[:, 0], "ci_high": cis[:, 1], "n": len(series)}
+        ys = np.stack([np.interp(grid, s[:, 0], s[:, 1]) for s in series])  # [seeds, steps]
+        low, high = mean_intervals(ys)
+        out[k] = {"step": grid, "mean": ys.mean(axis=0), "ci_low": low, "ci_high": high, "n": len(series)}
     return out
 
 
-def across_tasks(data: ExperimentData, metric: str) -> dict[str, dict[str, float]] | None:
-    """rliable aggregates across envs/tasks per config (only when there are several envs)."""
-    from rliable import metrics as rm
+def _seed_order(seed: Any) -> tuple[int, float, str]:
+    text = str(seed)
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
 
-    runs = data.runs.to_pylist()
-    envs = sorted({r["env"] for r in runs})
+
+def task_scores(data: ExperimentData, metric: str) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(envs, {config: score matrix [N, M]}) of the final ``metric`` of the used runs, for rliable.
+
+    Scores are min-max normalised per env over the used runs of every config on that env, higher is better:
+    s = (x - min) / (max - min) for mode max, s = (max - x) / (max - min) for mode min, s = 1 when all runs of
+    the env score the same; so 1 is the best run seen on that env and 0 the worst. A config with no used run
+    on some env is left out; with unequal seed counts across envs it keeps the N lowest seeds of each env,
+    N its smallest count (rliable's matrices need N runs on every task).
+    """
+    col = f"final:{metric}"
+    runs = [r for r in data.runs.to_pylist() if _used(r, col)]
+    envs = sorted({r["env"] for r in data.runs.to_pylist()})
+    by_env: dict[str, list[float]] = {}
+    for r in runs:
+        by_env.setdefault(r["env"], []).append(float(r[col]))
+
+    def normalised(r: dict[str, Any]) -> float:
+        lo, hi = min(by_env[r["env"]]), max(by_env[r["env"]])
+        if hi <= lo:
+            return 1.0
+        return (hi - r[col]) / (hi - lo) if data.mode == "min" else (r[col] - lo) / (hi - lo)
+
+    out = {}
+    for config in sorted({r["config"] for r in runs}):
+        per_env = [[normalised(r) for r in sorted((r for r in runs if r["config"] == config and r["env"] == e),
+                                                  key=lambda r: _seed_order(r["seed"]))] for e in envs]
+        n = min(len(v) for v in per_env)
+        if n:
+            out[config] = np.array([v[:n] for v in per_env], dtype=float).T
+    return envs, out
+
+
+def across_tasks(data: ExperimentData, metric: str, *, seed: int = 0) -> dict[str, dict[str, Any]] | None:
+    """With several envs: {config: {"n": N, aggregate: Interval}} of :func:`aggregate_intervals` on the
+    normalised score matrices of :func:`task_scores` (γ = 1, the best run seen on each env); None with one env."""
+    envs, scores = task_scores(data, metric)
     if len(envs) < 2:
         return None
-    col = f"final:{metric}"
-    configs = sorted({r["config"] for r in runs})
-    out = {}
-    for c in configs:
-        per_env = [[r[col] for r in runs if r["config"] == c and r["env"] == e and not r["stopped_early"]] for e in envs]
-        n = min(len(v) for v in per_env)
-        if n == 0:
-            continue
-        scores = np.array([v[:n] for v in per_env], dtype=float).T  # [runs, tasks]
-        out[c] = {"iqm": float(rm.aggregate_iqm(scores)), "mean": float(rm.aggregate_mean(scores)),
-                  "median": float(rm.aggregate_median(scores)),
-                  "optimality_gap": float(rm.aggregate_optimality_gap(scores, gamma=float(np.nanmax(scores))))}
+    stats = aggregate_intervals(scores, gamma=1.0, seed=seed)
+    return {c: {"n": int(scores[c].shape[0]), **stats[c]} for c in scores}
+
+
+PAIRWISE_MAX_CONFIGS = 5
+"""Up to this many configs every pair is compared; beyond it each config against the best one by IQM."""
+
+
+def improvements(data: ExperimentData, metric: str, *, reps: int = BOOTSTRAP_REPS,
+                 seed: int = 0) -> list[dict[str, Any]]:
+    """Probability of improvement (:func:`probability_of_improvement`) between configurations, on the score
+    matrices of :func:`task_scores` (the normalisation is monotone per env, so P(X > Y) is that of the raw
+    final ``metric`` in the spec's direction). Every pair (X, Y) with X before Y in label order when there are
+    at most :data:`PAIRWISE_MAX_CONFIGS` configs, else the best config by IQM as X against each other one.
+    [] with fewer than two configs."""
+    envs, scores = task_scores(data, metric)
+    configs = sorted(scores)
+    if len(configs) < 2:
+        return []
+    if len(configs) <= PAIRWISE_MAX_CONFIGS:
+        pairs = [(x, y) for i, x in enumerate(configs) for y in configs[i + 1:]]
+    else:
+        best = max(configs, key=lambda c: iqm(scores[c]))
+        pairs = [(best, y) for y in configs if y != best]
+    out = []
+    for x, y in pairs:
+        p = probability_of_improvement(scores[x], scores[y], reps=reps, seed=seed)
+        out.append({"x": x, "y": y, "n_x": int(scores[x].shape[0]), "n_y": int(scores[y].shape[0]),
+                    "tasks": len(envs), "estimate": p.estimate, "ci_low": p.ci_low, "ci_high": p.ci_high})
     return out
 
 
@@ -427,37 +622,23 @@ def _plot_bsuite(data: ExperimentData, final_keys: set[str], path: Path) -> bool
                       path, "bsuite scores (final)", "score")
 
 
-def profile_scores(data: ExperimentData, metric: str) -> dict[str, np.ndarray]:
-    """{config: final ``metric`` of every used run, min-max normalised per env over all runs of that env}."""
-    runs = [r for r in data.runs.to_pylist() if not r["stopped_early"] and r["status"] == "FINISHED"]
-    col = f"final:{metric}"
-    by_env: dict[str, list[float]] = {}
-    for r in runs:
-        if math.isfinite(r.get(col, math.nan)):
-            by_env.setdefault(r["env"], []).append(r[col])
-    out: dict[str, list[float]] = {}
-    for r in runs:
-        v = r.get(col, math.nan)
-        if not math.isfinite(v):
-            continue
-        lo, hi = min(by_env[r["env"]]), max(by_env[r["env"]])
-        out.setdefault(r["config"], []).append((v - lo) / (hi - lo) if hi > lo else 1.0)
-    return {c: np.array(v) for c, v in out.items()}
+PROFILE_TAUS = np.linspace(0, 1, 101)
+"""Thresholds τ of the performance profiles (normalised scores lie in [0, 1])."""
 
 
-def _plot_profiles(data: ExperimentData, metric: str, path: Path) -> bool:
-    if len({r["env"] for r in data.runs.to_pylist()}) < 2:
-        return False
-    scores = profile_scores(data, metric)
-    if not scores:
+def _plot_profiles(data: ExperimentData, metric: str, path: Path, *, seed: int = 0) -> bool:
+    envs, scores = task_scores(data, metric)
+    if len(envs) < 2 or not scores:
         return False
     plt = _plt()
-    taus = np.linspace(0, 1, 101)
+    from rliable import plot_utils
+
+    profiles = performance_profiles(scores, PROFILE_TAUS, seed=seed)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for c, v in sorted(scores.items()):
-        ax.step(taus, performance_profile(v if data.mode == "max" else 1 - v, taus), where="post", label=c)
-    ax.set_xlabel("normalised score τ")
-    ax.set_ylabel("fraction of runs with score > τ")
+    plot_utils.plot_performance_profiles({c: v[0] for c, v in profiles.items()}, PROFILE_TAUS,
+                                         performance_profile_cis={c: (v[1], v[2]) for c, v in profiles.items()},
+                                         ax=ax, xlabel="normalised score τ", ylabel="fraction of runs with score > τ",
+                                         labelsize="small", ticklabelsize="small")
     ax.set_title(f"Performance profile: {metric}")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -541,9 +722,12 @@ def write_report(uri: str, experiment: str, out_dir: str | Path, *, metric: str 
         images.append(("performance_profile.png", f"Performance profile of the final {metric} across envs"))
     images += _copy_histograms(data, out)
     tasks = across_tasks(data, metric)
-    write_html(out / "index.html", data, metric, rows, images, tasks)
-    (out / "summary.json").write_text(json.dumps({"metric": metric, "configs": rows, "across_tasks": tasks},
-                                                 indent=2, default=float))
+    pairs = improvements(data, metric)
+    write_html(out / "index.html", data, metric, rows, images, tasks, pairs)
+    json_tasks = {c: {k: asdict(v) if isinstance(v, Interval) else v for k, v in st.items()}
+                  for c, st in tasks.items()} if tasks else None
+    (out / "summary.json").write_text(json.dumps({"metric": metric, "configs": rows, "across_tasks": json_tasks,
+                                                  "probability_of_improvement": pairs}, indent=2, default=float))
     if attach:
         from mlflow import MlflowClient
 
@@ -553,50 +737,52 @@ def write_report(uri: str, experiment: str, out_dir: str | Path, *, metric: str 
     return out / "index.html"
 
 
+def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The MLflow UI page of a run (``<server>/#/experiments/<experiment id>/runs/<run id>``), or None when
+    ``uri`` is a local store rather than a tracking server."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def _num(value: Any) -> str:
+    """Four significant digits (the report's number format); '–' for a missing value."""
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
+
+
+def render_html(data: ExperimentData, metric: str, rows: list[dict[str, Any]], images: list[tuple[str, str]],
+                tasks: dict[str, dict[str, Any]] | None, pairs: list[dict[str, Any]]) -> str:
+    """The report page from the packaged template ``orchestration/templates/report.html.j2`` (autoescaped)."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("orchestration", "templates"), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    env.filters["num"] = _num
+
+    def link(rid: str) -> dict[str, str | None]:
+        return {"href": run_url(data.uri, data.experiment_id, rid), "label": rid[:8]}
+
+    config_rows = [{**r, "links": [link(rid) for rid in r["run_ids"]],
+                    "notes": ", ".join(f"{r[k]} {k.replace('_', ' ')}" for k in ("stopped_early", "failed", "killed")
+                                       if r[k])} for r in rows]
+    runs = []
+    for r in sorted(data.runs.to_pylist(), key=lambda r: (r["env"], r["config"], _seed_order(r["seed"]))):
+        runs.append({**link(r["run_id"]), "env": r["env"], "config": r["config"], "seed": str(r["seed"]),
+                     "status": "stopped early" if r["stopped_early"] else r["status"],
+                     "early": r["stopped_early"], "last_iteration": r["last_iteration"],
+                     "final": r.get("final:" + metric, math.nan),
+                     "used": "yes" if _used(r, f"final:{metric}") else "no"})
+    return env.get_template("report.html.j2").render(
+        experiment=data.experiment, metric=metric, mode=data.mode, uri=data.uri, n_trials=data.runs.num_rows,
+        n_launches=len(data.parents), level=round(CI_LEVEL * 100), reps=BOOTSTRAP_REPS, rows=config_rows,
+        tasks=tasks, aggregates=AGGREGATES, pairs=pairs, images=images, runs=runs)
+
+
 def write_html(path: Path, data: ExperimentData, metric: str, rows: list[dict[str, Any]],
-               images: list[tuple[str, str]], tasks: dict | None) -> None:
-    e = html.escape
-    base = data.uri if data.uri.startswith("http") else None
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(data.experiment)}</title>",
-             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}img{max-width:100%}</style></head><body>",
-             f"<h1>{e(data.experiment)}</h1><p>metric: <b>{e(metric)}</b> ({e(data.mode)}); "
-             f"{data.runs.num_rows} trials in {len(data.parents)} launch(es); MLflow: <code>{e(data.uri)}</code></p>",
-             "<h2>Final metric per configuration</h2><table><tr><th>env</th><th>config</th><th>n</th><th>mean</th>"
-             "<th>95% CI</th><th>IQM</th><th>notes</th><th>runs</th></tr>"]
-    for r in rows:
-        notes = ", ".join(f"{r[k]} {k.replace('_', ' ')}" for k in ("stopped_early", "failed", "killed") if r[k])
-        links = " ".join(
-            (f"<a href='{e(base)}/#/experiments/{e(data.experiment_id)}/runs/{rid}'>{rid[:8]}</a>" if base
-             else f"<code>{rid[:8]}</code>")
-            for rid in r["run_ids"])
-        parts.append(f"<tr><td>{e(r['env'])}</td><td>{e(r['config'])}</td><td>{r['n']}</td><td>{r['mean']:.4g}</td>"
-                     f"<td>[{r['ci_low']:.4g}, {r['ci_high']:.4g}]</td><td>{r['iqm']:.4g}</td><td>{e(notes)}</td>"
-                     f"<td>{links}</td></tr>")
-    parts.append("</table>")
-    if tasks:
-        parts.append("<h2>Across tasks (rliable)</h2><table><tr><th>config</th><th>IQM</th><th>mean</th>"
-                     "<th>median</th><th>optimality gap</th></tr>")
-        for c, v in tasks.items():
-            parts.append(f"<tr><td>{e(c)}</td><td>{v['iqm']:.4g}</td><td>{v['mean']:.4g}</td><td>{v['median']:.4g}</td>"
-                         f"<td>{v['optimality_gap']:.4g}</td></tr>")
-        parts.append("</table>")
-    for name, caption in images:
-        parts.append(f"<figure><img src='{e(name)}' alt='{e(caption)}'><figcaption>{e(caption)}</figcaption></figure>")
-    parts.append("<h2>Runs</h2><table><tr><th>run</th><th>env</th><th>config</th><th>seed</th><th>status</th>"
-                 f"<th>last iteration</th><th>final {e(metric)}</th><th>used in aggregates</th></tr>")
-    for r in sorted(data.runs.to_pylist(), key=lambda r: (r["env"], r["config"], str(r["seed"]))):
-        status = "stopped early" if r["stopped_early"] else r["status"]
-        used = "no" if r["stopped_early"] or r["status"] != "FINISHED" else "yes"
-        rid = r["run_id"]
-        link = (f"<a href='{e(base)}/#/experiments/{e(data.experiment_id)}/runs/{rid}'>{rid[:8]}</a>" if base
-                else f"<code>{rid[:8]}</code>")
-        parts.append(f"<tr class='{'early' if r['stopped_early'] else ''}'><td>{link}</td><td>{e(r['env'])}</td>"
-                     f"<td>{e(r['config'])}</td><td>{e(str(r['seed']))}</td><td>{e(status)}</td>"
-                     f"<td>{r['last_iteration']}</td><td>{r.get('final:' + metric, math.nan):.4g}</td>"
-                     f"<td>{used}</td></tr>")
-    parts.append("</table></body></html>")
-    path.write_text("\n".join(parts))
+               images: list[tuple[str, str]], tasks: dict[str, dict[str, Any]] | None,
+               pairs: list[dict[str, Any]] | None = None) -> None:
+    """Write :func:`render_html` to ``path``."""
+    path.write_text(render_html(data, metric, rows, images, tasks, pairs or []), encoding="utf-8")
 
 
 def write_parquet(data: ExperimentData, out_dir: str | Path) -> list[Path]:

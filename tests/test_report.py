@@ -230,3 +230,65 @@ def test_report_credit_and_convergence_panels_from_a_ppo_launch(ray_local, tmp_p
     assert _last_iteration_cells(page) == ["3"]
     for name in ("panel_credit.png", "panel_convergence.png", "credit_delays.png"):
         assert name in page and (tmp_path / "report" / name).stat().st_size > 5000
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run links open the run's page on a real MLflow server
+
+
+def test_run_link_opens_the_runs_page_on_the_mlflow_server(mlflow_server, tmp_path: Path):
+    import re
+    import urllib.parse
+
+    client = MlflowClient(mlflow_server.uri)
+    client.create_experiment("decoy")  # the report's experiment is neither the default (0) nor the first
+    exp_id = client.create_experiment("linked_study")
+    parent = client.create_run(exp_id, run_name="linked-1", tags={"orchestra.run_type": "launch",
+                                                                  "orchestra.launch_id": "linked-1",
+                                                                  "orchestra.metric": "train/loss",
+                                                                  "orchestra.mode": "min"})
+    kids = {}
+    for seed in (0, 1):
+        kid = client.create_run(exp_id, run_name=f"linked-trial-seed{seed}",
+                                tags={"mlflow.parentRunId": parent.info.run_id, "orchestra.launch_id": "linked-1",
+                                      "orchestra.seed": str(seed)})
+        for i in range(3):
+            client.log_metric(kid.info.run_id, "train/loss", 1.0 / (i + 1 + seed), step=i + 1)
+            client.log_metric(kid.info.run_id, "system/training_iteration", float(i + 1), step=i + 1)
+        client.set_terminated(kid.info.run_id, "FINISHED")
+        kids[kid.info.run_id] = kid.info.run_name
+    assert exp_id != "0"
+
+    page = rep.write_report(mlflow_server.uri, "linked_study", tmp_path / "report", attach=False).read_text()
+    runs_table = page.split("<h2>Runs</h2>", 1)[1]
+    hrefs = re.findall(r"<a href='([^']+)'>", runs_table)
+    assert len(hrefs) == len(kids)
+    for href in hrefs:
+        found = re.fullmatch(re.escape(mlflow_server.uri) + r"/#/experiments/([^/]+)/runs/([0-9a-f]+)", href)
+        assert found, href
+        link_exp, run_id = found.groups()
+        assert run_id in kids
+        assert link_exp == client.get_run(run_id).info.experiment_id == exp_id
+
+    browser = conftest.chromium()
+    assert browser, "chromium could not be installed (apt-get install chromium)"
+    href = hrefs[0]
+    run_id = urllib.parse.urlsplit(href).fragment.rsplit("/", 1)[1]
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=20000", "--window-size=1400,900"]
+    dom = ""
+
+    def rendered() -> bool:
+        # MLflow's UI is a single-page app: the run's page exists only once its script has rendered it.
+        nonlocal dom
+        dom = subprocess.run([browser, *flags, "--dump-dom", href], capture_output=True, text=True,
+                             timeout=300).stdout
+        return kids[run_id] in dom
+
+    try:
+        conftest.wait_for(rendered, 600, f"the MLflow page of run {run_id} with its name")
+    finally:
+        (tmp_path / "run_page.html").write_text(dom)
+    assert run_id in dom
+    assert all(name not in dom for rid, name in kids.items() if rid != run_id)  # that run's page, not a list
