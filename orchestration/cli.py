@@ -149,7 +149,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from orchestration.tracking import list_runs_table
+    from orchestration.runs_table import list_runs_table
 
     print(list_runs_table(store_uri(args), args.experiment))
     return 0

@@ -15,19 +15,19 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray import cloudpickle, tune
 
+from orchestration.runs_table import list_runs_table
 from orchestration.tracking import (
     SPOOL_NAME,
     MLflowTracking,
-    _log_metric_records,
     changed_hparams,
     find_parent_run,
     flatten_params,
-    list_runs_table,
     metric_leaves,
     sanitize_key,
     sync_spool,
     throughput_metrics,
 )
+from orchestration.tracking.store import log_metric_records
 
 # Ray workers cannot import this test module by name: ship its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -144,10 +144,10 @@ def test_changed_hparams_reports_numeric_mutations_only():
 
 
 def test_error_text_keeps_the_end_of_the_traceback():
-    from orchestration.tracking import MAX_ERROR_LENGTH, _tail
+    from orchestration.tracking.store import MAX_ERROR_LENGTH, tail
 
     text = "Traceback\n" + "  frame\n" * 1000 + "RuntimeError: boom"
-    out = _tail(text, MAX_ERROR_LENGTH)
+    out = tail(text, MAX_ERROR_LENGTH)
     assert len(out) <= MAX_ERROR_LENGTH and out.endswith("RuntimeError: boom") and out.startswith("[truncated]")
 
 
@@ -157,7 +157,7 @@ def test_log_metric_records_cuts_batches_at_record_boundaries(sqlite_uri):
     records = [{"step": s, "ts": 1000 + s, "metrics": {f"m/{j}": s * 10.0 + j for j in range(n)}}
                for s, n in [(1, 2), (2, 2), (3, 5), (4, 1)]]
     done = []
-    sent = _log_metric_records(client, run.info.run_id, records, max_batch=3, on_sent=done.append)
+    sent = log_metric_records(client, run.info.run_id, records, max_batch=3, on_sent=done.append)
     assert sent == 10
     # calls: [s1] (s2 would overflow), [s2], [s3 0..2] (split), [s3 3..4 + s4]
     assert done == [1, 2, 3, 4] or done == [1, 2, 4]
@@ -166,7 +166,7 @@ def test_log_metric_records_cuts_batches_at_record_boundaries(sqlite_uri):
 
 
 def test_artifact_upload_takes_the_newest_copy_and_sees_same_size_rewrites(sqlite_uri, tmp_path):
-    from orchestration.tracking import _upload_changed
+    from orchestration.tracking.store import upload_changed
 
     client = MlflowClient(sqlite_uri)
     rid = client.create_run(client.create_experiment("arts")).info.run_id
@@ -180,21 +180,21 @@ def test_artifact_upload_takes_the_newest_copy_and_sees_same_size_rewrites(sqlit
         return Path(client.download_artifacts(rid, "curve.txt", tempfile.mkdtemp())).read_text()
 
     uploaded: dict = {}
-    assert _upload_changed(client, rid, [storage, work], uploaded) == 1
+    assert upload_changed(client, rid, [storage, work], uploaded) == 1
     assert fetched() == "up to 6\n"
-    assert _upload_changed(client, rid, [storage, work], uploaded) == 0
+    assert upload_changed(client, rid, [storage, work], uploaded) == 0
     (work / "curve.txt").write_text("up to 7\n")  # same size, and the same mtime tick:
     os.utime(work / "curve.txt", (2_000, 2_000))
-    assert _upload_changed(client, rid, [storage, work], uploaded) == 1
+    assert upload_changed(client, rid, [storage, work], uploaded) == 1
     assert fetched() == "up to 7\n"
 
 
 def test_callback_pickles_without_threads(sqlite_uri, tmp_path):
     cb = MLflowTracking(sqlite_uri, "pickled", "launch-p", flush_interval_s=0.2)
     cb.setup()
-    assert cb.parent_run_id is not None and cb._thread.is_alive()
+    assert cb.parent_run_id is not None and cb._delivery.thread.is_alive()
     clone = pickle.loads(pickle.dumps(cb))
-    assert clone._thread is None and clone.parent_run_id is None and clone.launch_id == "launch-p"
+    assert clone._delivery.thread is None and clone.parent_run_id is None and clone.launch_id == "launch-p"
     cb.on_experiment_end(trials=[])
     assert MlflowClient(sqlite_uri).get_run(cb.parent_run_id).info.status == "FINISHED"
 
