@@ -1,7 +1,7 @@
 """Cluster configs: Ray's own validator plus the checks Ray does not make.
 
 ``validate_cluster(path)`` runs ``prepare_config`` + ``validate_config`` from
-``ray.autoscaler._private.util`` and then our rules:
+``ray.autoscaler._private.util`` (through :mod:`algorithms.ray_compat`) and then our rules:
 
 - no security-group rule opens a port other than SSH (22) to 0.0.0.0/0 or ::/0 (Ray 6379, client
   10001, dashboard 8265, MLflow 5000 and the object/node-manager ports must stay private);
@@ -137,13 +137,15 @@ def validate_cluster(path: str | Path) -> dict[str, Any]:
         raise SpecError(file, "", f"cannot read the cluster config: {type(e).__name__}: {e}") from None
     if not isinstance(raw, dict):
         raise SpecError(file, "", "a cluster config must be a YAML mapping")
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from algorithms.ray_compat import RayPrivateAPIError, prepare_cluster_config, validate_cluster_config
 
     if (raw.get("provider") or {}).get("type") == "local":
         _local_checks(raw, file)  # before Ray's prepare_config, which aborts with a generic message
     try:
-        prepared = prepare_config(copy.deepcopy(raw))
-        validate_config(prepared)
+        prepared = prepare_cluster_config(copy.deepcopy(raw))
+        validate_cluster_config(prepared)
+    except RayPrivateAPIError:  # a Ray without them: not the config's fault
+        raise
     except Exception as e:  # noqa: BLE001 - Ray raises ValueError / jsonschema errors
         msg = str(e).strip().splitlines()
         path_hint = ".".join(str(x) for x in getattr(e, "absolute_path", []) or [])

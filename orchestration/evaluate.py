@@ -25,7 +25,9 @@ MLflow
     episode (step = episode index), tag ``orchestra.eval_checkpoint``; with ``--video`` the first
     episode as an animated GIF under the run's ``eval/`` artifacts (frames from gymnasium's
     ``render_mode="rgb_array"``; MuJoCo renders headless through the GL backend that
-    :mod:`algorithms.envs` selects, EGL or OSMesa, and the video is skipped with a message otherwise).
+    :mod:`algorithms.envs` selects, EGL or OSMesa, and the video is skipped with a message otherwise;
+    gymnasium's classic-control and Box2D envs draw with pygame, the optional ``video`` extra: without it
+    ``--video`` fails with a one-line error saying to install it).
     Checkpoints outside a launch folder are evaluated and printed only.
 """
 
@@ -42,6 +44,7 @@ import numpy as np
 from orchestration.runner import LAUNCH_FILE
 
 PREFIX = "eval/checkpoint"
+VIDEO_EXTRA = "pip install 'orchestra-rl[video]'"
 
 
 @dataclass
@@ -154,7 +157,6 @@ def _render_env(env_id: str, env_kwargs: dict[str, Any]) -> tuple[Any, Any]:
 
     try:
         env = gym.make(env_id, render_mode="rgb_array", **env_kwargs)
-        return env, env.render
     except TypeError:
         env = gym.make(env_id, **env_kwargs)
         physics = getattr(env.unwrapped, "physics", None)
@@ -162,6 +164,19 @@ def _render_env(env_id: str, env_kwargs: dict[str, Any]) -> tuple[Any, Any]:
             env.close()
             raise
         return env, lambda: physics.render(height=240, width=320, camera_id=0)
+
+    def render() -> Any:
+        try:
+            return env.render()
+        except gym.error.DependencyNotInstalled as e:
+            if "pygame" not in str(e):
+                raise
+            from orchestration.spec import UserError
+
+            raise UserError(f"--video: {env_id} draws its frames with pygame, which is not installed; "
+                            f"{VIDEO_EXTRA} (or leave out --video)") from None
+
+    return env, render
 
 
 def write_gif(frames: list, path: Path, fps: int = 30) -> Path:
@@ -214,7 +229,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, env: str | None = None, episo
     """Load, run ``episodes`` deterministic episodes, log to the trial's MLflow run (module docstring)."""
     import gymnasium as gym
 
-    from orchestration.spec import import_builtin_envs
+    from orchestration.spec import UserError, import_builtin_envs
 
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -236,6 +251,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, env: str | None = None, episo
                                             render=render)
             finally:
                 render_env.close()
+        except UserError:
+            raise
         except Exception as e:  # noqa: BLE001 - no renderer (no GL, env without rgb_array): skip the video
             result.messages.append(f"video skipped: {env_id} cannot render rgb_array frames here "
                                    f"({type(e).__name__}: {e}); MuJoCo needs MUJOCO_GL=egl or osmesa")

@@ -261,11 +261,12 @@ def _free_port() -> int:
 
 def _dashboard_ok(address: str) -> bool:
     """The dashboard answers (with this process's token when token auth is on)."""
-    headers = {}
-    try:
-        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+    from algorithms.ray_compat import RayPrivateAPIError, auth_headers_if_auth_enabled
 
-        headers = get_auth_headers_if_auth_enabled({})
+    try:
+        headers = auth_headers_if_auth_enabled({})
+    except RayPrivateAPIError:
+        raise
     except Exception:  # noqa: BLE001 - no token: the Jobs client reports the auth error itself
         headers = {}
     try:

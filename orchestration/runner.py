@@ -152,12 +152,13 @@ def register_spec_env(spec: Spec) -> None:
     import functools
 
     import gymnasium as gym
-    from ray.tune.registry import ENV_CREATOR, _global_registry, register_env
+    from ray.tune.registry import register_env
 
+    from algorithms.ray_compat import registered_env_creator
     from orchestration.trainables import make_gym_env
 
     for env in spec.env_ids:
-        if env in gym.registry and not _global_registry.contains(ENV_CREATOR, env):
+        if env in gym.registry and registered_env_creator(env) is None:
             register_env(env, functools.partial(make_gym_env, env, tuple(spec.imports)))
 
 

@@ -560,13 +560,10 @@ def check_env(name: str, file: str | None) -> None:
     import_builtin_envs()
     if name in gym.registry:
         return
-    try:
-        from ray.tune.registry import ENV_CREATOR, _global_registry
+    from algorithms.ray_compat import registered_env_creator
 
-        if _global_registry.contains(ENV_CREATOR, name):
-            return
-    except Exception:  # noqa: BLE001 - registry unavailable without Ray; fall through
-        pass
+    if registered_env_creator(name) is not None:
+        return
     close = difflib.get_close_matches(name, list(gym.registry), n=3)
     hint = f"unknown env{'; did you mean ' + ' or '.join(close) + '?' if close else ''}"
     raise SpecError(file, "env", hint, name, allowed="gymnasium ids (e.g. CartPole-v1, dmc/cartpole-swingup) or envs registered by `imports`")

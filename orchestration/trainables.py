@@ -53,9 +53,9 @@ def write_checkpoint_info(trainable: Any, checkpoint_dir: str) -> None:
     root = Path(checkpoint_dir)
     files = {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*"))
              if p.is_file() and p.name != CHECKPOINT_INFO}
-    info = {"training_iteration": trainable._iteration, "time_total_s": trainable._time_total,
-            "timesteps_total": trainable._timesteps_total, "episodes_total": trainable._episodes_total,
-            "files": files}
+    from algorithms.ray_compat import trainable_counters
+
+    info = {**trainable_counters(trainable), "files": files}
     (root / CHECKPOINT_INFO).write_text(json.dumps(info))
 
 
@@ -76,7 +76,7 @@ def existing_checkpoint(checkpoint_result: Any) -> Any:
     """``checkpoint_result`` (a Tune ``_TrainingResult``) if its checkpoint exists, or the trial's newest
     complete checkpoint (:func:`complete_checkpoint_metrics`) when it was deleted; raises ValueError naming
     both when there is none. Only for checkpoints on the local filesystem (others pass through)."""
-    from ray.train._internal.session import _TrainingResult
+    from algorithms.ray_compat import training_result
 
     checkpoint = getattr(checkpoint_result, "checkpoint", None)
     if checkpoint is None or checkpoint.filesystem.type_name != "local" or Path(checkpoint.path).exists():
@@ -88,8 +88,8 @@ def existing_checkpoint(checkpoint_result: Any) -> Any:
             logger.warning("checkpoint %s no longer exists (pruned after the experiment state was saved); "
                            "restoring from %s (training_iteration %s) instead", missing, candidate.name,
                            metrics.get("training_iteration"))
-            return _TrainingResult(checkpoint=tune.Checkpoint(str(candidate), filesystem=checkpoint.filesystem),
-                                   metrics={**metrics, "checkpoint_dir_name": candidate.name})
+            return training_result(tune.Checkpoint(str(candidate), filesystem=checkpoint.filesystem),
+                                   {**metrics, "checkpoint_dir_name": candidate.name})
     raise ValueError(f"checkpoint {missing} no longer exists and {missing.parent} has no complete checkpoint "
                      f"(a checkpoint_* folder with {CHECKPOINT_INFO} and all the files it lists) to restore from")
 

@@ -3,6 +3,8 @@ trial's MLflow run, equal to an independent greedy rollout of the checkpoint's m
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -54,8 +56,9 @@ def test_cli_eval_prints_logs_and_matches_independent_rollout(launch, capsys, tm
     from orchestration.cli import main
 
     uri, ckpt = launch
-    assert main(["eval", str(ckpt), "--env", "CartPole-v1", "--episodes", "3", "--video",
-                 "--out", str(tmp_path / "video")]) == 0
+    has_pygame = importlib.util.find_spec("pygame") is not None  # CartPole draws its frames with pygame
+    video = ["--video", "--out", str(tmp_path / "video")] if has_pygame else []  # else: test_video_needs_pygame...
+    assert main(["eval", str(ckpt), "--env", "CartPole-v1", "--episodes", "3", *video]) == 0
     printed = capsys.readouterr().out
     assert "episode 2: return" in printed and "logged under eval/checkpoint/" in printed, printed
 
@@ -73,10 +76,7 @@ def test_cli_eval_prints_logs_and_matches_independent_rollout(launch, capsys, tm
     hist = client.get_metric_history(child.info.run_id, "eval/checkpoint/episode_return_mean")
     assert hist[-1].step == 400
     gifs = list((tmp_path / "video").glob("*.gif"))
-    try:
-        import pygame  # noqa: F401 - CartPole renders rgb_array frames through pygame
-    except ImportError:
-        assert not gifs and "video skipped" in printed, printed
+    if not has_pygame:
         return
     assert len(gifs) == 1 and gifs[0].stat().st_size > 1000
     from PIL import Image
@@ -85,6 +85,27 @@ def test_cli_eval_prints_logs_and_matches_independent_rollout(launch, capsys, tm
         # reset frame + one per step of episode 0 (PIL merges identical consecutive frames)
         assert 2 <= gif.n_frames <= int(expected[0]) + 1
     assert any(a.path.endswith(".gif") for a in client.list_artifacts(child.info.run_id, "eval"))
+
+
+def test_video_needs_pygame_and_names_the_video_extra(monkeypatch):
+    """CartPole's rgb_array frames come from pygame; without it (its import blocked, as when the optional
+    `video` extra is not installed) --video fails with one line saying what to install."""
+    from orchestration.evaluate import _render_env
+    from orchestration.spec import UserError
+
+    if importlib.util.find_spec("pygame") is not None:
+        env, render = _render_env("CartPole-v1", {})
+        env.reset(seed=0)
+        assert np.asarray(render()).shape == (400, 600, 3)
+        env.close()
+    monkeypatch.setitem(sys.modules, "pygame", None)  # `import pygame` now raises ImportError
+    env, render = _render_env("CartPole-v1", {})
+    env.reset(seed=0)
+    with pytest.raises(UserError) as e:
+        render()
+    env.close()  # nothing was drawn: closing needs no pygame
+    assert str(e.value) == ("--video: CartPole-v1 draws its frames with pygame, which is not installed; "
+                            "pip install 'orchestra-rl[video]' (or leave out --video)")
 
 
 def test_eval_errors_are_clear(tmp_path):

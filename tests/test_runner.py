@@ -150,7 +150,7 @@ def _gated_task(cwd: Path) -> None:
 def test_resume_after_sigkill_continues_the_same_runs(tmp_path: Path):
     import json
 
-    from ray.tune.trainable.metadata import _TrainingRunMetadata
+    from algorithms.ray_compat import training_run_metadata
 
     # The trials wait before iteration 6 until `release` exists: the driver is killed while both are
     # still running whatever their speed (the test creates the file only for the resume).
@@ -176,7 +176,7 @@ def test_resume_after_sigkill_continues_the_same_runs(tmp_path: Path):
         if not states:
             return []
         state = max(states, key=lambda f: f.stat().st_mtime)
-        return [_TrainingRunMetadata.from_json_state(runtime).checkpoint_manager.latest_checkpoint_result
+        return [training_run_metadata(runtime).checkpoint_manager.latest_checkpoint_result
                 for _, runtime in json.loads(state.read_text())["trial_data"]]
 
     def progressed() -> bool:
@@ -321,8 +321,8 @@ def test_restore_falls_back_to_the_newest_complete_checkpoint(tmp_path: Path):
     between the two): restore uses the trial's newest complete checkpoint (its orchestra_checkpoint.json
     lists every file with its size) and its counters; a cut-short folder is skipped; none left: a clear error."""
     from ray import tune
-    from ray.train._internal.session import _TrainingResult
 
+    from algorithms.ray_compat import training_result
     from orchestration.trainables import CHECKPOINT_INFO, trainable_for_task
 
     cls = trainable_for_task("regression_demo")
@@ -334,7 +334,7 @@ def test_restore_falls_back_to_the_newest_complete_checkpoint(tmp_path: Path):
         saved[i] = trainable.save(str(trial / f"checkpoint_00000{i}"))
     state_at_2 = {k: v.clone() for k, v in torch_state(trial / "checkpoint_000002").items()}
     (trial / "checkpoint_000003" / "task.pt").write_bytes(b"cut short")  # a copy the kill interrupted
-    gone = _TrainingResult(checkpoint=tune.Checkpoint(str(trial / "checkpoint_000004")), metrics={})
+    gone = training_result(tune.Checkpoint(str(trial / "checkpoint_000004")), {})
     fresh = cls(config={"seed": 0, "steps_per_iteration": 5})
     fresh.restore(gone)
     assert fresh.iteration == 2 and fresh.task.steps == 10

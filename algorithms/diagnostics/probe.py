@@ -114,14 +114,16 @@ def make_env_from_algorithm_config(config: Any) -> Any:
     gymnasium id."""
     import gymnasium as gym
     from ray.rllib.env.env_context import EnvContext
-    from ray.tune.registry import ENV_CREATOR, _global_registry
+
+    from algorithms.ray_compat import registered_env_creator
 
     env_spec = config.env
     if not env_spec:
         raise ValueError("config.env is not set: cannot collect a probe set from the env")
     ctx = EnvContext(dict(config.env_config or {}), worker_index=0, num_workers=0)
-    if isinstance(env_spec, str) and _global_registry.contains(ENV_CREATOR, env_spec):
-        return _global_registry.get(ENV_CREATOR, env_spec)(ctx)
+    creator = registered_env_creator(env_spec) if isinstance(env_spec, str) else None
+    if creator is not None:
+        return creator(ctx)
     if callable(env_spec):
         return env_spec(ctx)
     return gym.make(env_spec, **dict(config.env_config or {}))

@@ -45,7 +45,6 @@ from ray.rllib.algorithms.ppo.torch.default_ppo_torch_rl_module import DefaultPP
 from ray.rllib.algorithms.ppo.torch.ppo_torch_learner import PPOTorchLearner
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.models.base import ENCODER_OUT
-from ray.rllib.core.models.catalog import Catalog
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 from ray.rllib.utils.schedules.scheduler import Scheduler
 from torch import nn
@@ -53,6 +52,7 @@ from torch import nn
 from algorithms.networks.builders import Network, build_network
 from algorithms.networks.config import LRScheduleConfig, NetworkConfig
 from algorithms.networks.updates import Chain, LRSchedule, NaP, group_norm, nap_groups, network_updates
+from algorithms.ray_compat import action_dist_cls
 
 
 def network_config_from(model_config: Any) -> NetworkConfig:
@@ -109,7 +109,7 @@ class NetworkPPOTorchRLModule(DefaultPPOTorchRLModule):
         mc = _as_dict(self.model_config)
         obs_shape = _obs_shape(self.observation_space)
         if self.action_dist_cls is None:  # the catalog may reject obs shapes our builders handle
-            self.action_dist_cls = Catalog._get_dist_cls_from_action_space(self.action_space, framework="torch")
+            self.action_dist_cls = action_dist_cls(self.action_space)
         out_dim = int(self.action_dist_cls.required_input_dim(space=self.action_space, model_config=mc))
         self.vf_share_layers = bool(mc.get("vf_share_layers", False))
         self.encoder = ActorCriticTorso(
@@ -174,7 +174,7 @@ class NetworkDQNTorchRLModule(DefaultDQNTorchRLModule):
             self.v_max = mc.get("v_max")
         self.epsilon_schedule = Scheduler(fixed_value_or_schedule=mc["epsilon"], framework=self.framework)
         if self.action_dist_cls is None:
-            self.action_dist_cls = Catalog._get_dist_cls_from_action_space(self.action_space, framework="torch")
+            self.action_dist_cls = action_dist_cls(self.action_space)
         torso = build_network(_obs_shape(self.observation_space), None, cfg)
         self.encoder = ObservationTorso(torso)
         self.af = nn.Linear(torso.out_features, int(self.action_space.n) * self.num_atoms)

@@ -48,7 +48,8 @@ from ray.rllib.utils.metrics import (
     NUM_EPISODES,
     NUM_EPISODES_LIFETIME,
 )
-from ray.tune.registry import ENV_CREATOR, _global_registry
+
+from algorithms.ray_compat import registered_env_creator
 
 SAMPLER_STATE = "sampler"
 METRICS_STATE = "metrics"
@@ -89,8 +90,8 @@ class VectorEnvRunner(EnvRunner, Checkpointable):
         env = self.config.env
         if not env:
             raise ValueError("config.env is not set: give an env id, e.g. config.environment('dmc/cartpole-swingup')")
-        if isinstance(env, str) and _global_registry.contains(ENV_CREATOR, env):
-            creator = _global_registry.get(ENV_CREATOR, env)
+        creator = registered_env_creator(env) if isinstance(env, str) else None
+        if creator is not None:
             return lambda: creator(env_ctx)
         if callable(env):
             return lambda: env(env_ctx)
