@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_REPORT_URL ?= http://127.0.0.1:9/
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv demo test test-fast lint bench gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=600 -m "not slow and not multinode" tests
+
+# Every GPU path (learners and replay on CUDA, MixFlow-MG vs reverse memory); says so and exits 0 without CUDA.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
