@@ -118,7 +118,9 @@ def test_overridden_private_hooks_are_still_called_by_ray():
     assert config.model_config["policy_hidden"] == list(config.policy_hidden)
 
     compile_results = ray_compat.private("_compile_iteration_results")
-    assert list(inspect.signature(compile_results).parameters) == ["self", "train_results", "eval_results"]
+    # Ray's tracing hook adds `_ray_trace_ctx` to the methods of a class once it has run as an actor in this process
+    params = [p for p in inspect.signature(compile_results).parameters if p != "_ray_trace_ctx"]
+    assert params == ["self", "train_results", "eval_results"]
     assert "_compile_iteration_results" in Algorithm.step.__code__.co_names
 
 
