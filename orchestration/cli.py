@@ -5,6 +5,7 @@
     orchestra validate SPEC [--set ...] check a spec without running it (names resolve)
     orchestra ls [EXPERIMENT]          experiments and runs with status and best metric
     orchestra ui [EXPERIMENT] [--port N]   MLflow UI on 127.0.0.1; prints the experiment's runs page
+    orchestra server [--root DIR] [--host H] [--port N] [--admin-password-file F]   shared MLflow server, auth on
     orchestra sync PATH                upload metric batches spooled while MLflow was unreachable
     orchestra report NAME [--html] [--parquet DIR]   seed aggregates, plots, HTML report
     orchestra eval CHECKPOINT [--env NAME] [--episodes K] [--video]   deterministic episodes, logged to MLflow
@@ -86,18 +87,10 @@ def store_uri(args: argparse.Namespace, *, must_exist: bool = True, local_only: 
 
 
 def _check_server(url: str, where: str) -> None:
-    """Fail fast on a tracking server that refuses connections (MLflow itself retries for minutes)."""
-    import urllib.error
-    import urllib.request
+    """Reachable, and the credentials MLflow's client will send are accepted (orchestration.tracking.access)."""
+    from orchestration.tracking.access import check_tracking_server
 
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=10):
-            return
-    except urllib.error.HTTPError:  # it answered: reachable (auth, proxies, no /health route)
-        return
-    except (OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise UserError(f"{where}: cannot reach the MLflow tracking server ({reason})") from None
+    check_tracking_server(url, where)
 
 
 def _one_line(text: object) -> str:
@@ -168,6 +161,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from orchestration.ui import serve
 
     return serve(uri, args.port, args.experiment)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from orchestration.server import ServerConfig, serve
+
+    return serve(ServerConfig(
+        root=Path(args.root), host=args.host, port=args.port, admin_username=args.admin_username,
+        admin_password_file=args.admin_password_file, default_permission=args.default_permission,
+        allowed_hosts=args.allowed_hosts, cors_allowed_origins=args.cors_allowed_origins, workers=args.workers))
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -319,6 +321,25 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--uri", default=None, help=URI_HELP)
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(fn=cmd_ui)
+
+    sv = sub.add_parser("server", help="start a shared MLflow tracking server with authentication (basic-auth)",
+                        description="Run MLflow's tracking server with its basic-auth app: users and "
+                                    "per-experiment permissions, artifacts proxied through the server, "
+                                    "127.0.0.1 unless --host. See docs/clusters.md.")
+    sv.add_argument("--root", default="mlflow-server", help="folder of the run store, user store and artifacts")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=5000)
+    sv.add_argument("--admin-username", default="admin")
+    sv.add_argument("--admin-password-file", default=None,
+                    help="file holding the admin's password (else $MLFLOW_AUTH_ADMIN_PASSWORD); "
+                         "needed on the first start, when the admin is created")
+    sv.add_argument("--default-permission", default="NO_PERMISSIONS",
+                    help="permission of users on experiments they did not create (default: NO_PERMISSIONS)")
+    sv.add_argument("--allowed-hosts", default=None, help="Host headers to accept (default: the server's address)")
+    sv.add_argument("--cors-allowed-origins", default=None,
+                    help="browser origins allowed to call the API (default: the server's own UI)")
+    sv.add_argument("--workers", type=int, default=1)
+    sv.set_defaults(fn=cmd_server)
 
     sy = sub.add_parser("sync", help="upload spooled metric batches to MLflow")
     sy.add_argument("path", help="launch or trial folder holding mlflow_spool.jsonl files")

@@ -212,6 +212,9 @@ def find_trial_run(checkpoint: str | Path) -> tuple[str, str, str] | None:
     if trial_id is None:
         return None
     uri = spec.tracking.uri
+    from orchestration.tracking.access import apply_credentials_file
+
+    apply_credentials_file(spec.tracking.credentials_file)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(spec.experiment_name)
     if exp is None:

@@ -83,18 +83,47 @@ def resolve_paths(spec: Spec, base: Path | None = None) -> Spec:
     (``~`` is the home of the process that runs the launch, e.g. the head's for a launched job)."""
     base = (base or Path.cwd()).resolve()
     t = spec.tracking
-    t.artifacts, t.storage = os.path.expanduser(t.artifacts), os.path.expanduser(t.storage)
+    server_default_artifacts = artifact_location(spec) is None  # assigning t.artifacts would mark it set
+    t.storage = os.path.expanduser(t.storage)
+    if not server_default_artifacts:
+        t.artifacts = os.path.expanduser(t.artifacts)
     if t.uri.startswith("sqlite:///") and not t.uri.startswith("sqlite:////"):
         db = base / t.uri[len("sqlite:///"):]
         db.parent.mkdir(parents=True, exist_ok=True)
         t.uri = f"sqlite:///{db}"
     elif "://" not in t.uri:
         t.uri = str((base / t.uri).resolve())
-    if "://" not in t.artifacts:
+    if "://" not in t.artifacts and not server_default_artifacts:
         t.artifacts = str((base / t.artifacts).resolve())
     if "://" not in t.storage:
         t.storage = str((base / t.storage).resolve())
+    if t.credentials_file:
+        t.credentials_file = str((base / os.path.expanduser(t.credentials_file)).resolve())
     return spec
+
+
+def artifact_location(spec: Spec) -> str | None:
+    """Where a new experiment keeps its artifacts: ``tracking.artifacts``, except on a tracking server when
+    the spec does not set it: None, the server's own location, so artifacts go through the server
+    (``orchestra server`` proxies them) and clients need no storage access of their own."""
+    from orchestration.tracking.access import is_server_uri
+
+    t = spec.tracking
+    return None if is_server_uri(t.uri) and "artifacts" not in t.model_fields_set else t.artifacts
+
+
+def check_tracking(spec: Spec, launch_name: str) -> None:
+    """Before any trial: the spec's credentials in the driver's environment (where the tracking callback
+    sends from) and, on a tracking server, those credentials accepted and the experiment writable; else
+    one UserError (orchestration.tracking.access)."""
+    from orchestration.tracking.access import apply_credentials_file, check_experiment_write, is_server_uri
+
+    t = spec.tracking
+    if not t.enabled:
+        return
+    apply_credentials_file(t.credentials_file)
+    if is_server_uri(t.uri):
+        check_experiment_write(t.uri, spec.experiment_name, artifact_location(spec), launch_name)
 
 
 def trial_cpus(spec: Spec) -> float:
@@ -254,7 +283,7 @@ def _tracking_callback(spec: Spec, launch: Launch, resumed: bool) -> Any:
         spec.tracking.uri,
         spec.experiment_name,
         launch.name,
-        artifact_location=spec.tracking.artifacts,
+        artifact_location=artifact_location(spec),
         launch_tags=tags,
         launch_params=_flatten(spec.to_dict()),
         launch_artifacts=files,
@@ -470,6 +499,7 @@ def run(
                     started=time.time(), address=address)
     if launch.path.exists() and (launch.path / LAUNCH_FILE).exists():
         raise SpecError(spec_file, "name", f"launch folder {launch.path} exists already; use `orchestra resume {name}`")
+    check_tracking(spec, name)
     launch.save()
     return _fit(spec, launch, resumed=False, num_cpus=num_cpus, verbose=verbose)
 
@@ -559,6 +589,7 @@ def resume(name: str, *, storage: str | Path = "runs", address: str | None = Non
     spec._file = launch.spec_file  # type: ignore[attr-defined]
     if address:
         launch.address = address
+    check_tracking(spec, launch.name)
     launch.resumes.append(time.time())
     launch.save()
     return _fit(spec, launch, resumed=True, num_cpus=num_cpus, verbose=verbose)

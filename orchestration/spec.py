@@ -106,6 +106,9 @@ class TrackingSpec(_Strict):
     """Tune storage path for trial directories and checkpoints (local dir, or s3://...)."""
     enabled: bool = True
     """Log to MLflow at all."""
+    credentials_file: str | None = None
+    """INI file (the format of MLflow's ~/.mlflow/credentials) with the tracking server's username and
+    password; else MLflow's MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (docs/clusters.md)."""
 
 
 class ResourcesSpec(_Strict):
