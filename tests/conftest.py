@@ -107,16 +107,19 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
         self.uri = f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 300.0) -> None:
-        cmd = [
+    def command(self) -> list[str]:
+        return [
             sys.executable, "-m", "mlflow", "server",
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
             "--default-artifact-root", str(self.root / "artifacts"),
             "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts"),
         ]
+
+    def start(self, timeout: float = 300.0) -> None:
         log = open(self.root / f"server-{time.time():.0f}.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
         deadline = time.time() + timeout
         import urllib.request
 
@@ -141,11 +144,29 @@ class MlflowServer:
             # store took it would be retried by the client and logged twice); allowed a minute.
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(60)
+                self.proc.wait(90)  # `orchestra server` gives its MLflow server 60 s
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(60)
         self.proc = None
+
+
+class AuthMlflowServer(MlflowServer):
+    """`orchestra server` (MLflow's basic-auth app) on 127.0.0.1; the admin's password in a 0600 file.
+    Stopping it SIGTERMs `orchestra server`, which stops the MLflow server it started."""
+
+    ADMIN = "admin"
+    ADMIN_PASSWORD = "test-admin-Passw0rd-not-a-default"  # test-only
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.password_file = root / "admin_password"
+        self.password_file.write_text(self.ADMIN_PASSWORD)
+        self.password_file.chmod(0o600)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "orchestration.cli", "server", "--root", str(self.root / "server"),
+                "--port", str(self.port), "--admin-password-file", str(self.password_file)]
 
 
 @pytest.fixture
