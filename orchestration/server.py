@@ -29,8 +29,6 @@ import importlib.util
 import ipaddress
 import os
 import secrets
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +56,7 @@ class ServerConfig:
 
     @property
     def url(self) -> str:
-        host = self.host if self.host not in ("0.0.0.0", "::") else "HOST"
+        host = "HOST" if _is_wildcard(self.host) else self.host  # a wildcard bind: clients use the host's name
         return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
 
 
@@ -199,30 +197,11 @@ def client_instructions(cfg: ServerConfig) -> str:
 
 def serve(cfg: ServerConfig) -> int:
     """Run the server until it exits or we get SIGTERM/SIGINT (then stop it and its workers)."""
-    from orchestration.ui import stop_process_group
+    from orchestration.ui import run_until_signalled
 
     check_config(cfg)
     cfg.root.mkdir(parents=True, exist_ok=True)
     (cfg.root / "artifacts").mkdir(exist_ok=True)
     cmd, env = server_command(cfg), server_env(cfg)
     print(client_instructions(cfg), flush=True)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    stopped: list[int] = []
-
-    def on_signal(signum: int, frame: object) -> None:
-        stopped.append(signum)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while not stopped and proc.poll() is None:
-            try:
-                proc.wait(0.5)
-            except subprocess.TimeoutExpired:
-                pass
-    finally:
-        try:
-            stop_process_group(proc, timeout=60)
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-    return 0 if stopped else proc.returncode
+    return run_until_signalled(cmd, env=env, stop_timeout=60)

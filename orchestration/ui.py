@@ -132,20 +132,12 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         pass
 
 
-def serve(uri: str, port: int, experiment: str | None) -> int:
-    """Run ``mlflow ui`` for ``uri`` on 127.0.0.1:``port`` until it exits or we get SIGTERM/SIGINT; print
-    the runs page of ``experiment`` (default: the experiment of the most recent run)."""
-    exp, view = ui_experiment(uri, experiment)
-    base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", uri]
-    print(f"MLflow UI for {uri} at {base} (Ctrl-C to stop)")
-    if exp is not None:
-        print(f"runs of experiment {exp.name!r}: {runs_page_url(base, exp.experiment_id, view)}")
-    sys.stdout.flush()
-    # Its own session, so that stopping `orchestra ui` (Ctrl-C, SIGTERM) stops the server and its workers
-    # as one process group, and a terminal's Ctrl-C reaches the server only through us.
-    proc = subprocess.Popen(cmd, start_new_session=True)
+
+def run_until_signalled(cmd: list[str], env: dict[str, str] | None = None, stop_timeout: float = 10.0) -> int:
+    """Run ``cmd`` in its own session until it exits or we get SIGTERM/SIGINT, then stop its whole process
+    group (:func:`stop_process_group`): stopping us (Ctrl-C, SIGTERM) stops the server and its workers, and a
+    terminal's Ctrl-C reaches the server only through us. Returns 0 when stopped by a signal, else its exit code."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     stopped: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
@@ -160,8 +152,21 @@ def serve(uri: str, port: int, experiment: str | None) -> int:
                 pass
     finally:
         try:
-            stop_process_group(proc)
+            stop_process_group(proc, timeout=stop_timeout)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     return 0 if stopped else proc.returncode
+
+def serve(uri: str, port: int, experiment: str | None) -> int:
+    """Run ``mlflow ui`` for ``uri`` on 127.0.0.1:``port`` until it exits or we get SIGTERM/SIGINT; print
+    the runs page of ``experiment`` (default: the experiment of the most recent run)."""
+    exp, view = ui_experiment(uri, experiment)
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", uri]
+    print(f"MLflow UI for {uri} at {base} (Ctrl-C to stop)")
+    if exp is not None:
+        print(f"runs of experiment {exp.name!r}: {runs_page_url(base, exp.experiment_id, view)}")
+    sys.stdout.flush()
+    return run_until_signalled(cmd)
