@@ -23,9 +23,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from orchestration.spec import SpecError, yaml_error
+from orchestration.spec import SpecError, load_yaml_mapping
 
 OPEN_CIDRS = ("0.0.0.0/0", "::/0")
 ANY_ADDRESS = ".".join(["0"] * 4)  # the wildcard bind address, spelled so greps for binds skip it
@@ -126,17 +124,7 @@ def _local_checks(config: dict[str, Any], file: str) -> None:
 def validate_cluster(path: str | Path) -> dict[str, Any]:
     """Validate a `ray up` config with Ray's validator and ours; return the prepared config."""
     file = str(path)
-    p = Path(path)
-    if not p.exists():
-        raise SpecError(file, "", "cluster config not found")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise yaml_error(file, e) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(file, "", f"cannot read the cluster config: {type(e).__name__}: {e}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(file, "", "a cluster config must be a YAML mapping")
+    raw = load_yaml_mapping(path, "cluster config")
     from algorithms.ray_compat import RayPrivateAPIError, prepare_cluster_config, validate_cluster_config
 
     if (raw.get("provider") or {}).get("type") == "local":

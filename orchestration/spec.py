@@ -253,6 +253,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return data
 
 
+def load_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping (a spec, a cluster config); every failure is one SpecError.
+
+    ``what`` names the document in the messages ("spec", "cluster config").
+    """
+    file = str(path)
+    p = Path(path)
+    if not p.exists():
+        raise SpecError(file, "", f"{what} file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise yaml_error(file, e) from None
+    except (OSError, UnicodeDecodeError) as e:  # a folder, unreadable, not text
+        raise SpecError(file, "", f"cannot read the {what} file: {type(e).__name__}: {e}") from None
+    if not isinstance(data, dict):
+        article = "an" if what[0] in "aeiou" else "a"
+        raise SpecError(file, "", f"{article} {what} must be a YAML mapping", type(data).__name__)
+    return data
+
+
 def load_spec(
     source: str | Path | dict[str, Any],
     overrides: list[str] | tuple[str, ...] = (),
@@ -265,17 +286,7 @@ def load_spec(
         data = source
     else:
         file = str(source)
-        path = Path(source)
-        if not path.exists():
-            raise SpecError(file, "", "spec file not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise yaml_error(file, e) from None
-        except (OSError, UnicodeDecodeError) as e:  # a folder, unreadable, not text
-            raise SpecError(file, "", f"cannot read the spec file: {type(e).__name__}: {e}") from None
-        if not isinstance(data, dict):
-            raise SpecError(file, "", "a spec must be a YAML mapping", type(data).__name__)
+        data = load_yaml_mapping(source, "spec")
     data = apply_overrides(data, overrides)
     spec = validate_schema(data, file)
     spec._file = file  # type: ignore[attr-defined]
