@@ -134,13 +134,23 @@ def trial_cpus(spec: Spec) -> float:
     return float(spec.config.get("num_cpus_for_main_process", 1) or 1)
 
 
+def seed_packs(spec: Spec) -> list[list[int]]:
+    """The spec's seeds in packs of ``pack_seeds``, in order: one trial per pack (the spec checker made
+    ``len(seeds)`` a multiple of it)."""
+    k = spec.pack_seeds
+    return [list(spec.seeds[i : i + k]) for i in range(0, len(spec.seeds), k)]
+
+
 def build_param_space(spec: Spec) -> dict[str, Any]:
     """The trial config: spec config (markers -> Tune domains), seed, env and the private block."""
     from ray import tune
 
     space = S.to_tune(spec.config)
     repeat_seeds = spec.search is not None and spec.search.type == "optuna"
-    if len(spec.seeds) == 1 or repeat_seeds:
+    packs = seed_packs(spec)
+    if spec.pack_seeds > 1:  # a trial's `seed` is its pack, the list of its replicas' seeds
+        space["seed"] = packs[0] if len(packs) == 1 else tune.grid_search(packs)
+    elif len(spec.seeds) == 1 or repeat_seeds:
         space["seed"] = spec.seeds[0]
     else:
         space["seed"] = tune.grid_search(list(spec.seeds))
@@ -423,11 +433,14 @@ def dry_run_text(spec: Spec) -> str:
     n = len(variants) * len(spec.seeds) * spec.num_samples
     env_variants = S.grid_variants({"env": spec.env}) if isinstance(spec.env, dict) else [({}, None)]
     variants = [({**ea, **a}, v) for ea, _ in env_variants for a, v in variants]
-    n = len(variants) * len(spec.seeds) * spec.num_samples
+    packs = seed_packs(spec)
+    n = len(variants) * len(packs) * spec.num_samples
+    seeds = (f"{len(packs)} pack(s) of {spec.pack_seeds} seeds" if spec.pack_seeds > 1
+             else f"{len(spec.seeds)} seed(s)")
     lines = [f"spec {spec.name}: {spec.workload}" + (f" on {spec.env_label}" if spec.env else ""),
-             f"{n} trials = {len(variants)} grid point(s) x {len(spec.seeds)} seed(s) x {spec.num_samples} sample(s)"]
+             f"{n} trials = {len(variants)} grid point(s) x {seeds} x {spec.num_samples} sample(s)"]
     for i, (assignment, _) in enumerate(variants):
-        for seed in spec.seeds:
+        for seed in packs if spec.pack_seeds > 1 else spec.seeds:
             values = ", ".join(f"{k}={v!r}" for k, v in assignment.items())
             lines.append(f"  [{i}] seed={seed}" + (f" {values}" if values else ""))
     for p, m in randoms:

@@ -155,6 +155,9 @@ class Spec(_Strict):
     task: str | None = None
     config: dict[str, Any] = {}
     seeds: list[int] = [0]
+    pack_seeds: int = Field(1, ge=1)
+    """Train this many seeds as replicas of one Tune trial (docs/methods.md, "Seed packing"); 1: a trial
+    per seed. ``len(seeds)`` must be a multiple of it; only algorithms declaring ``supports_pack_seeds``."""
     stop: dict[str, int | float] = {}
     metric: str | None = None
     mode: Literal["max", "min"] = "max"
@@ -367,7 +370,27 @@ def validate_schema(data: dict[str, Any], file: str | None) -> Spec:
                             allowed=["choice", "uniform", "loguniform", "randint"])
     if spec.scheduler and spec.scheduler.type == "pbt" and not spec.scheduler.mutations:
         raise SpecError(file, "scheduler.mutations", "pbt needs at least one mutation")
+    _validate_pack_seeds(spec, file)
     return spec
+
+
+def _validate_pack_seeds(spec: Spec, file: str | None) -> None:
+    """``pack_seeds`` K > 1: the seeds split into packs of exactly K (no ragged last pack: every trial then
+    costs the same), and only schedulers and searchers that treat a trial as a unit may run the packs."""
+    k = spec.pack_seeds
+    if k == 1:
+        return
+    if len(spec.seeds) % k:
+        raise SpecError(file, "pack_seeds", f"must divide the number of seeds ({len(spec.seeds)}) so every "
+                        "trial packs the same number", k,
+                        allowed=[d for d in range(1, len(spec.seeds) + 1) if len(spec.seeds) % d == 0])
+    if spec.scheduler and spec.scheduler.type in ("asha", "pbt"):
+        raise SpecError(file, "pack_seeds", f"the {spec.scheduler.type} scheduler stops or mutates trials one "
+                        "by one, which needs one trial per seed; use pack_seeds: 1 or scheduler fifo", k,
+                        allowed=["1 with asha/pbt", "any with fifo or no scheduler"])
+    if spec.search and spec.search.type == "optuna":
+        raise SpecError(file, "pack_seeds", "the optuna searcher repeats each sample per seed as its own "
+                        "trial; use pack_seeds: 1", k, allowed=[1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,6 +488,9 @@ def _resolve_task(spec: Spec, file: str | None) -> type:
 
 def _validate_task(spec: Spec, file: str | None) -> None:
     task_cls = _resolve_task(spec, file)
+    if spec.pack_seeds > 1:
+        raise SpecError(file, "pack_seeds", f"task {spec.workload} cannot train seeds as replicas of one trial",
+                        spec.pack_seeds, allowed=[1])
     for assignment, variant in S.grid_variants(spec.config):
         cfg = S.representative(variant)
         try:
@@ -497,6 +523,9 @@ def _validate_rllib(spec: Spec, file: str | None) -> None:
         _validate_task(spec, file)
         return
     algo_cls = resolve_algorithm(spec, file)
+    if spec.pack_seeds > 1 and not getattr(algo_cls, "supports_pack_seeds", False):
+        raise SpecError(file, "pack_seeds", f"{spec.algorithm} cannot train seeds as replicas of one trial",
+                        spec.pack_seeds, allowed="1, or an algorithm declaring supports_pack_seeds (EVE, WPO)")
     if spec.env is None:
         raise SpecError(file, "env", "an RLlib algorithm needs `env`")
     for env in spec.env_ids:
@@ -542,6 +571,8 @@ def _validate_algorithm_values(spec: Spec, algo_cls: type, keys: dict[str, str],
     for assignment, variant in S.grid_variants(spec.config):
         values = {k: v for k, v in S.representative(variant).items() if k not in blocks}
         cfg = algo_cls.get_default_config().environment(env=env)
+        if spec.pack_seeds > 1:  # what each packed trial gets (checks settings packing cannot run with)
+            cfg.replica_seeds = list(spec.seeds[: spec.pack_seeds])
         where = f" (with {', '.join(f'{k}={v!r}' for k, v in assignment.items())})" if assignment else ""
         key = "config"
         try:

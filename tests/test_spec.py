@@ -242,3 +242,28 @@ def test_config_block_must_apply_to_the_algorithm():
     e = error({**BASE, "algorithm": "SAC", "env": "Pendulum-v1", "config": {"network": {"hidden": [32]}}})
     assert e.key == "config.network" and "cannot apply to SAC" in str(e)
     assert spec(config={"network": {"hidden": [32], "norm": "layer", "nap": True}}).config["network"]["nap"] is True
+
+
+# ---- seed packing --------------------------------------------------------------------------------
+def test_pack_seeds_groups_seeds_into_trials_and_refuses_what_cannot_pack():
+    from orchestration.runner import build_param_space, dry_run_text
+
+    eve = {"name": "t", "algorithm": "EVE", "env": "bsuite/deep_sea-0", "seeds": [0, 1, 2, 3]}
+    s = load_spec({**eve, "pack_seeds": 2})
+    assert build_param_space(s)["seed"] == {"grid_search": [[0, 1], [2, 3]]}
+    assert "2 trials = 1 grid point(s) x 2 pack(s) of 2 seeds" in dry_run_text(s)
+    assert build_param_space(load_spec({**eve, "pack_seeds": 4}))["seed"] == [0, 1, 2, 3]
+    assert build_param_space(load_spec(eve))["seed"] == {"grid_search": [0, 1, 2, 3]}  # default 1: unchanged
+    e = error({**eve, "pack_seeds": 3})
+    assert e.key == "pack_seeds" and "must divide the number of seeds (4)" in str(e) and "allowed: 1, 2, 4" in str(e)
+    e = error({**BASE, "seeds": [0, 1], "pack_seeds": 2})
+    assert e.key == "pack_seeds" and "PPO cannot train seeds as replicas" in str(e)
+    e = error({**eve, "pack_seeds": 2, "metric": "m", "scheduler": {"type": "asha"}})
+    assert e.key == "pack_seeds" and "asha scheduler" in str(e)
+    e = error({**eve, "pack_seeds": 2, "metric": "m", "scheduler": {"type": "pbt", "mutations": {"lr": [1e-3]}}})
+    assert e.key == "pack_seeds" and "pbt" in str(e)
+    e = error({**eve, "pack_seeds": 2, "config": {"num_env_runners": 1}})
+    assert e.key == "config.num_env_runners" and "pack_seeds > 1" in str(e)
+    e = error({"name": "t", "task": "regression_demo", "seeds": [0, 1], "pack_seeds": 2})
+    assert e.key == "pack_seeds" and "cannot train seeds as replicas" in str(e)
+    assert error({**eve, "pack_seeds": 0}).key == "pack_seeds"

@@ -70,6 +70,9 @@ def _tensor_pairs(src: torch.nn.Module, dst: torch.nn.Module) -> list[tuple[tupl
 class OffPolicyAlgorithm(Algorithm):
     """Base Algorithm of the off-policy core; subclasses give ``get_default_config``."""
 
+    supports_pack_seeds = True
+    """Trains ``config.replica_seeds`` as K replicas in one trial (:mod:`algorithms.offpolicy.packing`)."""
+
     def setup(self, config: Any) -> None:
         super().setup(config)
         self.env_steps_inserted = 0

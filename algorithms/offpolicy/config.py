@@ -66,6 +66,9 @@ class OffPolicyConfig(AlgorithmConfig):
         """The spec's ``network`` block (algorithms.networks); algorithm defaults when None."""
         self.replay_device: str | None = None
         """Device of the replay storage; None: the learner's device."""
+        self.replica_seeds: list[int] | None = None
+        """Seed packing (algorithms.offpolicy.packing): the seeds of the K replicas this algorithm trains side by
+        side, the first being ``seed``; None or one seed: no packing. The spec's ``pack_seeds`` sets it."""
 
     def _set_provided(self, values: dict[str, Any]) -> None:
         """Builder-method helper: set each attribute whose value was given (not ``NotProvided``)."""
@@ -121,6 +124,15 @@ class OffPolicyConfig(AlgorithmConfig):
         _check(self.num_learners <= 1, "num_learners", self.num_learners,
                "0 (learner in the algorithm's process) or 1 (one remote learner, e.g. on a GPU)")
         _check(self.framework_str == "torch", "framework", self.framework_str, "torch")
+        seeds = self.replica_seeds
+        _check(seeds is None or (isinstance(seeds, list | tuple) and len(seeds) >= 1 and len(set(seeds)) == len(seeds)
+                                 and all(isinstance(s, int) for s in seeds)),
+               "replica_seeds", seeds, "None or a list of distinct int seeds")
+        if seeds is not None and len(seeds) > 1:
+            _check(self.num_env_runners == 0, "num_env_runners", self.num_env_runners,
+                   "0 with pack_seeds > 1 (the replicas' env runners live in the trial's process)")
+            _check(self.num_learners == 0, "num_learners", self.num_learners,
+                   "0 with pack_seeds > 1 (the replicas' learners live in the trial's process)")
 
     @property
     def _model_config_auto_includes(self) -> dict[str, Any]:
