@@ -59,6 +59,10 @@ PRIVATE: dict[str, PrivateSymbol] = {
     "_TrainingRunMetadata": PrivateSymbol(
         "ray.tune.trainable.metadata:_TrainingRunMetadata",
         "reading the checkpoints Tune's saved experiment state names, in tests/test_runner.py"),
+    "working_dir_excludes": PrivateSymbol(
+        "ray._private.runtime_env.packaging:_get_excludes",
+        "which files a job's working_dir upload leaves out (a credentials file must be one), in "
+        "tests/test_cluster_config.py"),
     "_global_registry": PrivateSymbol(
         "ray.tune.registry:_global_registry",
         "looking up envs registered with ray.tune.register_env (spec checks, env runners, probe sets)"),
@@ -129,6 +133,14 @@ def auth_headers_if_auth_enabled(headers: dict[str, str]) -> dict[str, str]:
     """Ray's ``get_auth_headers_if_auth_enabled``: ``headers`` plus this process's token header when token
     authentication is on (Ray raises when it is on and no token is found)."""
     return private("get_auth_headers_if_auth_enabled")(headers)
+
+
+def working_dir_excluded(working_dir: Any, excludes: list[str], path: Any) -> bool:
+    """Whether Ray's runtime_env packaging leaves ``path`` (inside ``working_dir``) out of the upload for
+    the gitignore-style ``excludes`` of a runtime_env."""
+    from pathlib import Path
+
+    return bool(private("working_dir_excludes")(Path(working_dir), list(excludes))(Path(path)))
 
 
 def training_result(checkpoint: Any, metrics: dict[str, Any]) -> Any:

@@ -28,6 +28,14 @@ interpret ``metadata``)::
 
 Token authentication: the client sends the cluster token from the local file that ``file_mounts``
 copies to ``~/.ray/auth_token`` on every node (made with ``ray get-auth-token --generate``).
+
+Tracking credentials (a head-side MLflow server with authentication, docs/clusters.md): the spec's
+``tracking.credentials_file`` is read here, where the file is, else ``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD`` are taken from this process's environment (:func:`job_credentials`); they
+travel only in the job's ``runtime_env`` ``env_vars``, where the job's driver (the tracking callback)
+finds them. The job's spec gets ``tracking.credentials_file=null``, a credentials file inside the
+project is excluded from the ``working_dir`` upload, and neither the entrypoint nor anything printed
+holds them.
 """
 
 from __future__ import annotations
@@ -149,7 +157,31 @@ def head_overrides(spec: Any, info: ClusterInfo, storage: str | None = None) -> 
     out.append(f"tracking.storage={chosen}")
     art = t.artifacts if _head_ready(t.artifacts) else info.artifacts
     out.append(f"tracking.artifacts={art}")
+    if t.credentials_file:  # a local file: its values travel in the job's env_vars (job_credentials)
+        out.append("tracking.credentials_file=null")
     return out
+
+
+def job_credentials(spec: Any, tracking_uri: str) -> dict[str, str]:
+    """The tracking server's username and password for the job's driver: from the spec's
+    ``tracking.credentials_file`` (relative paths from the current folder, as ``orchestra run`` reads
+    them), else ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` of this process; {} when the
+    job's ``tracking_uri`` is not a server or no credentials are set."""
+    from orchestration.tracking.access import PASSWORD_ENV, USERNAME_ENV, is_server_uri, read_credentials_file
+
+    if not is_server_uri(tracking_uri):
+        return {}
+    if spec.tracking.credentials_file:
+        user, password = read_credentials_file(credentials_path(spec))
+        return {USERNAME_ENV: user, PASSWORD_ENV: password}
+    if os.environ.get(USERNAME_ENV) and os.environ.get(PASSWORD_ENV):
+        return {USERNAME_ENV: os.environ[USERNAME_ENV], PASSWORD_ENV: os.environ[PASSWORD_ENV]}
+    return {}
+
+
+def credentials_path(spec: Any) -> Path | None:
+    f = spec.tracking.credentials_file
+    return (Path.cwd() / os.path.expanduser(f)).resolve() if f else None
 
 
 def info_is_local(info: ClusterInfo) -> bool:
@@ -175,10 +207,18 @@ def job_entrypoint(spec_file: Path, project_dir: Path, overrides: list[str], lau
             f"orchestra run {shlex.quote(rel)} {tail}")
 
 
-def job_runtime_env(project_dir: Path, git_commit: str, command: str) -> dict[str, Any]:
+def job_runtime_env(project_dir: Path, git_commit: str, command: str, credentials: dict[str, str] | None = None,
+                    credentials_file: Path | None = None) -> dict[str, Any]:
+    """The job's runtime_env: the project as ``working_dir`` (without :data:`JOB_EXCLUDES` and without
+    ``credentials_file`` when it lies inside the project), the launch's commit and command, and the
+    tracking ``credentials`` (:func:`job_credentials`) as env_vars of the driver."""
+    project = project_dir.resolve()
+    excludes = list(JOB_EXCLUDES)
+    if credentials_file is not None and credentials_file.resolve().is_relative_to(project):
+        excludes.append("/" + credentials_file.resolve().relative_to(project).as_posix())  # anchored at the root
     return {
-        "working_dir": str(project_dir.resolve()),
-        "excludes": list(JOB_EXCLUDES),
+        "working_dir": str(project),
+        "excludes": excludes,
         "env_vars": {
             "ORCHESTRA_GIT_COMMIT": git_commit,
             "ORCHESTRA_COMMAND": command[:4000],
@@ -186,8 +226,18 @@ def job_runtime_env(project_dir: Path, git_commit: str, command: str) -> dict[st
             # local loopback default of `orchestra` says.
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
             "PYTHONUNBUFFERED": "1",
+            **(credentials or {}),
         },
     }
+
+
+def job_submission(spec_path: Path, spec: Any, sets: list[str], project: Path, name: str, commit: str,
+                   command: str) -> dict[str, Any]:
+    """The keyword arguments of ``JobSubmissionClient.submit_job`` for a launch: entrypoint (no
+    secrets: :func:`job_status` shows it), submission id and runtime_env (:func:`job_runtime_env`)."""
+    uri = next(s.split("=", 1)[1] for s in sets if s.startswith("tracking.uri="))
+    env = job_runtime_env(project, commit, command, job_credentials(spec, uri), credentials_path(spec))
+    return {"entrypoint": job_entrypoint(spec_path, project, sets, name), "submission_id": name, "runtime_env": env}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,14 +465,13 @@ def launch(
     name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     commit = _git_commit(project)  # the code the job runs: the shipped project
     command = " ".join(shlex.quote(a) for a in ["orchestra", *sys.argv[1:]]) if sys.argv else "orchestra launch"
+    payload = job_submission(spec_path, spec, sets, project, name, commit, command)  # credentials read here
     ensure_token(info, out)
     if start and not cluster_is_up(info, out):
         ray_up(info, out)
-    entry = job_entrypoint(spec_path, project, sets, name)
     with dashboard(info, dashboard_address) as dash:
         client = job_client(dash.address)
-        job_id = client.submit_job(entrypoint=entry, submission_id=name,
-                                   runtime_env=job_runtime_env(project, commit, command))
+        job_id = client.submit_job(**payload)
         out(f"submitted job {job_id} to cluster {info.name!r} (git {commit})")
         uri = next(s.split("=", 1)[1] for s in sets if s.startswith("tracking.uri="))
         experiment = spec.experiment_name

@@ -171,3 +171,67 @@ def test_launch_points_the_job_at_head_side_tracking_and_storage(tmp_path: Path)
     env = job_runtime_env(ROOT, "abc123", "orchestra launch x")
     assert {".venv", "runs", "mlruns", ".git"} <= set(env["excludes"])
     assert env["env_vars"]["ORCHESTRA_GIT_COMMIT"] == "abc123" and env["working_dir"] == str(ROOT)
+
+
+def test_launch_carries_tracking_credentials_in_env_vars_only(tmp_path: Path, monkeypatch):
+    """The job's driver gets the tracking server's credentials as runtime_env env_vars: from the spec's
+    credentials file (which Ray's working_dir upload leaves out) or from this process's environment; the
+    entrypoint, the recorded command and the job's spec hold neither the password nor the file."""
+    import json
+
+    from algorithms.ray_compat import working_dir_excluded
+    from orchestration.launch import cluster_info, head_overrides, job_submission
+    from orchestration.spec import UserError, load_spec
+    from orchestration.tracking.access import PASSWORD_ENV, USERNAME_ENV
+
+    monkeypatch.delenv(USERNAME_ENV, raising=False)
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    project = tmp_path / "project"
+    (project / "secrets").mkdir(parents=True)
+    (project / "experiments").mkdir()
+    (project / "experiments" / "x.yaml").write_text("name: x\ntask: regression_demo\n")
+    creds = project / "secrets" / "mlflow.ini"
+    password = "s3cret-Pa55-only-in-env-vars"
+    creds.write_text(f"[mlflow]\nmlflow_tracking_username = alice\nmlflow_tracking_password = {password}\n")
+    creds.chmod(0o600)
+    monkeypatch.chdir(project)  # relative credentials paths are read from the current folder, as `orchestra run` does
+    info = cluster_info(ROOT / "cluster.yaml")
+    spec_file = project / "experiments" / "x.yaml"
+    spec = load_spec(spec_file, ["tracking.credentials_file=secrets/mlflow.ini"])
+    sets = ["tracking.credentials_file=secrets/mlflow.ini", *head_overrides(spec, info)]
+    assert sets[-1] == "tracking.credentials_file=null"  # the job's spec names no local file
+    command = "orchestra launch experiments/x.yaml --cluster cluster.yaml --set tracking.credentials_file=secrets/mlflow.ini"
+    payload = job_submission(spec_file, spec, sets, project, "x-1", "abc123", command)
+
+    env = payload["runtime_env"]["env_vars"]
+    assert env[USERNAME_ENV] == "alice" and env[PASSWORD_ENV] == password
+    assert password not in payload["entrypoint"] and password not in env["ORCHESTRA_COMMAND"]
+    assert "--set tracking.credentials_file=null" in payload["entrypoint"]
+    assert payload["submission_id"] == "x-1"
+    excludes = payload["runtime_env"]["excludes"]
+    assert "/secrets/mlflow.ini" in excludes
+    assert working_dir_excluded(project, excludes, creds)  # Ray's own packaging skips the file
+    assert not working_dir_excluded(project, excludes, spec_file)
+    # the whole payload holds the password exactly once: the env var
+    assert json.dumps(payload).count(password) == 1
+
+    # without a file: this process's MLFLOW_TRACKING_USERNAME/PASSWORD
+    plain = load_spec(spec_file)
+    plain_sets = head_overrides(plain, info)
+    assert not any("credentials_file" in s for s in plain_sets)
+    assert USERNAME_ENV not in job_submission(spec_file, plain, plain_sets, project, "x-2", "abc", "c")["runtime_env"][
+        "env_vars"]
+    monkeypatch.setenv(USERNAME_ENV, "bob")
+    monkeypatch.setenv(PASSWORD_ENV, "bobs-password")
+    env = job_submission(spec_file, plain, plain_sets, project, "x-3", "abc", "c")["runtime_env"]["env_vars"]
+    assert (env[USERNAME_ENV], env[PASSWORD_ENV]) == ("bob", "bobs-password")
+    # a tracking URI that is no server gets no credentials
+    local = load_spec(spec_file, ["tracking.uri=sqlite:////tmp/x.db"])
+    sets = [s if not s.startswith("tracking.uri=") else "tracking.uri=sqlite:////tmp/x.db"
+            for s in head_overrides(local, info)]
+    assert PASSWORD_ENV not in job_submission(spec_file, local, sets, project, "x-4", "abc", "c")["runtime_env"][
+        "env_vars"]
+    # a credentials file others can read is refused before anything is submitted
+    creds.chmod(0o644)
+    with pytest.raises(UserError, match="chmod 600"):
+        job_submission(spec_file, spec, head_overrides(spec, info), project, "x-5", "abc", "c")

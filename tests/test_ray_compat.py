@@ -50,6 +50,18 @@ def test_auth_headers_empty_without_token_auth_and_bearer_with_it():
     assert on.returncode == 0 and on.stdout.strip() == "{'authorization': 'Bearer " + "a" * 32 + "'}", on.stderr[-2000:]
 
 
+def test_working_dir_excludes_follow_gitignore_patterns(tmp_path: Path):
+    params = list(inspect.signature(ray_compat.private("working_dir_excludes")).parameters)
+    assert params == ["path", "excludes"]
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "sub" / "secrets").mkdir(parents=True)
+    excludes = ["/secrets/mlflow.ini", ".venv"]
+    assert ray_compat.working_dir_excluded(tmp_path, excludes, tmp_path / "secrets" / "mlflow.ini")
+    assert ray_compat.working_dir_excluded(tmp_path, excludes, tmp_path / "sub" / ".venv")
+    assert not ray_compat.working_dir_excluded(tmp_path, excludes, tmp_path / "sub" / "secrets" / "mlflow.ini")
+    assert not ray_compat.working_dir_excluded(tmp_path, excludes, tmp_path / "secrets" / "other.ini")
+
+
 def test_training_result_holds_checkpoint_and_metrics():
     from ray import tune
 

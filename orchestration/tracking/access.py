@@ -12,8 +12,9 @@ A spec may name a credentials file in ``tracking.credentials_file`` instead: the
     mlflow_tracking_password = ...
 
 Its values are put in the driver's environment, where the tracking callback's thread sends every
-request; trials never talk to MLflow, so the password is not put in Ray's runtime_env (which Ray keeps
-in its GCS and shows on its dashboard).
+request; trials never talk to MLflow, so a local launch does not put the password in Ray's runtime_env
+(which Ray keeps in its GCS). A launch on a cluster (``orchestra launch``) has its driver on the head:
+there the credentials arrive as the job's runtime_env env_vars (orchestration.launch.job_credentials).
 
 Both checks turn what would otherwise be retries, a hang or a run logged nowhere into one UserError:
 :func:`check_tracking_server` (reachable; credentials accepted) for every command, and
