@@ -14,6 +14,7 @@ from algorithms.uncertainty import (
     delta_variance,
     delta_variance_fast,
     diagonal_posterior_covariance,
+    diagonal_posterior_precision,
     fisher_diagonal,
     fisher_full,
     flatten_params,
@@ -500,3 +501,21 @@ def test_cached_structure_reads_parameters_live():
     jac = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(net(x[b:b + 1])[0, 0], list(net.parameters()))])
                        for b in range(5)])
     torch.testing.assert_close(mean_sq_grad_fast(net, lambda m: m(x)[:, 0]), jac.square().mean(0))
+
+
+def test_diagonal_posterior_precision_by_hand_and_its_users_agree():
+    """Λ = N·diag F + λ: F = (0.5, 0, 2), N = 4, λ = 0.1 gives (2.1, 0.1, 8.1); every user takes it from here."""
+    from algorithms.eve.exploration import posterior_std
+
+    fisher = torch.tensor([0.5, 0.0, 2.0], dtype=F64)
+    expected = torch.tensor([2.1, 0.1, 8.1], dtype=F64)
+    torch.testing.assert_close(diagonal_posterior_precision(fisher, 4, 0.1), expected)
+    torch.testing.assert_close(diagonal_posterior_covariance(fisher, 4, 0.1), expected.reciprocal())
+    torch.testing.assert_close(posterior_std(fisher, 4, 0.1), expected.rsqrt())
+    with pytest.raises(ValueError, match="non-positive"):
+        diagonal_posterior_precision(fisher, 4, 0.0)  # the zero Fisher entry and no prior
+    torch.testing.assert_close(diagonal_posterior_precision(fisher, 4, 0.0, require_positive=False),
+                               torch.tensor([2.0, 0.0, 8.0], dtype=F64))
+    for bad in ({"num_data": -1, "damping": 0.1}, {"num_data": 4, "damping": -0.1}):
+        with pytest.raises(ValueError, match="must be >= 0"):
+            diagonal_posterior_precision(fisher, **bad)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from algorithms.uncertainty import Params, flatten_params, unflatten_like
+from algorithms.uncertainty import Params, diagonal_posterior_precision, flatten_params, unflatten_like
 
 RESAMPLE_MODES = ("episode", "steps")
 PERTURBATION_MODES = ("linearised", "parameters")
@@ -60,10 +60,7 @@ def linear_epsilon(step: int, initial: float, final: float, timesteps: int) -> f
 
 def posterior_std(fisher_diag: Tensor, num_data: float, damping: float) -> Tensor:
     """(N·diag F + λ)^{-1/2} [P], the diagonal posterior std (λ > 0 keeps it finite)."""
-    prec = fisher_diag * num_data + damping
-    if not bool((prec > 0).all()):
-        raise ValueError("N*diag F + damping has non-positive entries: use damping > 0")
-    return prec.rsqrt()
+    return diagonal_posterior_precision(fisher_diag, num_data, damping).rsqrt()
 
 
 def perturbed_q_values(

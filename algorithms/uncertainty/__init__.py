@@ -4,6 +4,7 @@
 - :func:`fisher_full`, :func:`fisher_diagonal`, :class:`RunningDiagonalFisher`: F = E[∇_θu ∇_θuᵀ]/σ²;
   :func:`mean_sq_grad_fast` / :func:`delta_variance_fast` do the diagonal cases for MLPs without
   per-example gradients.
+- :func:`diagonal_posterior_precision`: Λ = N·diag F + λ, the one place it is computed.
 - :func:`diagonal_posterior_covariance`, :func:`full_posterior_covariance`: Σ = (N·F + λ)⁻¹.
 - :func:`sample_posterior`: θ̃ = θ̂ + (N·diag F + λ)^{-1/2} ε (EVE's Thompson sample).
 """
@@ -26,7 +27,7 @@ from algorithms.uncertainty.params import (
     num_params,
     unflatten_like,
 )
-from algorithms.uncertainty.posterior import sample_posterior
+from algorithms.uncertainty.posterior import diagonal_posterior_precision, sample_posterior
 
 __all__ = [
     "Covariance",
@@ -36,6 +37,7 @@ __all__ = [
     "delta_variance",
     "delta_variance_fast",
     "diagonal_posterior_covariance",
+    "diagonal_posterior_precision",
     "fisher_diagonal",
     "fisher_full",
     "flatten_params",

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from algorithms.uncertainty.jacobian import as_inputs, per_example_jacobian
 from algorithms.uncertainty.params import Params, QueryFn, as_flat, num_params
+from algorithms.uncertainty.posterior import diagonal_posterior_precision
 
 Covariance = Tensor | Mapping[str, Tensor] | Callable[[Tensor], Tensor]
 """Σ as a diagonal [P] (or a dict shaped like the params), a full matrix [P, P], or a callable
@@ -88,14 +89,7 @@ def delta_variance(
 
 def diagonal_posterior_covariance(fisher_diag: Tensor, num_data: float, damping: float) -> Tensor:
     """Σ = (N·diag F + λ)⁻¹ elementwise [P] (EVE, Schmitt et al. 2023); λ > 0 keeps it finite."""
-    if num_data < 0:
-        raise ValueError(f"num_data must be >= 0, got {num_data}")
-    if damping < 0:
-        raise ValueError(f"damping must be >= 0, got {damping}")
-    prec = fisher_diag * num_data + damping
-    if not bool((prec > 0).all()):
-        raise ValueError("N*diag F + damping has non-positive entries: use damping > 0")
-    return prec.reciprocal()
+    return diagonal_posterior_precision(fisher_diag, num_data, damping).reciprocal()
 
 
 def full_posterior_covariance(fisher: Tensor, num_data: float, damping: float) -> Tensor:

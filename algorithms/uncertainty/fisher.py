@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from algorithms.uncertainty.fast import mean_sq_grad_fast_with_batch, named_params
 from algorithms.uncertainty.jacobian import per_example_jacobian
 from algorithms.uncertainty.params import Params, QueryFn, num_params
+from algorithms.uncertainty.posterior import diagonal_posterior_precision
 
 FISHER_MODES = ("ema", "mean")
 
@@ -165,10 +166,8 @@ class RunningDiagonalFisher:
         return self.update(jac)
 
     def precision(self, num_data: float) -> Tensor:
-        """N·F_t + λ [P]."""
-        if num_data < 0:
-            raise ValueError(f"num_data must be >= 0, got {num_data}")
-        return self.fisher * num_data + self.damping
+        """N·F_t + λ [P] (:func:`~algorithms.uncertainty.posterior.diagonal_posterior_precision`)."""
+        return diagonal_posterior_precision(self.fisher, num_data, self.damping, require_positive=False)
 
     def covariance(self, num_data: float) -> Tensor:
         """Diagonal posterior covariance 1 / (N·F_t + λ) [P] (needs λ > 0 or F_t > 0 everywhere)."""
