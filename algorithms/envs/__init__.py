@@ -1,4 +1,5 @@
-"""Gymnasium environments: DeepMind Control Suite, bsuite, MinAtar and task sequences for continual RL.
+"""Gymnasium environments: DeepMind Control Suite, bsuite, MinAtar, the Arcade Learning Environment and task
+sequences for continual RL.
 
 Importing this package registers every id (see `algorithms.envs.registration`) with lazy entry-point
 strings, so it is cheap enough to import in every Ray worker; the simulators load on `gymnasium.make`.
@@ -7,6 +8,8 @@ It also picks a headless OpenGL backend for dm_control when none is set (see `al
 
 from algorithms.envs._gl import select_headless_mujoco_gl
 from algorithms.envs.registration import (
+    ale_env_id,
+    all_ale_env_ids,
     all_bsuite_ids,
     all_dmc_env_ids,
     all_minatar_env_ids,
@@ -19,6 +22,8 @@ select_headless_mujoco_gl()
 register_all()
 
 __all__ = [
+    "ale_env_id",
+    "all_ale_env_ids",
     "all_bsuite_ids",
     "all_dmc_env_ids",
     "all_minatar_env_ids",

@@ -1,16 +1,18 @@
 """Gymnasium registration of every environment this project ships, by lazy entry-point strings.
 
-Importing this module (or `algorithms.envs`) imports neither dm_control, bsuite nor MinAtar: each id is
-registered with an `"module:function"` entry point, resolved only when `gymnasium.make` builds the env.
-The task lists below are static copies of `dm_control.suite.ALL_TASKS` and of the sizes of
-`bsuite.sweep`'s experiments (importing those packages costs about 1 s each); the tests check that the
-copies equal the installed packages' lists.
+Importing this module (or `algorithms.envs`) imports neither dm_control, bsuite, MinAtar nor ale_py: each
+id is registered with an `"module:function"` entry point, resolved only when `gymnasium.make` builds the
+env. The task lists below are static copies of `dm_control.suite.ALL_TASKS`, of the sizes of
+`bsuite.sweep`'s experiments and of ale_py's single-player ROMs (importing those packages costs about 1 s
+each); the tests check that the copies equal the installed packages' lists.
 
 Ids:
 - `dmc/<domain>-<task>`                 every DeepMind Control Suite task (`algorithms.envs.dmc`)
 - `bsuite/<experiment>-<index>`         every bsuite id `<experiment>/<index>` (`algorithms.envs.bsuite`)
 - `minatar/<game>`                      the five MinAtar games (`algorithms.envs.minatar`)
-- `sequence/minatar`, `sequence/tasks`  task sequences for continual RL (`algorithms.envs.sequence`)
+- `ale/<Game>`                          every single-player Atari 2600 game of ale-py, e.g. `ale/Pong`,
+                                        `ale/SpaceInvaders`, Machado et al. (2018) protocol (`algorithms.envs.ale`)
+- `sequence/minatar`, `sequence/ale`, `sequence/tasks`  task sequences for continual RL (`algorithms.envs.sequence`)
 
 RLlib: `config.environment("dmc/cartpole-swingup", env_config={...})` works in any process that has
 imported `algorithms.envs` (RLlib calls `gymnasium.make(env, **env_config)`). Where that import is not
@@ -50,6 +52,25 @@ BSUITE_SWEEP_SIZES: dict[str, int] = {
 
 MINATAR_GAMES: tuple[str, ...] = ("asterix", "breakout", "freeway", "seaquest", "space_invaders")
 
+# ale_py.roms.get_all_rom_ids() (ale-py 0.12), in its order, without the four ROMs that have no single-player
+# mode (combat, joust, maze_craze, warlords), as ale_py's own `ALE/<Game>-v5` registration leaves them out.
+ALE_GAMES: tuple[str, ...] = (
+    "adventure", "air_raid", "alien", "amidar", "assault", "asterix", "asteroids", "atlantis2", "atlantis",
+    "backgammon", "bank_heist", "basic_math", "battle_zone", "beam_rider", "berzerk", "blackjack",
+    "bowling", "boxing", "breakout", "carnival", "casino", "centipede", "chopper_command", "crazy_climber",
+    "crossbow", "darkchambers", "defender", "demon_attack", "donkey_kong", "double_dunk", "earthworld",
+    "elevator_action", "enduro", "entombed", "et", "fishing_derby", "flag_capture", "freeway", "frogger",
+    "frostbite", "galaxian", "gopher", "gravitar", "hangman", "haunted_house", "hero", "human_cannonball",
+    "ice_hockey", "jamesbond", "journey_escape", "kaboom", "kangaroo", "keystone_kapers", "king_kong",
+    "klax", "koolaid", "krull", "kung_fu_master", "laser_gates", "lost_luggage", "mario_bros",
+    "miniature_golf", "montezuma_revenge", "mr_do", "ms_pacman", "name_this_game", "othello", "pacman",
+    "phoenix", "pitfall2", "pitfall", "pong", "pooyan", "private_eye", "qbert", "riverraid", "road_runner",
+    "robotank", "seaquest", "sir_lancelot", "skiing", "solaris", "space_invaders", "space_war",
+    "star_gunner", "superman", "surround", "tennis", "tetris", "tic_tac_toe_3d", "time_pilot", "trondead",
+    "turmoil", "tutankham", "up_n_down", "venture", "video_checkers", "video_chess", "video_cube",
+    "video_pinball", "wizard_of_wor", "word_zapper", "yars_revenge", "zaxxon",
+)
+
 
 def dmc_env_id(domain: str, task: str) -> str:
     """`dmc/<domain>-<task>`, e.g. `dmc/cartpole-swingup`."""
@@ -62,6 +83,15 @@ def bsuite_env_id(bsuite_id: str) -> str:
     if not sep or not index.isdigit():
         raise ValueError(f"bsuite_id must look like '<experiment>/<index>', e.g. 'deep_sea/10'; got {bsuite_id!r}")
     return f"bsuite/{experiment}-{index}"
+
+
+def ale_env_id(game: str) -> str:
+    """`ale/<Game>` of an ale_py ROM id, PascalCase as in ale_py's own ids: `space_invaders` -> `ale/SpaceInvaders`."""
+    return "ale/" + game.title().replace("_", "")
+
+
+def all_ale_env_ids() -> list[str]:
+    return [ale_env_id(g) for g in ALE_GAMES]
 
 
 def all_dmc_env_ids() -> list[str]:
@@ -90,5 +120,8 @@ def register_all() -> None:
         _register(bsuite_env_id(bsuite_id), "algorithms.envs.bsuite:make_bsuite_env", {"bsuite_id": bsuite_id})
     for game in MINATAR_GAMES:
         _register(f"minatar/{game}", "algorithms.envs.minatar:MinAtarEnv", {"game": game})
+    for game in ALE_GAMES:
+        _register(ale_env_id(game), "algorithms.envs.ale:make_ale_env", {"game": game})
     _register("sequence/minatar", "algorithms.envs.sequence:make_minatar_sequence", {})
+    _register("sequence/ale", "algorithms.envs.sequence:make_ale_sequence", {})
     _register("sequence/tasks", "algorithms.envs.sequence:TaskSequenceEnv", {})

@@ -16,6 +16,8 @@ Compatible spaces (padding, not per-task heads):
 - Discrete actions: `Discrete(max n)`; an action outside a task's own range is replaced by
   `invalid_action` (default 0, no-op in MinAtar's action sets). `sequence/minatar` uses MinAtar's full
   6-action set for every game, so there every action is valid and means the same move in every game.
+  `sequence/ale` likewise uses ALE's full action set: every game has `Discrete(18)` and the same
+  observation space `Box(0, 255, (4, 84, 84), uint8)`, so nothing is padded or replaced there.
 - Box actions must be identical across tasks.
 
 Info: every step and reset carries `task_id` (int index into `task_names`), `global_step` (the count
@@ -42,7 +44,7 @@ from typing import Any
 import gymnasium
 import numpy as np
 
-from algorithms.envs.registration import MINATAR_GAMES
+from algorithms.envs.registration import ALE_GAMES, MINATAR_GAMES, ale_env_id
 
 _TASK_KEYS = {"id", "kwargs", "name"}
 
@@ -225,6 +227,44 @@ def make_minatar_sequence(
               "difficulty_ramping": difficulty_ramping, "max_episode_steps": max_episode_steps}
     tasks = [{"id": f"minatar/{g}", "kwargs": kwargs, "name": g} for g in games]
     return TaskSequenceEnv(tasks, switch_every, start_step=start_step, step_scale=step_scale)
+
+
+# This project's default `sequence/ale` games: ten games in the shape of the sequential ALE of Lyle et al. (2024,
+# "Normalization and effective learning rates in reinforcement learning": ten games, each for a fixed frame
+# budget, cycled); the choice of games is ours, with scores on different scales and no shared visuals.
+ALE_SEQUENCE_GAMES: tuple[str, ...] = (
+    "pong", "breakout", "space_invaders", "seaquest", "qbert",
+    "asterix", "ms_pacman", "enduro", "beam_rider", "freeway",
+)
+
+
+def make_ale_sequence(
+    games: Sequence[str] = ALE_SEQUENCE_GAMES,
+    frames_per_game: int | None = None,
+    *,
+    start_step: int = 0,
+    step_scale: int = 1,
+    frame_skip: int = 4,
+    **ale_kwargs: Any,
+) -> TaskSequenceEnv:
+    """`sequence/ale`: ALE games (ale_py ROM ids such as `pong`) cycled every `frames_per_game` emulator
+    frames (RLlib: `config.environment("sequence/ale", env_config={"games": [...], "frames_per_game": N})`).
+
+    The schedule runs on agent steps: each game plays for switch_every = frames_per_game / frame_skip
+    global env steps (one agent step is `frame_skip` frames), so `frames_per_game` must be a multiple of
+    `frame_skip`. Per-game returns are the diagnostic `task_returns`' `env/task_return/task_<k>`, k the
+    game's index in `games`. `ale_kwargs` are :func:`algorithms.envs.ale.make_ale_env`'s keywords
+    (sticky actions, `max_num_frames_per_episode`, `terminal_on_life_loss`, ...), the same for every game;
+    with the default full action set all games share `Discrete(18)` and (4, 84, 84) uint8 observations."""
+    if isinstance(games, str) or not games or any(g not in ALE_GAMES for g in games):
+        raise ValueError(f"games must be a non-empty list of single-player ale_py ROM ids (e.g. {list(ALE_SEQUENCE_GAMES[:3])},"
+                         f" see algorithms.envs.registration.ALE_GAMES); got {games!r}")
+    if not isinstance(frames_per_game, int) or isinstance(frames_per_game, bool) or frames_per_game < frame_skip \
+            or frames_per_game % frame_skip:
+        raise ValueError(f"frames_per_game must be a positive multiple of frame_skip ({frame_skip}) emulator frames; "
+                         f"got {frames_per_game!r}")
+    tasks = [{"id": ale_env_id(g), "kwargs": {"frame_skip": frame_skip, **ale_kwargs}, "name": g} for g in games]
+    return TaskSequenceEnv(tasks, frames_per_game // frame_skip, start_step=start_step, step_scale=step_scale)
 
 
 def task_sequence_envs(env: Any) -> list[TaskSequenceEnv]:
