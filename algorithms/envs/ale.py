@@ -20,7 +20,9 @@ Defaults (every one a keyword of :func:`make_ale_env`, so a spec's `env_config` 
 - rewards are the game's own score changes (not clipped), so episode returns are game scores.
 
 Observation: `Box(0, 255, (4, 84, 84), uint8)`, layout [C, H, W] = [frames, height, width], oldest frame
-first; it stays uint8 so replay buffers hold a quarter of the float32 bytes.
+first. This is the layout of the Nature-DQN encoder (`network: {encoder: nature_cnn}`,
+algorithms/networks/builders.py::NatureCNN), which scales the intensities by 1/255 itself; the observation
+stays uint8 so replay buffers hold a quarter of the float32 bytes.
 
 Info: ALE's `lives`, `episode_frame_number`, `frame_number`. Seeding: `reset(seed=s)` seeds the emulator,
 its sticky-action draws and (with `noop_max > 0`) the no-op count. The ROMs ship in the ale-py wheel;

@@ -1,7 +1,11 @@
 """EVEModule: the Q network (built by algorithms.networks) and the posterior state acting needs.
 
-- ``q``: obs [B, D] -> Q_θ(s, ·) [B, A], an MLP from the spec's ``network`` block, else
-  ``build_mlp(D, A, NetworkConfig(hidden=config.hidden, activation=config.activation, norm=config.norm))``;
+- ``q``: obs [B, D] -> Q_θ(s, ·) [B, A], an MLP from the spec's ``network`` block (image observations:
+  the block's conv encoder with A outputs, e.g. ``encoder: nature_cnn`` on ``ale/<Game>``; they need
+  ``q_heads="shared"`` and ``exploration="epsilon_greedy"`` or ``"greedy"``, the posterior's Fisher pass
+  being written for MLPs), else
+  ``build_mlp(D, A, NetworkConfig(hidden=config.hidden, activation=config.activation, norm=config.norm))``
+  (settings missing from ``model_config`` fall back to :class:`~algorithms.eve.config.EVESettings`' defaults);
   with ``q_heads="per_action"`` A such MLPs with one output each, Q(s, a) = net_a(s), sharing no parameter
   (so a diagonal posterior perturbs each action's value independently), run as one grouped network
   (:func:`algorithms.networks.build_grouped_mlp`: one matrix product per layer for all actions);
@@ -19,8 +23,9 @@ import torch
 from ray.rllib.core.columns import Columns
 from torch import Tensor
 
+from algorithms.eve.config import EVESettings
 from algorithms.eve.exploration import greedy_actions
-from algorithms.networks.builders import build_mlp
+from algorithms.networks.builders import build_mlp, build_network
 from algorithms.networks.config import NetworkConfig
 from algorithms.networks.grouped import build_grouped_mlp
 from algorithms.offpolicy.module import OffPolicyRLModule
@@ -33,16 +38,20 @@ class EVEModule(OffPolicyRLModule):
     LEARNER_ONLY = ()
 
     def setup(self) -> None:
-        mc: dict[str, Any] = dict(self.model_config or {})
+        mc: dict[str, Any] = EVESettings.module_config(self.model_config)
         shape = self.observation_space.shape
-        if shape is None or len(shape) != 1:
-            raise ValueError(f"EVE: observations must be flat vectors [D], got shape {shape}")
+        if shape is None or len(shape) not in (1, 3):
+            raise ValueError(f"EVE: observations must be flat vectors [D] or images, got shape {shape}")
         if not hasattr(self.action_space, "n"):
             raise ValueError(f"EVE: the action space must be Discrete, got {self.action_space}")
-        block = self.network_config or NetworkConfig(hidden=list(mc.get("hidden") or [64]),
-                                                      activation=str(mc.get("activation", "relu")),
-                                                      norm=str(mc.get("norm", "none")))
-        if mc.get("q_heads", "shared") == "per_action":
+        block = self.network_config or NetworkConfig(hidden=list(mc["hidden"]), activation=str(mc["activation"]),
+                                                      norm=str(mc["norm"]))
+        if len(shape) == 3:
+            if mc.get("q_heads", "shared") != "shared":
+                raise ValueError(f"EVE: image observations {tuple(shape)} need q_heads='shared' (one conv torso "
+                                 f"with A outputs); got q_heads={mc.get('q_heads')!r}")
+            self.q = build_network(tuple(int(d) for d in shape), int(self.action_space.n), block)
+        elif mc["q_heads"] == "per_action":
             self.q = build_grouped_mlp(int(shape[0]), int(self.action_space.n), 1, block)
         else:
             self.q = build_mlp(int(shape[0]), int(self.action_space.n), block)

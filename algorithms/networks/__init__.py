@@ -2,7 +2,8 @@
 plasticity interventions (ReDo, Shrink & Perturb, resets, CReLU).
 
 - ``config``: :class:`NetworkConfig` (the spec's ``config.network`` block; pydantic only, no torch).
-- ``builders``: :func:`build_mlp`, :func:`build_cnn`, :func:`build_network`, :class:`Network`.
+- ``builders``: :func:`build_mlp`, :func:`build_cnn`, :func:`build_nature_cnn` (Mnih et al. 2015),
+  :func:`build_network` (picks the block's ``encoder``), :class:`Network`.
 - ``grouped``: :func:`build_grouped_mlp`, G MLPs without shared parameters run as one network.
 - ``updates``: pieces around any torch optimiser (:class:`NaP`, :class:`DecoupledWeightDecay`,
   :class:`LRSchedule`, :class:`Chain`, :func:`network_updates`, :func:`nap_project_`).
@@ -31,9 +32,11 @@ _EXPORTS = {
     "Network": "builders",
     "MLP": "builders",
     "CNN": "builders",
+    "NatureCNN": "builders",
     "RMSNorm": "builders",
     "build_mlp": "builders",
     "build_cnn": "builders",
+    "build_nature_cnn": "builders",
     "build_network": "builders",
     "trainable_networks": "builders",
     "named_hidden_activations": "builders",

@@ -1,4 +1,4 @@
-"""MLP and small CNN builders: the one place networks are built.
+"""MLP, small CNN and Nature-DQN CNN builders: the one place networks are built.
 
 Every hidden layer is a :class:`HiddenBlock` ``layer -> norm -> act`` (Linear or Conv2d, then
 LayerNorm / RMSNorm / Identity, then an activation *module*). With a norm the layer has no bias: the
@@ -20,6 +20,11 @@ CReLU (``activation: crelu``, Shang et al. 2016): the block's activation is :cla
 H (C channels) hands 2H features (2C channels) to the next layer; ``out_features`` of a torso is then
 2·hidden[-1]. Hooks on the activation see those 2H features (:attr:`CReLU.is_activation` lets the
 plasticity diagnostics find it).
+
+Encoders (``network.encoder``): ``auto`` builds an :class:`MLP` for flat observations [D] and a
+:class:`CNN` (``network.cnn``) for channels-last images [H, W, C]; ``nature_cnn`` builds a :class:`NatureCNN`
+for channels-first pixel stacks [C, H, W] (``ale/<Game>``). Conv blocks follow the dense blocks' rule: with a
+norm the conv has no bias and the norm (over [C, H, W] of its output) sits before the activation.
 
 Naming convention: ``blocks.<i>.layer``, ``blocks.<i>.norm``, ``blocks.<i>.act`` and ``output``; a CNN
 has ``convs.<i>.*`` before its ``blocks``.
@@ -194,20 +199,9 @@ class CNN(Network):
             raise ValueError(f"build_cnn: obs_shape must be [H, W, C] (channels-last), got {list(obs_shape)}")
         cnn = cfg.cnn if cfg.cnn is not None else CNNConfig()
         h, w, c = (int(s) for s in obs_shape)
-        convs = []
-        for out_c, k, s in zip(cnn.channels, cnn.per_layer("kernel"), cnn.per_layer("stride")):
-            h, w = (h - k) // s + 1, (w - k) // s + 1
-            if h < 1 or w < 1:
-                raise ValueError(f"network.cnn: kernel {k} / stride {s} too large for input {list(obs_shape)}")
-            conv = nn.Conv2d(c, out_c, k, stride=s, bias=cfg.norm == "none")
-            act = make_activation(cfg.activation, dim=1)  # channels of [B, C, H, W]
-            convs.append(HiddenBlock(conv, make_norm(cfg.norm, (out_c, h, w)), act))
-            c = out_c * width_factor(cfg.activation)
-        self.convs = nn.ModuleList(convs)
-        self.blocks = _dense_blocks(c * h * w, cfg)
-        width = cfg.hidden[-1] * width_factor(cfg.activation) if cfg.hidden else c * h * w
-        self.output = nn.Linear(width, out_dim) if out_dim is not None else None
-        self.out_features = out_dim if out_dim is not None else width
+        layers = list(zip(cnn.channels, cnn.per_layer("kernel"), cnn.per_layer("stride")))
+        self.convs, flat = _conv_blocks((c, h, w), layers, cfg, "network.cnn", obs_shape)
+        _dense_head(self, flat, out_dim, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)  # [B, H, W, C] -> [B, C, H, W] for Conv2d
@@ -217,6 +211,68 @@ class CNN(Network):
         for block in self.blocks:
             x = block(x)
         return self.output(x) if self.output is not None else x
+
+
+NATURE_CNN_CONVS: tuple[tuple[int, int, int], ...] = ((32, 8, 4), (64, 4, 2), (64, 3, 1))
+"""(out channels, kernel, stride) of the Nature-DQN conv layers (Mnih et al. 2015, Methods)."""
+
+
+class NatureCNN(Network):
+    """The Nature-DQN torso (Mnih et al. 2015): x [B, C, H, W] pixel intensities in [0, 255] (uint8 or float),
+    channels-first as ``ale/<Game>`` stacks them ([4, 84, 84]) ->
+
+        x / 255 -> conv 32 8x8 s4 -> conv 64 4x4 s2 -> conv 64 3x3 s1 -> flatten -> dense ``cfg.hidden``
+        ([512] by default) -> output Linear (or the last hidden features)
+
+    each conv and dense layer a block ``layer -> norm -> act`` (ReLU in the paper; ``cfg.activation``). On
+    [4, 84, 84] the conv maps are 32x20x20, 64x9x9, 64x7x7 (3136 features); the torso has
+    (4·8·8·32 + 32) + (32·4·4·64 + 64) + (64·3·3·64 + 64) + (3136·512 + 512) = 1,684,128 parameters without norms.
+    """
+
+    def __init__(self, obs_shape: Sequence[int], out_dim: int | None, cfg: NetworkConfig):
+        super().__init__()
+        if len(obs_shape) != 3:
+            raise ValueError(f"network.encoder nature_cnn: observations must be images [C, H, W] (channels-first, "
+                             f"e.g. ale/<Game>'s [4, 84, 84]); got shape {list(obs_shape)}")
+        self.convs, flat = _conv_blocks(tuple(int(s) for s in obs_shape), NATURE_CNN_CONVS, cfg,
+                                        "network.encoder nature_cnn", obs_shape)
+        _dense_head(self, flat, out_dim, cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.convs[0].layer.weight.dtype) * (1.0 / 255.0)
+        for block in self.convs:
+            x = block(x)
+        x = x.flatten(1)
+        for block in self.blocks:
+            x = block(x)
+        return self.output(x) if self.output is not None else x
+
+
+def _conv_blocks(
+    chw: tuple[int, int, int], layers: Sequence[tuple[int, int, int]], cfg: NetworkConfig, key: str,
+    obs_shape: Sequence[int],
+) -> tuple[nn.ModuleList, int]:
+    """Conv blocks ``conv -> norm over [C, H, W] -> act`` for (out channels, kernel, stride) ``layers`` on a
+    [C, H, W] input (no padding: H' = floor((H − k) / s) + 1); returns them and the flattened output size."""
+    c, h, w = chw
+    convs = []
+    for out_c, k, s in layers:
+        h, w = (h - k) // s + 1, (w - k) // s + 1
+        if h < 1 or w < 1:
+            raise ValueError(f"{key}: kernel {k} / stride {s} too large for input {list(obs_shape)}")
+        conv = nn.Conv2d(c, out_c, k, stride=s, bias=cfg.norm == "none")
+        act = make_activation(cfg.activation, dim=1)  # channels of [B, C, H, W]
+        convs.append(HiddenBlock(conv, make_norm(cfg.norm, (out_c, h, w)), act))
+        c = out_c * width_factor(cfg.activation)
+    return nn.ModuleList(convs), c * h * w
+
+
+def _dense_head(net: Network, in_dim: int, out_dim: int | None, cfg: NetworkConfig) -> None:
+    """The dense blocks ``cfg.hidden`` and the output Linear of a conv torso (``out_dim=None``: no output)."""
+    net.blocks = _dense_blocks(in_dim, cfg)
+    width = cfg.hidden[-1] * width_factor(cfg.activation) if cfg.hidden else in_dim
+    net.output = nn.Linear(width, out_dim) if out_dim is not None else None
+    net.out_features = out_dim if out_dim is not None else width
 
 
 def _dense_blocks(in_dim: int, cfg: NetworkConfig) -> nn.ModuleList:
@@ -254,10 +310,21 @@ def build_cnn(obs_shape: Sequence[int], out_dim: int | None, cfg: NetworkConfig,
         return CNN(obs_shape, out_dim, cfg)
 
 
+def build_nature_cnn(
+    obs_shape: Sequence[int], out_dim: int | None, cfg: NetworkConfig, *, seed: int | None = None
+) -> NatureCNN:
+    """The Nature-DQN torso for channels-first pixel stacks [C, H, W], then ``cfg.hidden``, then out."""
+    with _seeded(seed):
+        return NatureCNN(obs_shape, out_dim, cfg)
+
+
 def build_network(
     obs_shape: Sequence[int], out_dim: int | None, cfg: NetworkConfig, *, seed: int | None = None
 ) -> Network:
-    """build_mlp for flat observations [D], build_cnn for images [H, W, C]."""
+    """The block's encoder: ``nature_cnn`` -> build_nature_cnn; ``auto`` -> build_mlp for flat observations
+    [D], build_cnn for images [H, W, C]."""
+    if cfg.encoder == "nature_cnn":
+        return build_nature_cnn(obs_shape, out_dim, cfg, seed=seed)
     if len(obs_shape) == 1:
         return build_mlp(int(obs_shape[0]), out_dim, cfg, seed=seed)
     if len(obs_shape) == 3:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Activation = Literal["relu", "tanh", "elu", "gelu", "silu", "leaky_relu", "crelu"]
 Norm = Literal["none", "layer", "rms"]
+Encoder = Literal["auto", "nature_cnn"]
 
 
 class _Strict(BaseModel):
@@ -153,8 +154,13 @@ class CNNConfig(_Strict):
 class NetworkConfig(_Strict):
     """Architecture and update pieces of every network built in the project."""
 
+    encoder: Encoder = "auto"
+    """auto | nature_cnn. auto: an MLP for flat observations [D], the ``cnn`` torso for channels-last images
+    [H, W, C]. nature_cnn: the Nature-DQN torso (Mnih et al. 2015) for channels-first pixel stacks [C, H, W]
+    in [0, 255] such as ``ale/<Game>``'s [4, 84, 84]: x/255, conv 32 8x8 stride 4, conv 64 4x4 stride 2,
+    conv 64 3x3 stride 1, then the ``hidden`` dense layers ([512] unless given)."""
     hidden: list[int] = Field(default_factory=lambda: [256, 256])
-    """Widths of the hidden (fully connected) layers."""
+    """Widths of the hidden (fully connected) layers (after the conv layers of a CNN encoder)."""
     activation: Activation = "relu"
     """relu | tanh | elu | gelu | silu | leaky_relu | crelu (nn.Module instances, hookable). crelu is
     [relu(x), relu(−x)] concatenated (Shang et al. 2016): a hidden layer of width H feeds 2H features on."""
@@ -180,4 +186,9 @@ class NetworkConfig(_Strict):
     def _check(self) -> NetworkConfig:
         if any(w < 1 for w in self.hidden):
             raise ValueError(f"network.hidden widths must be >= 1, got {self.hidden}")
+        if self.encoder == "nature_cnn":
+            if self.cnn is not None:
+                raise ValueError("network.cnn is the auto encoder's conv torso; encoder nature_cnn has fixed conv layers")
+            if "hidden" not in self.model_fields_set:
+                self.hidden = [512]  # Mnih et al. (2015): one dense layer of 512 after the convs
         return self
