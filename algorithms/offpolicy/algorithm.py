@@ -79,6 +79,13 @@ class OffPolicyAlgorithm(Algorithm):
         self.updates_done = 0
         # Our runners keep no connector states, so RLlib's setup did not broadcast the weights.
         self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, inference_only=True)
+        self._pack = None
+        if len(self.config.replica_seeds or ()) > 1:
+            from algorithms.offpolicy.packing import ReplicaPack
+
+            self._pack = ReplicaPack.build(self)
+            self._pack.sync_weights()
+        self._replica_results: dict[str, Any] = {}
 
     def _sync_weights(self) -> None:
         """Learner -> env runners. A local learner with the local runner only: copy each parameter and buffer of
@@ -126,6 +133,9 @@ class OffPolicyAlgorithm(Algorithm):
         self.updates_done += num_updates
 
     def training_step(self) -> None:
+        if self._pack is not None:
+            self._packed_training_step()
+            return
         cfg = self.config
         t0 = time.perf_counter()
         sampled, updates_before, runner_metrics = 0, self.updates_done, []
@@ -161,8 +171,51 @@ class OffPolicyAlgorithm(Algorithm):
                                window=1)
         self.metrics.log_value((SYSTEM, "num_updates_lifetime"), self.updates_done, window=1)
 
+    def _packed_training_step(self) -> None:
+        """The loop above for the K replicas of a pack (algorithms.offpolicy.packing): each samples, inserts and
+        updates at the same ratio (the counters are those of one replica), then syncs its own weights. Results:
+        per replica under ``replicas``, pooled over the live replicas at the top level."""
+        from algorithms.offpolicy.packing import REPLICAS_KEY
+
+        pack, cfg = self._pack, self.config
+        if not pack.live:
+            raise RuntimeError("every replica of this pack stopped: " + "; ".join(
+                f"seed {r.seed}: {r.failed}" for r in pack.replicas))
+        t0 = time.perf_counter()
+        sampled, updates_before = 0, self.updates_done
+        target = max(1, int(cfg.min_sample_timesteps_per_iteration))
+        batch = int(cfg.train_batch_size_per_learner)
+        while sampled < target and pack.live:
+            n = pack.sample()
+            sampled += n
+            self.env_steps_inserted += n
+            due = updates_due(self.env_steps_inserted, batch, float(cfg.samples_per_insert), self.updates_done,
+                              int(cfg.learning_starts))
+            while due > 0:
+                k = min(due, int(cfg.max_updates_per_call))
+                pack.run_updates(k, {NUM_ENV_STEPS_SAMPLED_LIFETIME: self.env_steps_inserted})
+                self.updates_done += k
+                due -= k
+            pack.sync_weights()
+        dt = max(time.perf_counter() - t0, 1e-9)
+        replicas, runner_metrics, learner_metrics = pack.iteration_results(sampled, dt)
+        self._replica_results = {REPLICAS_KEY: replicas}
+        if runner_metrics:
+            self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
+        if learner_metrics:
+            self.metrics.aggregate(learner_metrics, key=LEARNER_RESULTS)
+        live = max(1, len(runner_metrics))
+        self.metrics.log_value((SYSTEM, "env_steps_per_s"), sampled * live / dt, window=1)
+        self.metrics.log_value((SYSTEM, "updates_per_s"), (self.updates_done - updates_before) * live / dt, window=1)
+        self.metrics.log_value((SYSTEM, "num_updates_lifetime"), self.updates_done, window=1)
+        self.metrics.log_value((SYSTEM, "num_replicas_live"), len(pack.live), window=1)
+
     def _compile_iteration_results(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         results = super()._compile_iteration_results(*args, **kwargs)
+        if self._pack is not None:
+            results.update(self._replica_results)
+            # the steps of one replica (every live one samples as many), so `stop: {steps: N}` means N per seed
+            results[NUM_ENV_STEPS_SAMPLED_LIFETIME] = int(self.env_steps_inserted)
         results.setdefault(NUM_ENV_STEPS_SAMPLED_LIFETIME, int(
             (results.get(ENV_RUNNER_RESULTS) or {}).get(NUM_ENV_STEPS_SAMPLED_LIFETIME, self.env_steps_inserted)))
         return results
@@ -175,6 +228,10 @@ class OffPolicyAlgorithm(Algorithm):
             if self._remote:
                 core["remote_env_runners"] = self.env_runner_group.foreach_env_runner(
                     lambda r: r.get_state(not_components=[COMPONENT_RL_MODULE]), local_env_runner=False)
+            if self._pack is not None:
+                from algorithms.offpolicy.packing import PACK_STATE
+
+                core[PACK_STATE] = self._pack.get_state()
             state[CORE_STATE] = core
         return state
 
@@ -185,6 +242,11 @@ class OffPolicyAlgorithm(Algorithm):
             return
         self.env_steps_inserted = int(core["env_steps_inserted"])
         self.updates_done = int(core["updates_done"])
+        if self._pack is not None:
+            from algorithms.offpolicy.packing import PACK_STATE
+
+            self._pack.set_state(core[PACK_STATE])
+            self._pack.sync_weights()
         remote_states = core.get("remote_env_runners") or []
         if remote_states and self._remote:
             ids = self.env_runner_group.healthy_worker_ids()

@@ -1,0 +1,179 @@
+"""Seed packing (algorithms/offpolicy/packing.py): per-replica clipping by hand, the stacked optimiser is K
+independent ones, and the property that makes packing safe: replica s of a pack and an unpacked learner of
+seed s, fed the same transitions, reach the same parameters after 100 updates (WPO and EVE)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from algorithms.offpolicy.packing import Replica, ReplicaPack, StackedOptimizer, clip_per_replica_
+
+# Float32 round-off: the pack sums each replica's gradient norm over a [K, n] view instead of one tensor at a
+# time, so clipping scales differ in the last bits; after 100 Adam steps the parameters agree to this.
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def test_clip_per_replica_uses_each_replicas_own_global_norm():
+    """Replica 0: g = (3, 4) and (0,) -> ‖g_0‖ = 5, clipped to norm 1; replica 1: ‖g_1‖ = 0.5 < 1, unchanged."""
+    a = torch.tensor([[3.0, 4.0], [0.3, 0.0]])
+    b = torch.tensor([[0.0], [0.4]])
+    norms = clip_per_replica_([a, b], 1.0)
+    torch.testing.assert_close(norms, torch.tensor([5.0, 0.5]))
+    s = 1.0 / (5.0 + 1e-6)
+    torch.testing.assert_close(a, torch.tensor([[3.0 * s, 4.0 * s], [0.3, 0.0]]))
+    torch.testing.assert_close(b, torch.tensor([[0.0], [0.4]]))
+    # a joint norm over both replicas (sqrt(25.25)) would have scaled replica 1 too: it did not
+    assert float(b[1, 0]) == pytest.approx(0.4)
+
+
+def test_stacked_adam_equals_k_independent_adams():
+    """One Adam over θ [K, ...] after ``StackedOptimizer`` takes the replicas' parameters as views: the same
+    trajectory as each replica's own Adam (Adam is elementwise), and the replicas' Parameters see it."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Linear(3, 2) for _ in range(2)]
+    refs = [torch.nn.Linear(3, 2) for _ in range(2)]
+    for n, r in zip(nets, refs):
+        r.load_state_dict(n.state_dict())
+    opts = [torch.optim.Adam(n.parameters(), lr=1e-2) for n in nets]
+    ref_opts = [torch.optim.Adam(r.parameters(), lr=1e-2) for r in refs]
+    stacked = StackedOptimizer(opts)
+    x = torch.randn(2, 5, 3)
+    for _ in range(20):
+        for k in range(2):
+            for net, opt in ((nets[k], None), (refs[k], ref_opts[k])):
+                net.zero_grad()
+                net(x[k] * (k + 1)).pow(2).sum().backward()
+                if opt is not None:
+                    opt.step()
+        stacked.gather_grads([0, 1])
+        stacked.step()
+    for n, r in zip(nets, refs):
+        for p, q in zip(n.parameters(), r.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-7, rtol=1e-6)
+    assert not torch.allclose(nets[0].weight, nets[1].weight)
+    assert nets[0].weight.data_ptr() == stacked.stacked[0][0].data_ptr()  # a view into θ[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 100 updates: pack vs unpacked
+def _wpo(seed: int):
+    from algorithms.wpo.config import WPOConfig
+
+    cfg = WPOConfig().environment("Pendulum-v1").debugging(seed=seed).training(
+        policy_hidden=[16], critic_hidden=[16], num_action_samples=4, num_target_action_samples=4,
+        train_batch_size_per_learner=32, learning_starts=0, n_step=3, target_update_period=10, lr=1e-3,
+        grad_clip=0.5, network={"hidden": [16, 16], "norm": "layer", "activation": "elu", "nap": True,
+                                "weight_decay": {"kind": "l2", "coef": 1e-2}})
+    return cfg
+
+
+def _eve(seed: int):
+    from algorithms.eve.config import EVEConfig
+
+    return EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=seed).training(
+        learning_starts=0, target_update_period=10, grad_clip=1.0, lr=1e-3,
+        network={"hidden": [16], "norm": "layer", "activation": "elu", "weight_decay": {"kind": "l2_init", "coef": 1e-2}})
+
+
+def _transitions(runner, steps: int) -> dict[str, np.ndarray]:
+    return runner.sample(num_timesteps=steps)
+
+
+def _state(learner) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in learner.module["default_policy"].state_dict().items()}
+
+
+@pytest.mark.parametrize("make", [_wpo, _eve], ids=["WPO", "EVE"])
+def test_replica_of_a_pack_equals_the_unpacked_learner_after_100_updates(make):
+    """Seeds 3 and 5: the pack's replica of seed s and an unpacked learner of seed s get the same transitions
+    (sampled once by seed s's runner) and draw the same batches (their replays' own generators); after 100
+    updates in 4 calls, with per-replica global-norm clipping active, L2 / L2-Init weight decay, NaP (WPO),
+    target updates every 10 and EVE's Fisher, every parameter and buffer (targets and Fisher included) agrees
+    to float32 round-off. The two replicas differ from each other."""
+    from algorithms.offpolicy.inprocess import build_runner_and_learner
+    from orchestration.spec import import_builtin_envs
+
+    import_builtin_envs()
+    torch.set_num_threads(1)
+    seeds = [3, 5]
+    unpacked, replicas = {}, []
+    for s in seeds:
+        runner, learner = build_runner_and_learner(make(s))
+        data = _transitions(runner, 200)
+        learner.insert(data)
+        unpacked[s] = learner
+        r_runner, r_learner = build_runner_and_learner(make(s))
+        r_learner.insert(data)
+        replicas.append(Replica(s, r_runner, r_learner))
+        torch.testing.assert_close(_state(r_learner), _state(learner), atol=0, rtol=0)  # same init per seed
+    pack = ReplicaPack(replicas, make(seeds[0]))
+    for _ in range(4):
+        pack.run_updates(25, {})
+        for learner in unpacked.values():
+            learner.run_updates(25, {})
+    clipped = []
+    for r in replicas:
+        ref = unpacked[r.seed]
+        assert r.learner.num_updates == ref.num_updates == 100
+        got, want = _state(r.learner), _state(ref)
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=ATOL, rtol=RTOL, msg=lambda m, k=key: f"{k}: {m}")
+        # the iteration's statistics (sums over the 100 updates, before reduce_stats): same losses and norms
+        stats, ref_stats = r.learner._stats["default_policy"], ref._stats["default_policy"]
+        assert stats.keys() == ref_stats.keys()
+        for k, v in ref_stats.items():
+            assert float(stats[k]) == pytest.approx(float(v), rel=1e-4, abs=1e-5), k
+        norms = [float(v) / 100 for k, v in stats.items() if k.endswith("_grad_norm")]
+        assert norms
+        clipped += [n > float(make(r.seed).grad_clip) for n in norms]
+    assert any(clipped)  # clipping was active, so per-replica norms mattered
+    a, b = (_state(r.learner) for r in replicas)
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+    assert pack.live == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The packed Algorithm
+@pytest.mark.slow
+def test_packed_eve_algorithm_results_restore_and_one_replica_failing(ray_local, tmp_path):
+    """EVE with replica_seeds [0, 1] as one RLlib Algorithm: per-replica results under ``replicas`` (own env
+    steps, losses, posterior report), the top level counting one replica's steps; a restored checkpoint
+    continues every replica exactly (replay in the checkpoint); a replica whose weights go NaN is reported
+    failed once and stopped while the other trains on."""
+    from algorithms.eve.config import EVEConfig
+    from orchestration.spec import import_builtin_envs
+
+    import_builtin_envs()
+    torch.set_num_threads(1)
+    cfg = EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=0).training(learning_starts=50)
+    cfg.replica_seeds, cfg.checkpoint_replay, cfg.min_sample_timesteps_per_iteration = [0, 1], True, 200
+    algo = cfg.build_algo()
+    r = algo.train()
+    assert sorted(r["replicas"]) == ["0", "1"] and r["num_env_steps_sampled_lifetime"] == 200
+    for rep in r["replicas"].values():
+        assert rep["num_env_steps_sampled_lifetime"] == 200
+        assert np.isfinite(rep["learners"]["default_policy"]["total_loss"])
+        assert rep["uncertainty"]["num_data"] == 200
+    assert r["replicas"]["0"]["learners"]["default_policy"]["total_loss"] != \
+        r["replicas"]["1"]["learners"]["default_policy"]["total_loss"]
+    algo.save_to_path(str(tmp_path))
+    restored = cfg.build_algo()
+    restored.restore_from_path(str(tmp_path))
+    a, b = algo.train(), restored.train()
+    for seed in ("0", "1"):
+        assert a["replicas"][seed]["learners"]["default_policy"]["total_loss"] == \
+            b["replicas"][seed]["learners"]["default_policy"]["total_loss"]
+    restored.stop()
+    with torch.no_grad():
+        for p in algo._pack.replicas[1].learner.module["default_policy"].q.parameters():
+            p.fill_(float("nan"))
+    r = algo.train()
+    assert set(r["replicas"]["1"]) == {"failed"} and "replica stopped" in r["replicas"]["1"]["failed"]
+    assert np.isfinite(r["replicas"]["0"]["learners"]["default_policy"]["total_loss"])
+    r = algo.train()
+    assert sorted(r["replicas"]) == ["0"] and r["replicas"]["0"]["num_env_steps_sampled_lifetime"] == 800
+    assert r["system"]["num_replicas_live"] == 1
+    algo.stop()
