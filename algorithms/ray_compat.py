@@ -50,6 +50,16 @@ PRIVATE: dict[str, PrivateSymbol] = {
     "validate_config": PrivateSymbol(
         "ray.autoscaler._private.util:validate_config",
         "checking a cluster config against Ray's schema, in orchestration.cluster"),
+    "SSHOptions": PrivateSymbol(
+        "ray.autoscaler._private.command_runner:SSHOptions",
+        "the SSH options of `ray dashboard` / `ray attach` for `orchestra ui --cluster`'s tunnel, in "
+        "orchestration.tunnel"),
+    "get_head_node_ip": PrivateSymbol(
+        "ray.autoscaler._private.commands:get_head_node_ip",
+        "the address of a cloud cluster's head (as `ray get-head-ip`), in orchestration.tunnel"),
+    "_bootstrap_config": PrivateSymbol(
+        "ray.autoscaler._private.commands:_bootstrap_config",
+        "a cloud cluster's SSH key as `ray up` fills it in (auth.ssh_private_key), in orchestration.tunnel"),
     "get_auth_headers_if_auth_enabled": PrivateSymbol(
         "ray._private.authentication.http_token_authentication:get_auth_headers_if_auth_enabled",
         "the token header of the dashboard reachability check, in orchestration.launch"),
@@ -133,6 +143,24 @@ def auth_headers_if_auth_enabled(headers: dict[str, str]) -> dict[str, str]:
     """Ray's ``get_auth_headers_if_auth_enabled``: ``headers`` plus this process's token header when token
     authentication is on (Ray raises when it is on and no token is found)."""
     return private("get_auth_headers_if_auth_enabled")(headers)
+
+
+def ssh_options(ssh_key: str | None, connect_timeout: int, **options: str | None) -> list[str]:
+    """The ssh command-line options Ray's SSH command runner uses (``-i KEY`` and ``-o K=V`` pairs, with
+    ``ConnectTimeout``), without a shared control connection; ``options`` add or replace ``-o`` values
+    (None leaves one out)."""
+    return private("SSHOptions")(ssh_key, None, **options).to_ssh_options_list(timeout=connect_timeout)
+
+
+def head_node_ip(config_file: str) -> str:
+    """Ray's ``get_head_node_ip``: the running head's address by the cluster's node provider (raises
+    RuntimeError when there is none)."""
+    return private("get_head_node_ip")(config_file)
+
+
+def bootstrap_cluster_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray's ``_bootstrap_config``: the config as `ray up` completes it (cached like Ray's CLI does)."""
+    return private("_bootstrap_config")(config)
 
 
 def working_dir_excluded(working_dir: Any, excludes: list[str], path: Any) -> bool:

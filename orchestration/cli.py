@@ -5,6 +5,8 @@
     orchestra validate SPEC [--set ...] check a spec without running it (names resolve)
     orchestra ls [EXPERIMENT]          experiments and runs with status and best metric
     orchestra ui [EXPERIMENT] [--port N]   MLflow UI on 127.0.0.1; prints the experiment's runs page
+    orchestra ui [EXPERIMENT] --cluster FILE [--port N] [--dashboard-port N]   the head's MLflow UI and Ray
+                                       dashboard here, over SSH (closed with orchestra ui)
     orchestra server [--root DIR] [--host H] [--port N] [--admin-password-file F]   shared MLflow server, auth on
     orchestra sync PATH                upload metric batches spooled while MLflow was unreachable
     orchestra report NAME [--html] [--parquet DIR]   seed aggregates, plots, HTML report
@@ -148,19 +150,36 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
-    uri = store_uri(args, local_only=True)
-    if not 0 < args.port < 65536:
-        raise UserError(f"--port {args.port}: allowed: 1..65535")
+def _free_local_port(port: int, option: str) -> None:
+    if not 0 < port < 65536:
+        raise UserError(f"{option} {port}: allowed: 1..65535")
     with socket.socket() as sock:
         try:
-            sock.bind(("127.0.0.1", args.port))
+            sock.bind(("127.0.0.1", port))
         except OSError as e:
-            raise UserError(f"--port {args.port}: 127.0.0.1:{args.port} is not free ({e.strerror}); "
-                            "pick another port with --port") from None
+            raise UserError(f"{option} {port}: 127.0.0.1:{port} is not free ({e.strerror}); "
+                            f"pick another port with {option}") from None
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    if args.cluster:  # the head's MLflow server and dashboard over SSH (orchestration.tunnel)
+        if args.uri:
+            raise UserError("--uri and --cluster: --cluster opens the cluster's own MLflow server "
+                            "(metadata.orchestra.tracking_uri); give one of them")
+        for value, option in ((args.port, "--port"), (args.dashboard_port, "--dashboard-port")):
+            if value is not None:
+                _free_local_port(value, option)
+        from orchestration.ui import serve_cluster
+
+        return serve_cluster(args.cluster, args.port, args.dashboard_port, args.experiment)
+    if args.dashboard_port is not None:
+        raise UserError("--dashboard-port: only with --cluster (a local store has no Ray dashboard)")
+    uri = store_uri(args, local_only=True)
+    port = 5000 if args.port is None else args.port
+    _free_local_port(port, "--port")
     from orchestration.ui import serve
 
-    return serve(uri, args.port, args.experiment)
+    return serve(uri, port, args.experiment)
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -316,10 +335,17 @@ def build_parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1; print the experiment's runs page",
                         description="Serve the MLflow UI on 127.0.0.1 and print the URL of the runs table of "
                                     "EXPERIMENT (default: the experiment of the most recent run). SIGTERM or "
-                                    "Ctrl-C stops the server with it.")
+                                    "Ctrl-C stops the server with it. With --cluster FILE: forward the `ray up` "
+                                    "cluster's MLflow server and Ray dashboard from its head over SSH instead, "
+                                    "and close the tunnel on SIGTERM or Ctrl-C.")
     ui.add_argument("experiment", nargs="?", default=None, help="experiment to open (default: the most recent)")
     ui.add_argument("--uri", default=None, help=URI_HELP)
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=int, default=None,
+                    help="local port of the MLflow UI (default: 5000; with --cluster a free port)")
+    ui.add_argument("--cluster", default=None, metavar="FILE",
+                    help="a `ray up` config: forward its head's MLflow server and Ray dashboard here over SSH")
+    ui.add_argument("--dashboard-port", type=int, default=None,
+                    help="with --cluster: local port of the Ray dashboard (default: a free port)")
     ui.set_defaults(fn=cmd_ui)
 
     sv = sub.add_parser("server", help="start a shared MLflow tracking server with authentication (basic-auth)",

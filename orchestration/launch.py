@@ -15,7 +15,7 @@ Steps (each one a Ray tool; nothing here schedules or transports anything itself
    the cluster's artifact location. The git commit and the launch command line are recorded here,
    at launch, and passed to the job (``ORCHESTRA_GIT_COMMIT``, ``ORCHESTRA_COMMAND``).
 5. Stream the job's logs (Tune's progress table) until it ends, unless ``--detach``; print how to
-   open the MLflow UI (``ray attach FILE -p 5000``).
+   open the MLflow UI (``orchestra ui EXPERIMENT --cluster FILE``: an SSH tunnel to the head).
 
 Cluster settings for launches live under the config's ``metadata.orchestra`` block (Ray does not
 interpret ``metadata``)::
@@ -433,10 +433,14 @@ class LaunchResult:
 
 
 def ui_hint(info: ClusterInfo, tracking_uri: str, experiment: str, job_id: str) -> str:
-    port = tracking_uri.rsplit(":", 1)[-1].split("/")[0] if tracking_uri.startswith("http") else "5000"
+    from urllib.parse import urlsplit
+
+    on_head = urlsplit(tracking_uri).hostname in ("127.0.0.1", "localhost")  # the head's loopback server
+    ui = (f"orchestra ui {shlex.quote(experiment)} --cluster {info.file}   (the head's MLflow server and Ray "
+          "dashboard over SSH; Ctrl-C closes the tunnel)" if on_head else f"open {tracking_uri}")
     return "\n".join([
-        f"MLflow UI: ray attach {info.file} -p {port}   (SSH session forwarding the head's MLflow port),",
-        f"           then open http://127.0.0.1:{port}  (experiment {experiment!r}, run {job_id!r})",
+        f"MLflow UI: {ui}",
+        f"           experiment {experiment!r}, run {job_id!r}",
         f"job:       orchestra status {job_id} --cluster {info.file}   |   orchestra stop {job_id} --cluster {info.file}",
     ])
 

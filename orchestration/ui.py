@@ -13,7 +13,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 ML_VIEW = "workflowType=machine_learning"  # the MLflow 3 UI's model-training view (not the GenAI one)
 
@@ -133,11 +137,15 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 
 
 
-def run_until_signalled(cmd: list[str], env: dict[str, str] | None = None, stop_timeout: float = 10.0) -> int:
+def run_until_signalled(cmd: list[str], env: dict[str, str] | None = None, stop_timeout: float = 10.0, *,
+                        ready: Callable[[subprocess.Popen], bool] | None = None, **popen: Any) -> int:
     """Run ``cmd`` in its own session until it exits or we get SIGTERM/SIGINT, then stop its whole process
     group (:func:`stop_process_group`): stopping us (Ctrl-C, SIGTERM) stops the server and its workers, and a
-    terminal's Ctrl-C reaches the server only through us. Returns 0 when stopped by a signal, else its exit code."""
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    terminal's Ctrl-C reaches the server only through us. Returns 0 when stopped by a signal, else its exit code.
+
+    ``ready(proc)``, when given, is polled until it returns True (before each poll of the process; it sees the
+    process exit first); an exception it raises stops the group and propagates. ``popen`` goes to Popen."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, **popen)
     stopped: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
@@ -145,9 +153,14 @@ def run_until_signalled(cmd: list[str], env: dict[str, str] | None = None, stop_
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while not stopped and proc.poll() is None:
+        waiting = ready is not None
+        while not stopped:
+            if waiting and ready(proc):
+                waiting = False
+            if proc.poll() is not None:
+                break
             try:
-                proc.wait(0.5)
+                proc.wait(0.2 if waiting else 0.5)
             except subprocess.TimeoutExpired:
                 pass
     finally:
@@ -170,3 +183,101 @@ def serve(uri: str, port: int, experiment: str | None) -> int:
         print(f"runs of experiment {exp.name!r}: {runs_page_url(base, exp.experiment_id, view)}")
     sys.stdout.flush()
     return run_until_signalled(cmd)
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _loopback_port(uri: str) -> int | None:
+    """The port of an http URI on the head's loopback (``http://127.0.0.1:5000``), else None."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost"):
+        return None
+    return parts.port or 80
+
+
+def serve_cluster(file: str, port: int | None, dash_port: int | None, experiment: str | None,
+                  connect_timeout: int = 30) -> int:
+    """Forward the head's MLflow server (``metadata.orchestra.tracking_uri``, on the head's loopback) and
+    Ray dashboard to 127.0.0.1 here over one SSH connection (orchestration.tunnel), print their local
+    URLs and the runs page of ``experiment`` (default: that of the most recent run), and keep the tunnel
+    until we get SIGTERM/SIGINT (:func:`run_until_signalled`). ``port``/``dash_port`` None: free ports.
+    A cluster file that is missing or invalid, or a head that SSH cannot reach, is a UserError."""
+    from orchestration.launch import _free_port, cluster_info
+    from orchestration.spec import UserError, load_yaml_mapping
+    from orchestration.tunnel import dashboard_port, find_head, forward_command
+
+    info = cluster_info(file)  # Ray's validator and ours (SpecError names file and key)
+    raw = load_yaml_mapping(file, "cluster config")
+    head = find_head(file, raw)
+    remote_mlflow = _loopback_port(info.tracking_uri)
+    local_mlflow = (port or _free_port()) if remote_mlflow else None
+    local_dash = dash_port or _free_port()
+    if local_mlflow == local_dash:
+        raise UserError(f"--port {port} and --dashboard-port {dash_port}: the two forwards need two ports")
+    forwards = [(local_dash, dashboard_port(raw))]
+    if remote_mlflow:
+        forwards.insert(0, (local_mlflow, remote_mlflow))
+    cmd = forward_command(head, forwards, connect_timeout)
+    err = tempfile.TemporaryFile(mode="w+")
+    deadline = time.monotonic() + connect_timeout + 60
+
+    def ssh_error() -> str:
+        err.seek(0)
+        lines = [line.strip() for line in err.read().splitlines() if line.strip()]
+        return lines[-1] if lines else "no message from ssh"
+
+    def ready(proc: subprocess.Popen) -> bool:
+        if proc.poll() is not None:
+            raise UserError(f"{file}: cannot reach the head of cluster {info.name!r} over SSH as {head.target} "
+                            f"(ssh exited with {proc.returncode}: {ssh_error()})")
+        if not all(_port_open(local) for local, _ in forwards):
+            if time.monotonic() > deadline:
+                raise UserError(f"{file}: no SSH port forward to {head.target} after "
+                                f"{connect_timeout + 60} s ({ssh_error()})")
+            return False
+        _print_cluster_urls(info, head, forwards, remote_mlflow, experiment)
+        return True
+
+    try:
+        rc = run_until_signalled(cmd, ready=ready, stdin=subprocess.DEVNULL, stderr=err)
+        if rc:
+            print(f"error: the SSH tunnel to {head.target} closed (ssh exited with {rc}: {ssh_error()})",
+                  file=sys.stderr)
+        return rc
+    finally:
+        err.close()
+
+
+def _print_cluster_urls(info: Any, head: Any, forwards: list[tuple[int, int]], remote_mlflow: int | None,
+                        experiment: str | None) -> None:
+    from mlflow.exceptions import MlflowException
+
+    print(f"cluster {info.name!r}: head {head.target}, forwarded over SSH (Ctrl-C closes the tunnel)")
+    if remote_mlflow:
+        local = forwards[0][0]
+        base = f"http://127.0.0.1:{local}"
+        print(f"MLflow UI: {base}  (the head's 127.0.0.1:{remote_mlflow})")
+        try:
+            exp, view = ui_experiment(base, experiment)
+        except MlflowException as e:  # e.g. a server with authentication and no credentials here
+            print(f"(could not read the experiments: {str(e).splitlines()[0] if str(e) else type(e).__name__})")
+            exp = view = None
+        if exp is not None:
+            print(f"runs of experiment {exp.name!r}: {runs_page_url(base, exp.experiment_id, view)}")
+    else:
+        print(f"MLflow: {info.tracking_uri} (not on the head's loopback: open it directly)")
+    dash_local, dash_remote = forwards[-1]
+    token = f"; the dashboard asks for the cluster token ({info.token_path or Path.home() / '.ray' / 'auth_token'})" \
+        if info.token_auth else ""
+    print(f"Ray dashboard: http://127.0.0.1:{dash_local}  (the head's 127.0.0.1:{dash_remote}{token})")
+    sys.stdout.flush()

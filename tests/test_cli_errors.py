@@ -84,6 +84,15 @@ CASES = [
     ("ui-remote-uri", ["ui", "--uri", "http://127.0.0.1:{free_port}"], ["serves a local store"]),
     ("ui-port-in-use", ["ui", "--uri", "{uri}", "--port", "{busy_port}"], ["--port {busy_port}", "not free"]),
     ("ui-port-out-of-range", ["ui", "--uri", "{uri}", "--port", "70000"], ["--port 70000", "1..65535"]),
+    ("ui-cluster-missing", ["ui", "--cluster", "{root}/nope_cluster.yaml"], ["nope_cluster.yaml", "not found"]),
+    ("ui-cluster-yaml-syntax", ["ui", "--cluster", "{root}/broken.yaml"], ["broken.yaml:4:6: "]),
+    ("ui-cluster-invalid", ["ui", "--cluster", "{root}/no_user_cluster.yaml"], ["no_user_cluster.yaml", "auth.ssh_user"]),
+    ("ui-cluster-and-uri", ["ui", "--cluster", "{root}/no_user_cluster.yaml", "--uri", "{uri}"],
+     ["--uri and --cluster"]),
+    ("ui-cluster-port-in-use", ["ui", "--cluster", "{root}/no_user_cluster.yaml", "--dashboard-port", "{busy_port}"],
+     ["--dashboard-port {busy_port}", "not free"]),
+    ("ui-dashboard-port-without-cluster", ["ui", "--uri", "{uri}", "--dashboard-port", "{free_port}"],
+     ["--dashboard-port", "only with --cluster"]),
     ("eval-missing-checkpoint", ["eval", "{root}/no_checkpoint"], ["no_checkpoint", "no such folder"]),
     ("eval-no-module", ["eval", "{root}", "--env", "CartPole-v1", "--no-log"], ["no RLModule found"]),
     ("eval-episodes", ["eval", "{root}", "--episodes", "0"], ["--episodes 0", "1 or more"]),
@@ -111,6 +120,9 @@ def test_bad_input_is_one_error_line_exit_2(store, name: str, args: list[str], e
     (root / "broken.yaml").write_text("name: broken\nconfig:\n  lr: [1, 2\nseeds: [0]\n")
     (root / "unknown_key.yaml").write_text("name: x\ntask: regression_demo\nbogus_key: 1\n")
     (root / "ok.yaml").write_text("name: ok\ntask: regression_demo\n")
+    (root / "no_user_cluster.yaml").write_text(  # a local-provider cluster without auth.ssh_user
+        "cluster_name: x\nprovider: {type: local, head_ip: 127.0.0.1, worker_ips: []}\n"
+        "head_start_ray_commands: ['RAY_AUTH_MODE=token ray start --head']\n")
     (root / "runs").mkdir(exist_ok=True)
     busy = _busy_port()
     try:

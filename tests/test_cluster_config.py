@@ -235,3 +235,23 @@ def test_launch_carries_tracking_credentials_in_env_vars_only(tmp_path: Path, mo
     creds.chmod(0o644)
     with pytest.raises(UserError, match="chmod 600"):
         job_submission(spec_file, spec, head_overrides(spec, info), project, "x-5", "abc", "c")
+
+
+def test_tunnel_forwards_each_port_from_local_loopback_to_the_heads(tmp_path: Path):
+    """`orchestra ui --cluster`'s ssh: the local provider's head and auth from the file, one -L per port from
+    127.0.0.1 here to the head's 127.0.0.1, our options before Ray's (ssh keeps an option's first value)."""
+    from orchestration.tunnel import Head, dashboard_port, find_head, forward_command
+
+    raw = yaml.safe_load((ROOT / "cluster-local.yaml").read_text())
+    head = find_head("cluster-local.yaml", raw)
+    assert head == Head("ubuntu", "192.168.1.10", "~/.ssh/id_ed25519", None) and head.target == "ubuntu@192.168.1.10"
+    external = {**raw, "provider": {**raw["provider"], "external_head_ip": "203.0.113.7"}}
+    assert find_head("x.yaml", external).host == "203.0.113.7"
+    assert dashboard_port(raw) == 8265
+    assert dashboard_port({"head_start_ray_commands": ["ray start --head --dashboard-port=8300"]}) == 8300
+    cmd = forward_command(head, [(41000, 5000), (41001, 8265)], connect_timeout=9)
+    assert cmd[:6] == ["ssh", "-N", "-L", "127.0.0.1:41000:127.0.0.1:5000", "-L", "127.0.0.1:41001:127.0.0.1:8265"]
+    assert cmd[-1] == "ubuntu@192.168.1.10" and cmd[cmd.index("-i") + 1] == "~/.ssh/id_ed25519"
+    opts = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-o"]
+    assert opts[:3] == ["ControlMaster=no", "BatchMode=yes", "LogLevel=ERROR"]
+    assert "ExitOnForwardFailure=yes" in opts and "ConnectTimeout=9s" in opts

@@ -7,14 +7,16 @@ namespaces (tests/netns.py), addresses 10.213.0.x created by the test; nothing e
 2. The worker node dies mid-sweep (its PID namespace's init is SIGKILLed): its trials are retried on
    the head per the spec's `failure.max_retries`; MLflow ends with every trial once and a gap-free,
    duplicate-free step history.
-3. `ray up` of a local-provider config (sshd in each namespace), `orchestra launch` of a small spec,
-   `ray down`; nothing is left running.
+3. `ray up` of a local-provider config (sshd in each namespace) by `orchestra launch` of a small spec
+   (tracking credentials in the job's env_vars only), `orchestra ui --cluster` forwarding the head's
+   MLflow server and dashboard over SSH until SIGTERM, `ray down`; nothing is left running.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -265,9 +267,21 @@ RAY_PROCESS_MARKERS = ("raylet", "gcs_server", "ray::", "dashboard", "log_monito
                        "ray.util.client", "runtime_env", "default_worker")
 
 
-def test_ray_up_launch_and_ray_down_on_local_provider(tmp_path):
+class LocalCluster:
+    """What :func:`launched_cluster` made: the hosts, the cluster file, the head's MLflow store, the launch."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+@pytest.fixture(scope="module")
+def launched_cluster(tmp_path_factory):
+    """sshd on head (a) and worker (b), client (c); `orchestra launch` of a small spec from c starts the
+    local-provider cluster with `ray up` and runs the spec as a Ray Job, with tracking credentials from a
+    credentials file (the head's MLflow server has no auth: they only travel)."""
     t0 = time.time()
     _ensure_ssh_tools()
+    tmp_path = tmp_path_factory.mktemp("local_provider")
     lab = Lab(tmp_path / "lab")
     try:
         a, b, c = lab.add_host("a", 1), lab.add_host("b", 2), lab.add_host("c", 3)
@@ -321,25 +335,47 @@ def test_ray_up_launch_and_ray_down_on_local_provider(tmp_path):
         }
         cfg = tmp_path / "cluster-test.yaml"
         cfg.write_text(yaml.safe_dump(cluster, sort_keys=False))
-        spec = _spec(tmp_path / "small.yaml", "mn_launch", """
+        password = "test-only-mlflow-password-5b1e"  # must reach the job's env_vars and nothing printed
+        creds = tmp_path / "mlflow-credentials.ini"
+        creds.write_text(f"[mlflow]\nmlflow_tracking_username = alice\nmlflow_tracking_password = {password}\n")
+        creds.chmod(0o600)
+        spec = _spec(tmp_path / "small.yaml", "mn_launch", f"""
             task: regression_demo
-            config: {lr: 0.05}
+            config: {{lr: 0.05}}
             seeds: [0, 1]
-            stop: {training_iteration: 3}
-            resources: {cpus: 1}
+            stop: {{training_iteration: 3}}
+            resources: {{cpus: 1}}
+            tracking: {{credentials_file: "{creds}"}}
         """)
         cli = " ".join(ORCHESTRA)
         res = c.run(f"cd {tmp_path} && {cli} launch {spec} --cluster {cfg} --project-dir {ROOT}", timeout=1200)
         out = res.stdout + res.stderr
         (tmp_path / "launch.log").write_text(out)
         assert res.returncode == 0, out[-6000:]
-        assert "ray up -y" in out and "SUCCEEDED" in out and "ray attach" in out, out[-3000:]
         job = next(line.split()[2] for line in out.splitlines() if line.startswith("submitted job "))
+        print(f"\n[multinode] ray up + launch wall time {time.time() - t0:.1f}s")
+        yield LocalCluster(lab=lab, a=a, b=b, c=c, root=tmp_path, cfg=cfg, db=db, cli=cli, out=out, job=job,
+                           password=password)
+    finally:
+        lab.close()  # kills sshd, the MLflow server and anything `ray down` left, by PID namespace
 
-        status = c.run(f"cd {tmp_path} && {cli} status {job} --cluster {cfg}", timeout=600)
+
+@pytest.mark.slow
+class TestLocalProvider:
+    """In order: the launch that started the cluster, `orchestra ui --cluster` on it, `ray down`."""
+
+    def test_ray_up_and_launch_on_local_provider(self, launched_cluster):
+        k = launched_cluster
+        out, job, c = k.out, k.job, k.c
+        assert "ray up -y" in out and "SUCCEEDED" in out, out[-3000:]
+        assert f"orchestra ui mn_launch --cluster {k.cfg}" in out, out[-3000:]  # how to open the UI
+        status = c.run(f"cd {k.root} && {k.cli} status {job} --cluster {k.cfg}", timeout=600)
         assert status.returncode == 0 and "status: SUCCEEDED" in status.stdout, status.stdout + status.stderr
+        # the credentials travelled in the job's env_vars only: nothing printed holds the password
+        assert k.password not in out and k.password not in status.stdout + status.stderr
+        assert "--set tracking.credentials_file=null" in status.stdout
 
-        client, parents, children = _mlflow(f"sqlite:///{db}", "mn_launch")
+        client, parents, children = _mlflow(f"sqlite:///{k.db}", "mn_launch")
         assert len(parents) == 1 and parents[0].data.tags["orchestra.launch_id"] == job
         from orchestration.runner import _git_commit
 
@@ -353,22 +389,93 @@ def test_ray_up_launch_and_ray_down_on_local_provider(tmp_path):
         assert len(children) == 2 and all(ch.info.status == "FINISHED" for ch in children)
         for ch in children:
             assert _steps(client, ch.info.run_id, "train/loss") == [20, 40, 60]
-        assert (tmp_path / "cluster-runs" / job).is_dir()  # Tune storage from the cluster's metadata
+        assert (k.root / "cluster-runs" / job).is_dir()  # Tune storage from the cluster's metadata
 
         # The head's autoscaler brought up the worker over SSH.
-        wait_for(lambda: any("raylet" in p for p in b.procs()), 300, "a raylet on the worker node")
+        wait_for(lambda: any("raylet" in p for p in k.b.procs()), 300, "a raylet on the worker node")
 
-        down = c.run(f"ray down -y {cfg}", timeout=600)
+    def test_ui_cluster_forwards_head_mlflow_and_dashboard_until_sigterm(self, launched_cluster):
+        """`orchestra ui --cluster` on the client: the head's loopback MLflow server and dashboard on free
+        local ports over one ssh; the MLflow REST API through it lists the head store's experiments, the
+        dashboard answers (its Jobs API shows the launch's credentials in the job's env_vars); SIGTERM
+        closes both ports and the ssh process is gone."""
+        from mlflow import MlflowClient
+
+        k = launched_cluster
+        head_store = MlflowClient(f"sqlite:///{k.db}")
+        exp_id = head_store.create_experiment(f"mn_ui_{k.lab.tag}")  # in the head's store, not through the tunnel
+        log = k.root / "ui.log"
+        ui = k.c.popen(f"cd {k.root} && exec {k.cli} ui mn_ui_{k.lab.tag} --cluster {k.cfg}", log=log)
+        try:
+            def urls():
+                text = log.read_text()
+                m = re.search(r"MLflow UI: http://127\.0\.0\.1:(\d+)", text)
+                d = re.search(r"Ray dashboard: http://127\.0\.0\.1:(\d+)", text)
+                assert ui.poll() is None, text[-3000:]
+                return (int(m.group(1)), int(d.group(1))) if m and d else None
+
+            mport, dport = wait_for(urls, 300, "orchestra ui --cluster printing its URLs")
+            text = log.read_text()
+            assert f"http://127.0.0.1:{mport}/#/experiments/{exp_id}/runs?" in text, text
+            assert mport != 5000 and dport != 8265 and mport != dport  # free local ports, not the remote ones
+            token = (k.c.home / ".ray" / "auth_token").read_text().strip()
+            probe = textwrap.dedent(f"""
+                import json, urllib.request as u
+                def get(url, headers={{}}):
+                    with u.urlopen(u.Request(url, headers=headers), timeout=30) as r:
+                        return r.status, json.loads(r.read())
+                s, exps = get("http://127.0.0.1:{mport}/api/2.0/mlflow/experiments/search?max_results=1000")
+                auth = {{"Authorization": "Bearer {token}"}}
+                v, version = get("http://127.0.0.1:{dport}/api/version", auth)
+                j, jobs = get("http://127.0.0.1:{dport}/api/jobs/", auth)
+                print(json.dumps({{"mlflow": s, "names": sorted(e["name"] for e in exps["experiments"]),
+                                  "dashboard": v, "ray": version.get("ray_version"), "jobs": j,
+                                  "env": {{x["submission_id"]: (x.get("runtime_env") or {{}}).get("env_vars")
+                                          for x in jobs}}}}))
+            """)
+
+            def answered():
+                res = k.c.run([sys.executable, "-c", probe], timeout=120)
+                assert res.returncode == 0, res.stderr[-2000:]
+                return json.loads(res.stdout.strip().splitlines()[-1])
+
+            got = wait_for(answered, 300, "the forwarded MLflow server and dashboard answering")
+            from ray import __version__ as ray_version
+
+            assert got["mlflow"] == 200 and got["dashboard"] == 200 and got["jobs"] == 200
+            assert got["names"] == sorted(e.name for e in head_store.search_experiments())  # the head's store
+            assert {"mn_launch", f"mn_ui_{k.lab.tag}"} <= set(got["names"])
+            assert got["ray"] == ray_version
+            env = got["env"][k.job]
+            assert env["MLFLOW_TRACKING_USERNAME"] == "alice" and env["MLFLOW_TRACKING_PASSWORD"] == k.password
+
+            pids = [int(p.split()[0]) for p in k.c.procs() if "orchestration.cli ui" in p]
+            ssh = [int(p.split()[0]) for p in k.c.procs() if p.split()[1] == "ssh" and f":{mport}:" in p]
+            assert len(pids) == 1 and len(ssh) == 1, k.c.procs()
+            os.kill(pids[0], signal.SIGTERM)
+            assert ui.wait(120) == 0, log.read_text()[-3000:]
+        finally:
+            if ui.poll() is None:
+                ui.kill()
+        assert not Path(f"/proc/{ssh[0]}").exists()
+        assert not any(p.split()[1] == "ssh" for p in k.c.procs()), k.c.procs()
+        assert not _port_open(k.c, "127.0.0.1", mport) and not _port_open(k.c, "127.0.0.1", dport)
+        assert k.password not in log.read_text()
+
+    def test_ray_down_stops_ray_on_the_head(self, launched_cluster):
+        k = launched_cluster
+        down = k.c.run(f"ray down -y {k.cfg}", timeout=600)
         assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+
         def ray_procs(h) -> list[str]:
             return [p for p in h.procs() if any(m in p for m in RAY_PROCESS_MARKERS)]
 
-        wait_for(lambda: not ray_procs(a), 300, "no Ray process left on the head after ray down")
+        wait_for(lambda: not ray_procs(k.a), 300, "no Ray process left on the head after ray down")
         # `ray down` returns 0 but (local provider) only marks workers terminated in its state file:
         # Ray keeps running on them. Check and kill everything left by PID (sshd, the MLflow server
         # and, on the worker, Ray), then nothing may remain in either host.
-        left = {h.ip: ray_procs(h) for h in (a, b)}
-        for h in (a, b):
+        left = {h.ip: ray_procs(h) for h in (k.a, k.b)}
+        for h in (k.a, k.b):
             for pid in h.pids():
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -376,6 +483,31 @@ def test_ray_up_launch_and_ray_down_on_local_provider(tmp_path):
                     pass
             wait_for(lambda h=h: not h.pids(), 300, f"every process on {h.ip} killed")
         print(f"\n[multinode] Ray processes left by `ray down` (killed by PID): {left}")
-        print(f"\n[multinode] test 3 wall time {time.time() - t0:.1f}s")
+
+
+def test_ui_cluster_unreachable_head_is_one_line_exit_2(tmp_path):
+    """A head nobody answers SSH on (the client host's own address, no sshd): one line naming the
+    head's user@host, exit 2; and a missing cluster file the same way."""
+    lab = Lab(tmp_path / "lab")
+    try:
+        c = lab.add_host("c", 3)
+        cfg = tmp_path / "unreachable.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "cluster_name": "orchtest-unreachable",
+            "provider": {"type": "local", "head_ip": CLIENT_IP, "worker_ips": []},
+            "auth": {"ssh_user": "root", "ssh_private_key": str(tmp_path / "no-such-key")},
+            "head_start_ray_commands": ["RAY_AUTH_MODE=token ray start --head --dashboard-host=127.0.0.1"],
+        }))
+        cli = " ".join(ORCHESTRA)
+        res = c.run(f"cd {tmp_path} && {cli} ui --cluster {cfg}", timeout=300)
+        err = res.stderr.strip()
+        assert res.returncode == 2 and len(err.splitlines()) == 1, res.stdout + res.stderr
+        assert err.startswith(f"error: {cfg}: cannot reach the head of cluster 'orchtest-unreachable' over SSH "
+                              f"as root@{CLIENT_IP}") and "Connection refused" in err, err
+        assert not any(p.split()[1] == "ssh" for p in c.procs())
+        missing = c.run(f"cd {tmp_path} && {cli} ui --cluster {tmp_path / 'nope.yaml'}", timeout=300)
+        line = missing.stderr.strip()
+        assert missing.returncode == 2 and len(line.splitlines()) == 1, missing.stdout + missing.stderr
+        assert line.startswith(f"error: {tmp_path / 'nope.yaml'}:") and "not found" in line, line
     finally:
-        lab.close()  # kills sshd, the MLflow server and anything `ray down` left, by PID namespace
+        lab.close()

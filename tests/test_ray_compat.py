@@ -50,6 +50,28 @@ def test_auth_headers_empty_without_token_auth_and_bearer_with_it():
     assert on.returncode == 0 and on.stdout.strip() == "{'authorization': 'Bearer " + "a" * 32 + "'}", on.stderr[-2000:]
 
 
+def test_ssh_options_are_rays_without_a_control_connection():
+    assert list(inspect.signature(ray_compat.private("SSHOptions")).parameters) == ["ssh_key", "control_path", "kwargs"]
+    opts = ray_compat.ssh_options("~/.ssh/key", 7, ProxyCommand=None)
+    assert opts[:2] == ["-i", "~/.ssh/key"]
+    pairs = dict(o.split("=", 1) for o in opts[3::2])
+    assert opts[2::2] == ["-o"] * len(pairs)
+    assert pairs["StrictHostKeyChecking"] == "no" and pairs["ExitOnForwardFailure"] == "yes"
+    assert pairs["ConnectTimeout"] == "7s" and pairs["ServerAliveInterval"] == "5"
+    assert not any(k.startswith("Control") or k == "ProxyCommand" for k in pairs), pairs
+    assert "ProxyCommand=nc %h %p" in ray_compat.ssh_options(None, 7, ProxyCommand="nc %h %p")
+    assert "-i" not in ray_compat.ssh_options(None, 7)
+
+
+def test_head_lookup_functions_keep_their_shape():
+    assert list(inspect.signature(ray_compat.private("get_head_node_ip")).parameters) == [
+        "config_file", "override_cluster_name"]
+    assert list(inspect.signature(ray_compat.private("_bootstrap_config")).parameters) == ["config", "no_config_cache"]
+    raw = yaml.safe_load((Path(__file__).parents[1] / "cluster-local.yaml").read_text())
+    booted = ray_compat.bootstrap_cluster_config(copy.deepcopy(raw))
+    assert booted["auth"] == raw["auth"] and booted["available_node_types"]  # what `ray up` completes
+
+
 def test_working_dir_excludes_follow_gitignore_patterns(tmp_path: Path):
     params = list(inspect.signature(ray_compat.private("working_dir_excludes")).parameters)
     assert params == ["path", "excludes"]
