@@ -30,6 +30,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from algorithms.settings import SettingError
 from orchestration import search as S
 
 # Keys of the orchestration-private block inside each trial's config.
@@ -559,10 +560,11 @@ def _validate_rllib(spec: Spec, file: str | None) -> None:
 
 def _validate_algorithm_values(spec: Spec, algo_cls: type, keys: dict[str, str], blocks: dict[str, Any],
                                file: str | None) -> None:
-    """Run the project algorithms' own value checks (``AlgorithmConfig.validate``, e.g. WPO's and EVE's
-    ``num_action_samples: got 0; allowed: an int >= 1``) on every grid variant of ``config``, so a bad
-    value stops the launch before Ray starts instead of failing each trial. RLlib's own algorithms are
-    left to RLlib (their validate() needs the env's spaces and resources)."""
+    """Run the project algorithms' own value checks (``AlgorithmConfig.validate``: each setting through the
+    algorithm's settings model, e.g. WPO's ``config.num_action_samples: got 0; allowed: an int >= 1``) on
+    every grid variant of ``config``, so a bad value stops the launch before Ray starts instead of failing
+    each trial. RLlib's own algorithms are left to RLlib (their validate() needs the env's spaces and
+    resources)."""
     from algorithms.offpolicy.config import OffPolicyConfig
 
     if not isinstance(algo_cls.get_default_config(), OffPolicyConfig):
@@ -581,6 +583,12 @@ def _validate_algorithm_values(spec: Spec, algo_cls: type, keys: dict[str, str],
                 set_algorithm_config_value(cfg, keys, key_, value)
             key = "config"
             cfg.validate()
+        except SettingError as e:  # a value outside its settings model's bounds (algorithms/settings.py)
+            on_env = e.key == "action_space"  # the env's, not a config key
+            err = SpecError(file, "env" if on_env else f"config.{e.key}",
+                            f"{'action_space: ' if on_env else ''}got {e.value!r}; allowed: {e.allowed}{where}")
+            err.value, err.allowed = e.value, e.allowed
+            raise err from None
         except Exception as e:  # noqa: BLE001 - the algorithm's own message names the key and allowed values
             msg = str(e).strip()
             named = [msg.split(":", 1)[0].strip(), *re.findall(r"`(\w+)`", msg)]

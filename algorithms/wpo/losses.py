@@ -19,6 +19,8 @@ With a tanh-squashed policy a = tanh(u) the same update runs on u with ∇_u Q(s
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -63,8 +65,9 @@ def out_of_bounds_grad(actions: Tensor, low: float = -1.0, high: float = 1.0) ->
     return -2.0 * (actions - actions.clamp(low, high))
 
 
-POLICY_BOUNDS = ("none", "tanh_mean", "tanh_squash")
-"""Allowed ``policy_bound`` values (WPOConfig.policy_bound; docs/methods.md#wpo, "Action bounds")."""
+PolicyBound = Literal["none", "tanh_mean", "tanh_squash"]
+"""Allowed ``policy_bound`` values (WPOSettings.policy_bound; docs/methods.md#wpo, "Action bounds")."""
+POLICY_BOUNDS: tuple[str, ...] = get_args(PolicyBound)
 
 
 def to_action(x: Tensor, policy_bound: str) -> Tensor:

@@ -1,6 +1,7 @@
 """WPOModule: diagonal Gaussian policy and scalar Q critic, built by algorithms.networks.
 
-Reference architecture (Acme's WPO networks, docs/methods.md#wpo; used when the config's ``network`` block is unset):
+Reference architecture (Acme's WPO networks, docs/methods.md#wpo; used when the config's ``network`` block is unset;
+settings missing from ``model_config`` fall back to :class:`~algorithms.wpo.config.WPOSettings`' defaults):
 - policy: obs -> Linear(256) -> LayerNorm -> tanh -> [Linear(256) -> ELU] x 2 -> Linear(2D);
   mean = first D outputs, std = softplus(x)·init_scale/softplus(0) + 1e-6 (no tanh squashing, the
   default ``policy_bound="none"``; ``tanh_mean``: mean = tanh(first D outputs); ``tanh_squash``: the two
@@ -26,6 +27,7 @@ from algorithms.networks.builders import build_mlp
 from algorithms.networks.config import NetworkConfig
 from algorithms.offpolicy.module import OffPolicyRLModule
 from algorithms.wpo import losses as L
+from algorithms.wpo.config import WPOSettings
 
 _SOFTPLUS_0 = math.log(2.0)
 
@@ -89,18 +91,18 @@ class WPOModule(OffPolicyRLModule):
     LEARNER_ONLY = ("critic", "log_alpha_mean", "log_alpha_stddev")
 
     def setup(self) -> None:
-        mc: dict[str, Any] = dict(self.model_config or {})
+        mc: dict[str, Any] = WPOSettings.module_config(self.model_config)
         obs_dim = int(self.observation_space.shape[0])
         act_dim = int(self.action_space.shape[0])
         if len(self.observation_space.shape) != 1:
             raise ValueError(f"WPO: observations must be flat vectors [D], got shape {self.observation_space.shape}")
         block = self.network_config
-        self.policy = GaussianPolicy(make_mlp(obs_dim, 2 * act_dim, block, list(mc.get("policy_hidden", [256] * 3))),
-                                     act_dim, float(mc.get("init_scale", 0.5)), str(mc.get("policy_bound", "none")))
+        self.policy = GaussianPolicy(make_mlp(obs_dim, 2 * act_dim, block, list(mc["policy_hidden"])),
+                                     act_dim, float(mc["init_scale"]), str(mc["policy_bound"]))
         if not self.inference_only:
-            self.critic = QCritic(make_mlp(obs_dim + act_dim, 1, block, list(mc.get("critic_hidden", [256] * 3))))
-            self.log_alpha_mean = nn.Parameter(torch.tensor(float(mc.get("init_log_alpha_mean", 0.0))))
-            self.log_alpha_stddev = nn.Parameter(torch.tensor(float(mc.get("init_log_alpha_stddev", 10_000.0))))
+            self.critic = QCritic(make_mlp(obs_dim + act_dim, 1, block, list(mc["critic_hidden"])))
+            self.log_alpha_mean = nn.Parameter(torch.tensor(float(mc["init_log_alpha_mean"])))
+            self.log_alpha_stddev = nn.Parameter(torch.tensor(float(mc["init_log_alpha_stddev"])))
 
     def act(self, obs: Tensor, *, explore: bool, generator: torch.Generator | None) -> Tensor:
         """Sampled (explore) or deterministic actions: the Gaussian's sample / mean mapped by ``to_action``
