@@ -1,7 +1,7 @@
 """Diagnostic ``task_returns``: per-task episode returns for continual RL on task-sequence envs.
 
 Works with any RLlib algorithm on an env built by :mod:`algorithms.envs.sequence` (``sequence/minatar``,
-``sequence/tasks``), whose last step of each episode carries ``task_id``, ``task_episode_return`` and
+``sequence/ale``, ``sequence/tasks``), whose last step of each episode carries ``task_id``, ``task_episode_return`` and
 ``task_episode_length``. Reported (env runners, mean over the recent ``window`` episodes of that task):
 
 - ``env/task_return/task_<k>``: episode return on task k
