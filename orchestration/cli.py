@@ -3,6 +3,7 @@
     orchestra run SPEC [--set key=value ...] [--dry-run] [--address ADDR]
     orchestra resume NAME              continue an interrupted launch (launch name or spec name)
     orchestra validate SPEC [--set ...] check a spec without running it (names resolve)
+    orchestra validate --settings NAME  list an algorithm's (or task's) settings: type, default, allowed, doc
     orchestra ls [EXPERIMENT]          experiments and runs with status and best metric
     orchestra ui [EXPERIMENT] [--port N]   MLflow UI on 127.0.0.1; prints the experiment's runs page
     orchestra ui [EXPERIMENT] --cluster FILE [--port N] [--dashboard-port N]   the head's MLflow UI and Ray
@@ -135,8 +136,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from orchestration.runner import dry_run_text
-    from orchestration.spec import load_spec
+    from orchestration.spec import load_spec, settings_listing
 
+    if args.settings is not None:
+        if args.spec is not None:
+            raise UserError("orchestra validate: give a SPEC or --settings NAME, not both")
+        print("\n".join(settings_listing(args.settings)))
+        return 0
+    if args.spec is None:
+        raise UserError("orchestra validate: needs a SPEC file, or --settings NAME (e.g. --settings WPO)")
     spec = load_spec(args.spec, args.set)
     print(f"{args.spec}: OK")
     print(dry_run_text(spec))
@@ -322,8 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--verbose", action="store_true", help="also print Ray's, RLlib's and the trials' log lines")
     rs.set_defaults(fn=cmd_resume)
 
-    v = sub.add_parser("validate", help="check a spec without running it")
-    v.add_argument("spec")
+    v = sub.add_parser("validate", help="check a spec without running it, or list an algorithm's settings")
+    v.add_argument("spec", nargs="?", default=None)
+    v.add_argument("--settings", default=None, metavar="NAME",
+                   help="list NAME's settings (WPO, EVE, a task): name, type, default, allowed values, doc")
     v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     v.set_defaults(fn=cmd_validate)
 

@@ -17,13 +17,16 @@ config keys, diagnostics), which need the spec's ``imports`` to be imported firs
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import hashlib
 import importlib
 import inspect
 import json
+import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -558,6 +561,19 @@ def _validate_rllib(spec: Spec, file: str | None) -> None:
     _validate_algorithm_values(spec, algo_cls, keys, blocks, file)
 
 
+@contextlib.contextmanager
+def _quiet_rllib_config() -> Iterator[None]:
+    """Hold back RLlib's config notices while checking a spec ("You are running WPO on the new API stack!"): a
+    bad value must be the one line `orchestra validate` prints; errors still raise."""
+    log = logging.getLogger("ray.rllib.algorithms.algorithm_config")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _validate_algorithm_values(spec: Spec, algo_cls: type, keys: dict[str, str], blocks: dict[str, Any],
                                file: str | None) -> None:
     """Run the project algorithms' own value checks (``AlgorithmConfig.validate``: each setting through the
@@ -582,7 +598,8 @@ def _validate_algorithm_values(spec: Spec, algo_cls: type, keys: dict[str, str],
                 key = f"config.{key_}"
                 set_algorithm_config_value(cfg, keys, key_, value)
             key = "config"
-            cfg.validate()
+            with _quiet_rllib_config():
+                cfg.validate()
         except SettingError as e:  # a value outside its settings model's bounds (algorithms/settings.py)
             on_env = e.key == "action_space"  # the env's, not a config key
             err = SpecError(file, "env" if on_env else f"config.{e.key}",
@@ -595,6 +612,40 @@ def _validate_algorithm_values(spec: Spec, algo_cls: type, keys: dict[str, str],
             if key == "config" and any(n in values for n in named):
                 key = "config." + next(n for n in named if n in values)
             raise SpecError(file, key, msg + where) from None
+
+
+def settings_model(name: str) -> type[BaseModel]:
+    """The settings model of an algorithm (its config's ``SETTINGS``, e.g. WPO's WPOSettings) or a task (its
+    ``Config``); a :class:`UserError` naming the allowed names when ``name`` has none."""
+    from algorithms import registry as R
+
+    R.load_builtin_plugins()
+    models: dict[str, type[BaseModel]] = {}
+    for algo in R.registered_algorithms():
+        model = getattr(R.get_algorithm_class(algo).get_default_config(), "SETTINGS", None)
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            models[algo] = model
+    for task in R.registered_tasks():
+        models[task] = R.get_task_class(task).Config
+    if name not in models:
+        close = difflib.get_close_matches(name, list(models), n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise UserError(f"--settings {name!r}: no settings model{hint} (RLlib's own algorithms are documented by "
+                        f"RLlib); allowed: {', '.join(models)}")
+    return models[name]
+
+
+def settings_listing(name: str) -> list[str]:
+    """``orchestra validate --settings NAME``: a header, then one line per setting of NAME's settings model
+    (:func:`settings_model`): name, type, default, allowed values or bounds, doc, in the model's order."""
+    from algorithms.settings import settings_rows
+
+    model = settings_model(name)
+    rows = [("name", "type", "default", "allowed", "doc"), *settings_rows(model)]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"{name} settings ({model.__module__}.{model.__qualname__}; set them under `config:` in a spec):"]
+    lines += ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4] for r in rows]
+    return [line.rstrip() for line in lines]
 
 
 def import_builtin_envs() -> None:
