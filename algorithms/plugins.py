@@ -27,8 +27,8 @@ register_task("digits_shifting_regression", "algorithms.tasks.digits:DigitsShift
 # Algorithms on the off-policy core (WPO, EVE) and bsuite scoring.
 from algorithms.registry import register_algorithm  # noqa: E402
 
-register_algorithm("WPO", "algorithms.wpo.algorithm:WPO")
-register_algorithm("EVE", "algorithms.eve.algorithm:EVE")
+register_algorithm("WPO", "algorithms.wpo.config:WPO")
+register_algorithm("EVE", "algorithms.eve.config:EVE")
 register_diagnostic_lazy("bsuite", "algorithms.diagnostics.rllib_bsuite")
 
 # DataRater meta-learned data filtering (meta-gradients by algorithms.meta).

@@ -161,3 +161,20 @@ def test_settings_listing_prints_each_setting_from_the_model(tmp_path: Path):
 
     line = _one_error_line(_orchestra(["validate", "--settings", "WPOO"], tmp_path))
     assert "--settings 'WPOO'" in line and "did you mean WPO" in line and "allowed: EVE, WPO" in line
+
+
+def test_algorithm_classes_live_beside_their_configs_and_old_checkpoint_paths_resolve():
+    """RLlib checkpoints pickle the Algorithm class by path (class_and_ctor_args.pkl): new ones name
+    algorithms.<algo>.config, and the path older checkpoints name still resolves to the same class."""
+    import pickle
+
+    from algorithms import registry as R
+    from algorithms.eve.config import EVE
+    from algorithms.wpo.config import WPO
+
+    R.load_builtin_plugins()
+    for name, cls in (("WPO", WPO), ("EVE", EVE)):
+        assert R.get_algorithm_class(name) is cls and cls.get_default_config().algo_class is cls
+        assert pickle.loads(pickle.dumps(cls)) is cls and cls.__module__ == f"algorithms.{name.lower()}.config"
+        old = f"calgorithms.{name.lower()}.algorithm\n{name}\n.".encode()  # what a checkpoint written before the move holds
+        assert pickle.loads(old) is cls

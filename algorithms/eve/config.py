@@ -1,4 +1,4 @@
-"""EVEConfig: epistemic Q-learning (Schmitt, Shawe-Taylor, van Hasselt, AAAI 2023, arXiv 2303.04012) on the
+"""EVE: epistemic Q-learning (Schmitt, Shawe-Taylor, van Hasselt, AAAI 2023, arXiv 2303.04012) on the
 off-policy core, and its epsilon-greedy baseline (the same implementation with
 ``exploration="epsilon_greedy"`` instead of ``"posterior"``, so only exploration differs).
 
@@ -31,6 +31,14 @@ network with one posterior and one sample per episode, not an ensemble; ``q_head
 paper's single MLP with A outputs). The towers run as one grouped network (one matrix product per layer,
 :func:`algorithms.networks.build_grouped_mlp`), and the learner gets the Fisher and the loss gradient from one
 hand-written reverse pass (docs/methods.md#eve).
+
+Here: the settings model (EVESettings), the RLlib config (EVEConfig) and the Algorithm (EVE) side by side, as
+RLlib keeps PPO beside PPOConfig. One EVE iteration is the core's ``training_step`` (sample with
+:class:`~algorithms.eve.env_runner.EVEEnvRunner`, insert, update at ``samples_per_insert``, sync weights, with
+the Fisher buffers, to the runners) plus the learner's uncertainty report as ``uncertainty/...`` result keys:
+``uncertainty/q_epistemic_std`` (mean over replay states of the Delta-Variance std of Q at the greedy action;
+also ``_max``, ``_min``), ``uncertainty/posterior_std_{mean,min,max}``, ``uncertainty/fisher_mean`` and
+``uncertainty/num_data`` (N). Only with exploration="posterior".
 """
 
 from __future__ import annotations
@@ -41,7 +49,9 @@ import gymnasium as gym
 from pydantic import Field
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
+from algorithms.eve.env_runner import EVEEnvRunner
 from algorithms.networks.config import Activation, Norm
+from algorithms.offpolicy.algorithm import OffPolicyAlgorithm
 from algorithms.offpolicy.config import (
     BatchSize,
     GradClip,
@@ -57,6 +67,7 @@ from algorithms.offpolicy.config import (
     _check,
 )
 
+UNCERTAINTY = "uncertainty"
 Probability = Annotated[float, Field(ge=0, le=1)]
 
 
@@ -139,9 +150,6 @@ class EVEConfig(OffPolicyConfig):
     SETTINGS: ClassVar[type[EVESettings]] = EVESettings
 
     def __init__(self, algo_class: type | None = None):
-        from algorithms.eve.algorithm import EVE
-        from algorithms.eve.env_runner import EVEEnvRunner
-
         super().__init__(algo_class=algo_class or EVE)
         self.env_runner_cls = EVEEnvRunner
 
@@ -160,3 +168,17 @@ class EVEConfig(OffPolicyConfig):
         from algorithms.eve.learner import EVELearner
 
         return EVELearner
+
+
+class EVE(OffPolicyAlgorithm):
+    """Epistemic Q-learning (exploration="posterior") or its ε-greedy baseline; see the module docstring."""
+
+    @classmethod
+    def get_default_config(cls) -> EVEConfig:
+        return EVEConfig(cls)
+
+    def training_step(self) -> None:
+        super().training_step()
+        stats = [r.get() for r in self.learner_group.foreach_learner(lambda learner: learner.uncertainty_stats())]
+        for name, value in (stats[0] if stats else {}).items():
+            self.metrics.log_value((UNCERTAINTY, name), value, window=1)

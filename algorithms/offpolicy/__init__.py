@@ -6,7 +6,8 @@ E parallel envs), :func:`nstep_targets` (reference n-step targets of one episode
 
 RLlib pieces (import them from their modules; they import Ray):
 
-- ``config.OffPolicyConfig(AlgorithmConfig)``: ``samples_per_insert``, ``replay_capacity``, ``n_step``,
+- ``config.OffPolicySettings`` (pydantic; every shared setting's default, bounds and doc) and
+  ``config.OffPolicyConfig(AlgorithmConfig)``, whose defaults come from it: ``samples_per_insert``, ``replay_capacity``, ``n_step``,
   ``learning_starts``, ``max_updates_per_call``, ``target_update_period``, ``target_update_tau``,
   ``checkpoint_replay``, ``network`` (the spec's network block), ``replay_device``; RLlib's own
   ``train_batch_size_per_learner``, ``lr``, ``gamma``, ``grad_clip``, ``rollout_fragment_length``
@@ -19,24 +20,34 @@ RLlib pieces (import them from their modules; they import Ray):
   ``run_updates``, ``reduce_stats``.
 - ``algorithm.OffPolicyAlgorithm(Algorithm)``: the training_step loop, counters, checkpoint state.
 
-Extension API: a new algorithm (WPO in ``algorithms/wpo``, EVE in ``algorithms/eve``) is four classes.
+Extension API: a new algorithm (WPO in ``algorithms/wpo``, EVE in ``algorithms/eve``) is a settings model
+and four classes; the model, the config and the algorithm share ``config.py`` (as RLlib keeps PPO beside
+PPOConfig).
 
-1. Config::
+1. Settings and config::
+
+       class MySettings(OffPolicySettings):            # pydantic: each setting once
+           MODULE_KEYS: ClassVar[tuple[str, ...]] = ("my_width",)   # what the module reads
+           my_setting: float = Field(1.0, gt=0)
+           "One-line doc (``orchestra validate --settings MY`` prints it)."
+           my_width: int = Field(64, ge=1)
+           "Hidden width of my network."
+           lr: LearningRate = 1e-3                     # a core setting with another default
 
        class MyConfig(OffPolicyConfig):
+           SETTINGS = MySettings       # defaults, training(**kw) keywords and validate() come from it
            def __init__(self, algo_class=None):
                super().__init__(algo_class=algo_class or MyAlgorithm)
-               self.my_setting = 1.0           # plus defaults for the core's settings
-           def training(self, *, my_setting=NotProvided, **kwargs): ...   # builder, then super()
-           def validate(self): super().validate(); ...                     # clear errors
            def get_default_rl_module_spec(self): return RLModuleSpec(module_class=MyModule)
            def get_default_learner_class(self): return MyLearner
-           @property
-           def _model_config_auto_includes(self):  # what the module needs from the config
-               return super()._model_config_auto_includes | {"my_setting": self.my_setting}
+
+   ``validate()`` checks every field through the model (a bad value raises
+   :class:`algorithms.settings.SettingError`, which the spec checker reports as ``config.<key>: got ...;
+   allowed: ...``); override it only for rules between settings or on the env's spaces.
 
 2. Module (``OffPolicyRLModule``): build networks in ``setup()`` with ``algorithms.networks``
-   (``self.network_config`` is the spec's block or None; ``self.model_config`` has the auto-includes);
+   (``self.network_config`` is the spec's block or None; ``MySettings.module_config(self.model_config)``
+   gives the ``MODULE_KEYS`` settings, each at the model's default when the auto-includes lack it);
    declare ``TARGET_NETWORKS = ("q",)`` (frozen copies ``target_q`` made by the learner) and
    ``LEARNER_ONLY`` (attributes env runners do not need); implement
    ``act(obs [E, ...], *, explore, generator) -> actions [E, ...]`` (all randomness from
@@ -53,9 +64,9 @@ Extension API: a new algorithm (WPO in ``algorithms/wpo``, EVE in ``algorithms/e
    Several optimisers: override ``configure_optimizers_for_module`` (each is clipped separately to
    ``grad_clip``). Hooks after each update: override ``run_updates`` or ``after_gradient_based_update``.
 
-4. Algorithm: ``class MyAlgorithm(OffPolicyAlgorithm)`` with
-   ``get_default_config = classmethod(lambda cls: MyConfig())``; register it with
-   ``register_algorithm("MY", "algorithms.my.algorithm:MyAlgorithm")`` in ``algorithms/plugins.py``.
+4. Algorithm (in config.py, after MyConfig): ``class MyAlgorithm(OffPolicyAlgorithm)`` with
+   ``get_default_config = classmethod(lambda cls: MyConfig(cls))``; register it with
+   ``register_algorithm("MY", "algorithms.my.config:MyAlgorithm")`` in ``algorithms/plugins.py``.
 
 Env runner hooks (subclass ``VectorEnvRunner`` and set ``config.env_runner_cls``):
 ``on_episode_start(env_indices)`` (e.g. draw a new parameter perturbation per episode from

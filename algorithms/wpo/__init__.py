@@ -1,3 +1,4 @@
 """Wasserstein Policy Optimization (Pfau et al., ICML 2025; docs/methods.md#wpo) on the off-policy core:
-config, module, learner, algorithm and the pure losses.
+config.py (WPOSettings, WPOConfig and the Algorithm WPO), module.py, learner.py and the pure losses.py;
+algorithm.py only keeps old checkpoints' import path of WPO.
 """

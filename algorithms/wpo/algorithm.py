@@ -1,14 +1,10 @@
-"""WPO: Wasserstein Policy Optimization (Pfau et al., ICML 2025) as an RLlib Algorithm on the off-policy core."""
+"""The import path of WPO before it moved into algorithms/wpo/config.py, kept for old checkpoints only.
 
-from __future__ import annotations
+An RLlib checkpoint pickles its Algorithm class by import path (``class_and_ctor_args.pkl``, read by
+``Algorithm.from_checkpoint``, e.g. ``orchestra eval`` and benchmarks/dmc_100k.py's resume); checkpoints
+written before the move name ``algorithms.wpo.algorithm.WPO``. Code imports ``algorithms.wpo.config``.
+"""
 
-from algorithms.offpolicy.algorithm import OffPolicyAlgorithm
-from algorithms.wpo.config import WPOConfig
+from algorithms.wpo.config import WPO
 
-
-class WPO(OffPolicyAlgorithm):
-    """Samples with VectorEnvRunner, trains WPOLearner at ``samples_per_insert`` (see algorithms.offpolicy)."""
-
-    @classmethod
-    def get_default_config(cls) -> WPOConfig:
-        return WPOConfig(cls)
+__all__ = ["WPO"]

@@ -1,4 +1,6 @@
-"""WPOConfig: Wasserstein Policy Optimization on the off-policy core.
+"""WPO: Wasserstein Policy Optimization (Pfau et al., ICML 2025) on the off-policy core: its settings model
+(WPOSettings), its RLlib config (WPOConfig) and the Algorithm (WPO) side by side, as RLlib keeps PPO beside
+PPOConfig.
 
 Defaults follow the reference configuration (Acme's WPO config; docs/methods.md#wpo): samples per
 insert 32, N = 20 action samples, Adam lr 1e-4, batch 256, γ 0.99, 5-step returns, grad-norm clip 40,
@@ -19,6 +21,7 @@ import gymnasium as gym
 from pydantic import Field
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
+from algorithms.offpolicy.algorithm import OffPolicyAlgorithm
 from algorithms.offpolicy.config import (
     LearningRate,
     NStep,
@@ -109,8 +112,6 @@ class WPOConfig(OffPolicyConfig):
     SETTINGS: ClassVar[type[WPOSettings]] = WPOSettings
 
     def __init__(self, algo_class: type | None = None):
-        from algorithms.wpo.algorithm import WPO
-
         super().__init__(algo_class=algo_class or WPO)
 
     def validate(self) -> None:
@@ -128,3 +129,11 @@ class WPOConfig(OffPolicyConfig):
         from algorithms.wpo.learner import WPOLearner
 
         return WPOLearner
+
+
+class WPO(OffPolicyAlgorithm):
+    """Samples with VectorEnvRunner, trains WPOLearner at ``samples_per_insert`` (see algorithms.offpolicy)."""
+
+    @classmethod
+    def get_default_config(cls) -> WPOConfig:
+        return WPOConfig(cls)
