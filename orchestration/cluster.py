@@ -29,6 +29,21 @@ OPEN_CIDRS = ("0.0.0.0/0", "::/0")
 ANY_ADDRESS = ".".join(["0"] * 4)  # the wildcard bind address, spelled so greps for binds skip it
 
 
+def is_multi_node(config: dict[str, Any]) -> bool:
+    """True if the cluster can have worker nodes (max_workers, node-type maxima or worker_ips)."""
+    provider = config.get("provider") or {}
+    if provider.get("type") == "local":
+        return bool(provider.get("worker_ips")) or bool(provider.get("coordinator_address"))
+    if (config.get("max_workers") or 0) > 0:
+        return True
+    return any((t or {}).get("max_workers", 0) > 0 for t in (config.get("available_node_types") or {}).values())
+
+
+def orchestra_metadata(config: dict[str, Any]) -> dict[str, Any]:
+    """The config's ``metadata.orchestra`` block (storage, artifacts, tracking_uri for launches; docs/clusters.md)."""
+    return dict(((config.get("metadata") or {}).get("orchestra")) or {})
+
+
 def _rules(config: dict[str, Any]) -> list[dict[str, Any]]:
     rules = list(((config.get("provider") or {}).get("security_group") or {}).get("IpPermissions") or [])
     for node in (config.get("available_node_types") or {}).values():
@@ -63,8 +78,6 @@ def our_checks(config: dict[str, Any], file: str) -> None:
     provider = config.get("provider") or {}
     if provider.get("type") == "local":
         _local_checks(config, file)
-    from orchestration.launch import is_multi_node, orchestra_metadata
-
     if is_multi_node(config):
         if not config.get("file_mounts"):
             raise SpecError(file, "file_mounts", "a multi-node cluster must sync the project to every node",

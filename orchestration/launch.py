@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestration.cluster import is_multi_node, orchestra_metadata, validate_cluster
 from orchestration.spec import SpecError
 
 DEFAULT_TRACKING_URI = "http://127.0.0.1:5000"
@@ -86,25 +87,9 @@ def _ray_cli() -> str:
     return str(ray) if ray.exists() else "ray"
 
 
-def is_multi_node(config: dict[str, Any]) -> bool:
-    """True if the cluster can have worker nodes (max_workers, node-type maxima or worker_ips)."""
-    provider = config.get("provider") or {}
-    if provider.get("type") == "local":
-        return bool(provider.get("worker_ips")) or bool(provider.get("coordinator_address"))
-    if (config.get("max_workers") or 0) > 0:
-        return True
-    return any((t or {}).get("max_workers", 0) > 0 for t in (config.get("available_node_types") or {}).values())
-
-
-def orchestra_metadata(config: dict[str, Any]) -> dict[str, Any]:
-    return dict(((config.get("metadata") or {}).get("orchestra")) or {})
-
-
 def cluster_info(file: str | Path) -> ClusterInfo:
     """Validate ``file`` (Ray's validator and ours) and read the launch settings from it."""
     import yaml
-
-    from orchestration.cluster import validate_cluster
 
     validate_cluster(file)
     raw = yaml.safe_load(Path(file).read_text())
