@@ -220,10 +220,17 @@ def serve_cluster(file: str, port: int | None, dash_port: int | None, experiment
     raw = load_yaml_mapping(file, "cluster config")
     head = find_head(file, raw)
     remote_mlflow = _loopback_port(info.tracking_uri)
-    local_mlflow = (port or _free_port()) if remote_mlflow else None
-    local_dash = dash_port or _free_port()
-    if local_mlflow == local_dash:
+    if port is not None and port == dash_port:
         raise UserError(f"--port {port} and --dashboard-port {dash_port}: the two forwards need two ports")
+
+    def pick(fixed: int | None, other: int | None) -> int:
+        chosen = fixed or _free_port()
+        while chosen == other:  # a free pick may hit the other forward's port
+            chosen = _free_port()
+        return chosen
+
+    local_mlflow = pick(port, dash_port) if remote_mlflow else None
+    local_dash = pick(dash_port, local_mlflow)
     forwards = [(local_dash, dashboard_port(raw))]
     if remote_mlflow:
         forwards.insert(0, (local_mlflow, remote_mlflow))
