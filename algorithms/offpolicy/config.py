@@ -87,8 +87,8 @@ class OffPolicySettings(BaseModel):
     """Device of the replay storage (e.g. cpu, cuda); None: the learner's device."""
     replica_seeds: Annotated[list[Annotated[int, Field(strict=True)]], Field(min_length=1, strict=False)] | None = Field(
         None, json_schema_extra={"allowed": "None or a list of distinct int seeds"})
-    """Seeds of the K replicas trained side by side, the first being ``seed`` (None or one seed: no packing)."""
-    # Seed packing: algorithms.offpolicy.packing; the spec's ``pack_seeds`` sets it.
+    """Seeds of the K replicas trained side by side (the first is ``seed``); set from the spec's pack_seeds."""
+    # Seed packing: algorithms.offpolicy.packing; None or one seed: no packing.
 
     @classmethod
     def module_config(cls, model_config: dict[str, Any] | None) -> dict[str, Any]:
