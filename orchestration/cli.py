@@ -14,7 +14,9 @@
     orchestra eval CHECKPOINT [--env NAME] [--episodes K] [--video]   deterministic episodes, logged to MLflow
     orchestra validate-cluster FILE    check a `ray up` config (Ray's validator + our security rules)
     orchestra launch SPEC --cluster FILE [--set ...] [--detach]   run a spec as a Ray Job on a cluster
-    orchestra status JOB --cluster FILE / orchestra stop JOB --cluster FILE
+    orchestra launch SPEC --slurm [--nodes N] [--gpus-per-node G] [--cpus-per-node C] [--partition P]
+                     [--time T] [--sbatch OPTION ...] [--dry-run] [--new]   a Slurm job running Ray and the spec
+    orchestra status JOB --cluster FILE / orchestra stop JOB --cluster FILE   (--slurm: a Slurm job)
     orchestra --version
 
 Errors in what the user asked for (a missing file, an unknown experiment or launch, a bad option value,
@@ -219,6 +221,22 @@ def cmd_validate_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    if args.slurm:
+        ray_jobs_only = [o for o, v in (("--detach", args.detach), ("--storage", args.storage),
+                                        ("--dashboard-address", args.dashboard_address),
+                                        ("--project-dir", args.project_dir), ("--no-start", args.no_start)) if v]
+        if ray_jobs_only:  # a Slurm job always returns at once and keeps its launch in tracking.storage
+            raise UserError(f"{ray_jobs_only[0]}: only with --cluster (with --slurm the job runs detached, "
+                            "from this folder, with Tune storage tracking.storage: --set tracking.storage=DIR)")
+        from orchestration.slurm import SlurmOptions, launch_slurm
+
+        opts = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_node=args.cpus_per_node,
+                            partition=args.partition, time=args.time, sbatch_lines=args.sbatch, setup=args.setup)
+        launch_slurm(args.spec, args.set, opts, dry_run=args.dry_run, new=args.new)
+        return 0
+    slurm_only = [o for o, v in (("--dry-run", args.dry_run), ("--new", args.new)) if v]
+    if slurm_only:
+        raise UserError(f"{slurm_only[0]}: only with --slurm")
     from orchestration.launch import launch
 
     res = launch(args.spec, args.cluster, args.set, detach=args.detach, dashboard_address=args.dashboard_address,
@@ -227,15 +245,25 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from orchestration.launch import job_status
+    if args.slurm:
+        from orchestration.slurm import job_state
 
-    info = job_status(args.job, args.cluster, args.dashboard_address)
+        info = job_state(args.job)
+    else:
+        from orchestration.launch import job_status
+
+        info = job_status(args.job, args.cluster, args.dashboard_address)
     for k, v in info.items():
         print(f"{k}: {v}")
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
+    if args.slurm:
+        from orchestration.slurm import stop_job as stop_slurm_job
+
+        print(f"{args.job}: {stop_slurm_job(args.job)}")
+        return 0
     from orchestration.launch import stop_job
 
     print(f"{args.job}: {stop_job(args.job, args.cluster, args.dashboard_address)}")
@@ -407,9 +435,26 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("file")
     vc.set_defaults(fn=cmd_validate_cluster)
 
-    la = sub.add_parser("launch", help="run a spec as a Ray Job on a `ray up` cluster (starts it if needed)")
+    la = sub.add_parser("launch", help="run a spec as a Ray Job on a `ray up` cluster (starts it if needed), "
+                                       "or as a Slurm batch job (--slurm)")
     la.add_argument("spec")
-    la.add_argument("--cluster", required=True, help="the `ray up` config (cluster.yaml, cluster-local.yaml)")
+    where = la.add_mutually_exclusive_group(required=True)
+    where.add_argument("--cluster", help="the `ray up` config (cluster.yaml, cluster-local.yaml)")
+    where.add_argument("--slurm", action="store_true",
+                       help="submit an sbatch job that starts Ray on its nodes and runs the spec (docs/clusters.md)")
+    sl = la.add_argument_group("--slurm options")
+    sl.add_argument("--nodes", type=int, default=1, help="nodes: the first runs the Ray head and the driver")
+    sl.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (Ray's --num-gpus)")
+    sl.add_argument("--cpus-per-node", type=int, default=None,
+                    help="CPUs per node (Ray's --num-cpus; default: what Slurm allocates)")
+    sl.add_argument("--partition", default=None)
+    sl.add_argument("--time", default=None, help="time limit (Slurm format, e.g. 1-00:00:00)")
+    sl.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                    help="another #SBATCH option, e.g. --sbatch=--mem=64G (repeatable)")
+    sl.add_argument("--setup", action="append", default=[], metavar="LINE",
+                    help="shell line run on the nodes before Ray starts, e.g. 'module load cuda' (repeatable)")
+    sl.add_argument("--dry-run", action="store_true", help="print the batch script; submit nothing")
+    sl.add_argument("--new", action="store_true", help="a new launch even if the spec's last one was interrupted")
     la.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     la.add_argument("--detach", action="store_true", help="submit and return; follow with `orchestra status`")
     la.add_argument("--storage", default=None, help="Tune storage (s3://...) instead of the cluster's")
@@ -420,8 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     la.set_defaults(fn=cmd_launch)
     for cmd, fn, text in (("status", cmd_status, "status of a launched job"), ("stop", cmd_stop, "stop a launched job")):
         sp = sub.add_parser(cmd, help=text)
-        sp.add_argument("job", help="job id (the launch name printed by `orchestra launch`)")
-        sp.add_argument("--cluster", required=True)
+        sp.add_argument("job", help="job id (the launch name printed by `orchestra launch`; with --slurm the "
+                                    "Slurm job id)")
+        kind = sp.add_mutually_exclusive_group(required=True)
+        kind.add_argument("--cluster")
+        kind.add_argument("--slurm", action="store_true", help="a Slurm job (squeue/scontrol/sacct; scancel)")
         sp.add_argument("--dashboard-address", default=None)
         sp.set_defaults(fn=fn)
     return p
