@@ -233,7 +233,12 @@ def build_algorithm_config(algo_cls: type, trial_config: dict[str, Any]) -> Any:
     if env is not None:
         cfg.environment(env=env)
     seed = config.pop("seed", None)
-    if seed is not None:
+    if isinstance(seed, list | tuple):  # a pack (spec `pack_seeds`): the replicas' seeds, the first is `seed`
+        if not hasattr(cfg, "replica_seeds"):
+            raise ValueError(f"{algo_cls.__name__} cannot train a pack of seeds {list(seed)}")
+        cfg.debugging(seed=int(seed[0]))
+        cfg.replica_seeds = [int(s) for s in seed]
+    elif seed is not None:
         cfg.debugging(seed=int(seed))
 
     blocks = R.config_blocks()
@@ -286,7 +291,32 @@ class OrchestraAlgorithmMixin(CheckpointFallbackMixin):
                 result[group].update(values)
             else:
                 result[group] = values
+        if isinstance(result.get(REPLICAS_KEY), dict):
+            result[REPLICAS_KEY] = {seed: replica_result(rep, result) for seed, rep in result[REPLICAS_KEY].items()}
         return result
+
+
+REPLICAS_KEY = "replicas"
+"""Result key of a packed trial's per-replica results ({seed: result}, algorithms.offpolicy.packing)."""
+FAILED_KEY = "failed"
+
+
+def replica_result(rep: dict[str, Any], pack: dict[str, Any]) -> dict[str, Any]:
+    """One replica's result of a packed trial in an unpacked trial's shape: its own groups through
+    :func:`project_result_keys` plus its other groups (``uncertainty``); the iteration counters Tune adds
+    (``training_iteration``, ``time_this_iter_s``) are the pack's, and the tracking callback reads them from
+    the pack's result. ``{"failed": reason}`` passes through."""
+    if FAILED_KEY in rep:
+        return {FAILED_KEY: str(rep[FAILED_KEY])}
+    out = {k: v for k, v in rep.items() if k not in ("env_runners", "learners") and isinstance(v, dict)}
+    projected = project_result_keys(rep)
+    projected["system"] = {"training_iteration": float((pack.get("system") or {}).get("training_iteration") or 0)}
+    for group, values in projected.items():
+        if isinstance(values, dict) and isinstance(out.get(group), dict):
+            out[group] = {**out[group], **values}
+        else:
+            out[group] = values
+    return out
 
 
 def make_gym_env(env_id: str, imports: tuple[str, ...], env_config: Any = None) -> Any:

@@ -4,15 +4,20 @@ seed s, fed the same transitions, reach the same parameters after 100 updates (W
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
+from ray import cloudpickle
 
 from algorithms.offpolicy.packing import Replica, ReplicaPack, StackedOptimizer, clip_per_replica_
 
 # Float32 round-off: the pack sums each replica's gradient norm over a [K, n] view instead of one tensor at a
 # time, so clipping scales differ in the last bits; after 100 Adam steps the parameters agree to this.
 ATOL, RTOL = 1e-5, 1e-4
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Tune's workers get this module's trainable by value
 
 
 def test_clip_per_replica_uses_each_replicas_own_global_norm():
@@ -177,3 +182,89 @@ def test_packed_eve_algorithm_results_restore_and_one_replica_failing(ray_local,
     assert sorted(r["replicas"]) == ["0"] and r["replicas"]["0"]["num_env_steps_sampled_lifetime"] == 800
     assert r["system"]["num_replicas_live"] == 1
     algo.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end: a spec with pack_seeds through Tune and MLflow
+@pytest.mark.slow
+def test_pack_seeds_spec_gives_two_trials_four_child_runs_and_a_four_seed_report(ray_local, tmp_path):
+    """EVE on deep_sea size 10, seeds [0, 1, 2, 3], pack_seeds 2: two Tune trials; four MLflow child runs,
+    one per seed, each with its own seed param and tag, its pack's tag, the name pattern ``<trial>_seed<s>``,
+    and metrics at the steps an unpacked trial logs (200 env steps per iteration); `orchestra report`
+    aggregates the four seeds and `orchestra ls` lists the launch."""
+    from mlflow import MlflowClient
+
+    from orchestration.report import aggregate_final, load_experiment, write_report
+    from orchestration.runner import run
+    from orchestration.runs_table import list_runs_table
+
+    t = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "artifacts": str(tmp_path / "artifacts"),
+         "storage": str(tmp_path / "runs")}
+    out = run({"name": "packed_eve", "algorithm": "EVE", "env": "bsuite/deep_sea-0", "seeds": [0, 1, 2, 3],
+               "pack_seeds": 2, "config": {"min_sample_timesteps_per_iteration": 200, "learning_starts": 50},
+               "stop": {"training_iteration": 2}, "metric": "env/episode_return_mean", "tracking": t})
+    assert out.num_errors == 0 and len(out.trials) == 2
+    client = MlflowClient(t["uri"])
+    exp = client.get_experiment_by_name("packed_eve")
+    children = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(c.data.params["seed"] for c in children) == ["0", "1", "2", "3"]
+    assert sorted(c.data.tags["orchestra.seed"] for c in children) == ["0", "1", "2", "3"]
+    packs = {c.data.tags["orchestra.pack"]: set() for c in children}
+    for c in children:
+        packs[c.data.tags["orchestra.pack"]].add(c.data.params["seed"])
+        assert c.info.status == "FINISHED"
+        assert c.info.run_name == f"{c.data.tags['orchestra.pack_name']}_seed{c.data.params['seed']}"
+        for key in ("env/episode_return_mean", "learner/total_loss", "uncertainty/q_epistemic_std"):
+            history = client.get_metric_history(c.info.run_id, key)
+            assert sorted(m.step for m in history) == [200, 400], key
+        assert c.data.metrics["system/training_iteration"] == 2
+    assert sorted(map(sorted, packs.values())) == [["0", "1"], ["2", "3"]]
+    losses = {c.data.params["seed"]: c.data.metrics["learner/total_loss"] for c in children}
+    assert len(set(losses.values())) == 4  # four different replicas, not one run copied
+    rows = aggregate_final(load_experiment(t["uri"], "packed_eve"), "env/episode_return_mean")
+    assert len(rows) == 1 and rows[0]["n"] == 4 and rows[0]["failed"] == 0
+    assert write_report(t["uri"], "packed_eve", tmp_path / "report", attach=False).name == "index.html"
+    assert (tmp_path / "report" / "index.html").exists()
+    assert "packed_eve" in list_runs_table(t["uri"], "packed_eve")
+
+
+def _packed_trainable(config: dict) -> None:
+    """Reports what a packed trial reports: per-replica results under ``replicas``; seed 5 fails at iteration 2."""
+    from ray import tune
+
+    for i in range(1, 4):
+        replicas = {str(s): {"steps": 10 * i, "learner": {"total_loss": float(s) + i}, "env": {"episode_return_mean": i}}
+                    for s in config["seed"] if not (s == 5 and i > 2)}
+        if i == 2:
+            replicas["5"] = {"failed": "learner/total_loss is nan at update 7: replica stopped"}
+        tune.report({"steps": 10 * i, "learner": {"total_loss": 0.0}, "replicas": replicas})
+
+
+def test_tracking_fans_a_packed_trial_out_to_one_child_run_per_seed(ray_local, tmp_path):
+    """The tracking callback on a real Tune run and MLflow store: a trial whose seed is the pack [4, 5] gets
+    no child run of its own but one per seed, with that seed's params and metrics at its steps; the replica
+    that failed is FAILED alone (its error tagged, no result after it), the other FINISHED."""
+    from mlflow import MlflowClient
+    from ray import tune
+
+    from orchestration.tracking import MLflowTracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cb = MLflowTracking(uri, "packed_tracking", "launch-1", artifact_location=str(tmp_path / "art"),
+                        flush_interval_s=0.2, retry_timeout_s=120)
+    tune.Tuner(_packed_trainable, param_space={"seed": [4, 5], "lr": 0.1},
+               run_config=tune.RunConfig(name="p", storage_path=str(tmp_path / "runs"), callbacks=[cb],
+                                         verbose=0)).fit()
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("packed_tracking")
+    children = {r.data.params["seed"]: r for r in client.search_runs([exp.experiment_id])
+                if "mlflow.parentRunId" in r.data.tags}
+    assert sorted(children) == ["4", "5"]
+    ok, failed = children["4"], children["5"]
+    assert ok.info.status == "FINISHED" and failed.info.status == "FAILED"
+    assert "total_loss is nan at update 7" in failed.data.tags["orchestra.error"]
+    assert ok.data.tags["orchestra.pack"] == failed.data.tags["orchestra.pack"]
+    assert ok.data.tags["orchestra.pack_seeds"] == "4,5" and ok.data.params["lr"] == "0.1"
+    assert [(m.step, m.value) for m in client.get_metric_history(ok.info.run_id, "learner/total_loss")] == [
+        (10, 5.0), (20, 6.0), (30, 7.0)]
+    assert [m.step for m in client.get_metric_history(failed.info.run_id, "learner/total_loss")] == [10]

@@ -19,7 +19,13 @@ Layout in MLflow
   = the resolved spec and ``pip freeze``;
 - one nested child run per trial (tag ``mlflow.parentRunId``), tagged ``orchestra.trial_id``,
   ``orchestra.seed``, ``orchestra.run_type=trial``, the launch tags and the trial tags (algorithm,
-  env or task); params = the flattened trial config.
+  env or task); params = the flattened trial config;
+- a packed trial (spec ``pack_seeds``, config ``seed`` a list) has no child run of its own: each of its
+  seeds gets one, as an unpacked trial of that seed would (params with its seed, tag ``orchestra.seed``,
+  its metrics from the trial result's ``replicas[<seed>]`` at that replica's steps, journal
+  ``<trial dir>/seed<s>/mlflow_spool.jsonl``), named ``<trial name>_seed<s>`` and tagged
+  ``orchestra.trial_id=<trial id>-seed<s>``, ``orchestra.pack`` (the trial id), ``orchestra.pack_name``,
+  ``orchestra.pack_seeds``. A replica reported ``{"failed": reason}`` ends FAILED alone.
 
 Metrics
 Each result is flattened with ``/``; numeric leaves in the metric groups (``METRIC_GROUPS`` plus

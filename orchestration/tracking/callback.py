@@ -64,6 +64,23 @@ class _TrialState:
     prev_steps: float | None = None
     done: bool = False
     node_ips: set[str] = field(default_factory=set)  # nodes the trial reported from (multi-node runs)
+    final: bool = False  # a replica of a packed trial that failed alone: never reopened
+
+
+REPLICAS_KEY = "replicas"
+"""A packed trial's per-replica results ({seed: result}; orchestration.trainables.replica_result)."""
+FAILED_KEY = "failed"
+
+
+def _units(trial) -> list[int | None]:
+    """What gets a child run: [None] for a trial, its seeds for a packed trial (config ``seed`` a list)."""
+    seed = (trial.config or {}).get("seed")
+    return [int(s) for s in seed] if isinstance(seed, list | tuple) else [None]
+
+
+def _unit_id(trial, seed: int | None) -> str:
+    """The ``orchestra.trial_id`` of a trial's child run: the trial id, ``<trial id>-seed<s>`` for a replica."""
+    return trial.trial_id if seed is None else f"{trial.trial_id}-seed{seed}"
 
 
 class MLflowTracking(Callback):
@@ -184,21 +201,39 @@ class MLflowTracking(Callback):
         for trial in trials:
             if trial.trial_id in self._trials or trial.status not in ("TERMINATED", "ERROR"):
                 continue
-            journal = self._journal_path(trial)
-            if not journal.exists():
-                continue
-            ends = [r for r in read_journal(journal) if r.get("type") == "end"]
-            self._open_trial(trial)
-            if ends:
-                self._end_trial(trial, ends[-1]["status"], None, tags=ends[-1].get("tags"))
-            else:
-                self._end_trial(trial, "FINISHED" if trial.status == "TERMINATED" else "FAILED", None)
+            for seed in _units(trial):
+                journal = self._journal_path(trial, seed)
+                if not journal.exists() or _unit_id(trial, seed) in self._trials:
+                    continue
+                ends = [r for r in read_journal(journal) if r.get("type") == "end"]
+                st = self._open_unit(trial, seed)
+                if ends:
+                    self._end_unit(st, ends[-1]["status"], None, tags=ends[-1].get("tags"))
+                else:
+                    self._end_unit(st, "FINISHED" if trial.status == "TERMINATED" else "FAILED", None)
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         self._open_trial(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
-        st = self._trials.get(trial.trial_id) or self._open_trial(trial)
+        replicas = result.get(REPLICAS_KEY)
+        if _units(trial) == [None] or not isinstance(replicas, dict):
+            st = self._trials.get(trial.trial_id) or self._open_unit(trial, None)
+            self._log_result(st, trial.config, result)
+            return
+        # A packed trial: each replica's result goes to its own child run, as an unpacked trial's would.
+        counters = {k: result[k] for k in ("training_iteration", "time_this_iter_s", "node_ip") if k in result}
+        for seed, rep in replicas.items():
+            st = self._trials.get(_unit_id(trial, int(seed))) or self._open_unit(trial, int(seed))
+            if st.done:
+                continue
+            if FAILED_KEY in rep:  # this replica stopped (non-finite loss); the pack goes on
+                self._end_unit(st, "FAILED", str(rep[FAILED_KEY]))
+                st.final = True
+                continue
+            self._log_result(st, {**trial.config, "seed": int(seed)}, {**rep, **counters})
+
+    def _log_result(self, st: _TrialState, config: dict, result: dict) -> None:
         if isinstance(result.get("node_ip"), str):
             st.node_ips.add(result["node_ip"])
         step = result_step(result)
@@ -212,8 +247,8 @@ class MLflowTracking(Callback):
         for k, v in throughput_metrics(flat, prev).items():
             metrics.setdefault(k, v)  # a trial's own system/ keys win
         st.prev_steps = float(step)
-        new_params = flatten_params(trial.config)
-        metrics.update(changed_hparams(st.params, trial.config))
+        new_params = flatten_params(config)
+        metrics.update(changed_hparams(st.params, config))
         st.params.update({k: v for k, v in new_params.items() if k in st.params})
         if not metrics:
             return
@@ -222,9 +257,10 @@ class MLflowTracking(Callback):
         self._delivery.put(LogMetrics(st.trial_id, rec))
 
     def on_checkpoint(self, iteration: int, trials: list, trial, checkpoint, **info) -> None:
-        st = self._trials.get(trial.trial_id)
-        if st is not None:
-            self._delivery.put(UploadArtifacts(st.trial_id, st.artifact_dirs))
+        for seed in _units(trial):
+            st = self._trials.get(_unit_id(trial, seed))
+            if st is not None:
+                self._delivery.put(UploadArtifacts(st.trial_id, st.artifact_dirs))
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._end_trial(trial, "FINISHED", None)
@@ -241,10 +277,11 @@ class MLflowTracking(Callback):
 
     def on_experiment_end(self, trials: list, **info) -> None:
         for trial in trials:
-            st = self._trials.get(trial.trial_id)
-            if st is not None and not st.done:
-                self._killed_launch = True
-                self._end_trial(trial, "KILLED", None)
+            for seed in _units(trial):
+                st = self._trials.get(_unit_id(trial, seed))
+                if st is not None and not st.done:
+                    self._killed_launch = True
+                    self._end_unit(st, "KILLED", None)
         statuses = [t.status for t in trials]
         if self._killed_launch:
             status = "KILLED"
@@ -259,17 +296,19 @@ class MLflowTracking(Callback):
         return None  # everything needed to continue is in MLflow and the journals
 
     # ---- driver-side helpers
-    def _journal_path(self, trial) -> Path:
+    def _journal_path(self, trial, seed: int | None = None) -> Path:
+        """``<trial dir>/mlflow_spool.jsonl``; a packed trial's replica journals in ``<trial dir>/seed<s>/``."""
+        sub = () if seed is None else (f"seed{seed}",)
         try:
             local = trial.storage.storage_filesystem.type_name == "local"
         except Exception:
             local = False
         if local and trial.path:
-            return Path(trial.path) / SPOOL_NAME
+            return Path(trial.path, *sub) / SPOOL_NAME
         base = Path(self.spool_dir) if self.spool_dir else Path(trial.local_path or ".")
         if self.spool_dir:
             base = base / (trial.storage.trial_dir_name or trial.trial_id)
-        return base / SPOOL_NAME
+        return Path(base, *sub) / SPOOL_NAME
 
     @staticmethod
     def _artifact_dirs(trial) -> tuple[Path, ...]:
@@ -284,24 +323,37 @@ class MLflowTracking(Callback):
                 dirs.append(Path(c, "artifacts"))
         return tuple(dirs)
 
-    def _open_trial(self, trial) -> _TrialState:
-        if trial.trial_id in self._trials:  # restarted after a failure or a PBT pause
-            st = self._trials[trial.trial_id]
-            if st.done:
+    def _open_trial(self, trial) -> None:
+        """Open the trial's child run, or each replica's of a packed trial."""
+        for seed in _units(trial):
+            self._open_unit(trial, seed)
+
+    def _open_unit(self, trial, seed: int | None) -> _TrialState:
+        """The child run of a trial (``seed`` None) or of one replica of a packed trial: the replica's run has
+        the params, seed tag and name pattern of an unpacked trial of its seed, plus ``orchestra.pack``."""
+        key = _unit_id(trial, seed)
+        if key in self._trials:  # restarted after a failure or a PBT pause
+            st = self._trials[key]
+            if st.done and not st.final:
                 st.done = False
                 self._delivery.put(ReopenChild(st.trial_id))
             return st
         config = dict(trial.config)
+        name = str(trial)
+        pack_tags = {}
+        if seed is not None:
+            pack_tags = {"orchestra.pack": trial.trial_id, "orchestra.pack_name": name,
+                         "orchestra.pack_seeds": ",".join(str(s) for s in config["seed"])}
+            config["seed"], name = seed, f"{trial}_seed{seed}"
         params = flatten_params(config)
         tags = {**versions(), **self.launch_tags, **self.trial_tags,
-                "orchestra.trial_id": trial.trial_id, "orchestra.trial_name": str(trial)}
+                "orchestra.trial_id": key, "orchestra.trial_name": name, **pack_tags}
         if "seed" in config:
             tags["orchestra.seed"] = str(config["seed"])
         if isinstance(config.get("env"), str):  # the env may be a search dimension
             tags["orchestra.env"] = config["env"]
-        st = _TrialState(trial.trial_id, str(trial), self._journal_path(trial), params, tags,
-                         self._artifact_dirs(trial))
-        self._trials[trial.trial_id] = st
+        st = _TrialState(key, name, self._journal_path(trial, seed), params, tags, self._artifact_dirs(trial))
+        self._trials[key] = st
         # Records journaled by an earlier driver of this launch (killed, or server unreachable):
         # replayed above the child's last logged step once the child is found.
         replay = tuple(r for r in read_journal(st.journal) if r.get("type") == "metrics")
@@ -309,13 +361,19 @@ class MLflowTracking(Callback):
             tracking_uri=self.tracking_uri, experiment=self.experiment,
             artifact_location=self.artifact_location, launch_id=self.launch_id,
             launch_tags={**versions(), **self.launch_tags}, launch_params=flatten_params(self.launch_params),
-            trial_id=trial.trial_id, name=st.name, tags=tags, params=params))
+            trial_id=key, name=st.name, tags=tags, params=params))
         self._delivery.put(CreateChild(st.trial_id, st.name, tags, dict(params), replay))  # params as started
         return st
 
     def _end_trial(self, trial, status: str, error: str | None, tags: dict | None = None) -> None:
-        st = self._trials.get(trial.trial_id)
-        if st is None or st.done:
+        """End the trial's child run, or every open replica's of a packed trial."""
+        for seed in _units(trial):
+            st = self._trials.get(_unit_id(trial, seed))
+            if st is not None:
+                self._end_unit(st, status, error, tags)
+
+    def _end_unit(self, st: _TrialState, status: str, error: str | None, tags: dict | None = None) -> None:
+        if st.done:
             return
         st.done = True
         tags = {**(tags or {}), "orchestra.status": status}
