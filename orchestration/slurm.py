@@ -12,6 +12,8 @@ the first node. Differences from the documented script, each for a reason:
 - the script polls until every node has joined (``python -m orchestration.slurm wait-nodes``) instead
   of sleeping a fixed time, so trials are spread over the whole allocation from the start, and each
   node's ``ray start`` is tried up to five times (Ray gives a new raylet a fixed 30 s to register);
+- the node agents' ports are fixed (GCS port + 1..4): with dynamic ports the raylet waits a fixed time
+  for each agent to report the port it bound, and aborts on a busy node when the agent is late;
 - Ray token authentication is on (``RAY_AUTH_MODE=token``): the Ray ports of the allocation's nodes
   are reachable by every user of the cluster's network, so a per-launch token (a 0600 file in the
   launch folder) is required to join the cluster or submit work to it;
@@ -171,7 +173,9 @@ ray_node() {{  # NODE IP ARGS...: one srun task running `ray start --block` on N
     shift 2
     for attempt in 1 2 3 4 5; do  # `ray start` gives its raylet a fixed 30 s to register (a busy node misses it)
         srun --nodes=1 --ntasks=1 -w "$node" ray start --node-ip-address="$ip" --num-cpus="$cpus" \\
-            --num-gpus="$gpus" --disable-usage-stats --block "$@" && return 0
+            --num-gpus="$gpus" --dashboard-agent-grpc-port=$((port + 1)) \\
+            --dashboard-agent-listen-port=$((port + 2)) --runtime-env-agent-port=$((port + 3)) \\
+            --metrics-export-port=$((port + 4)) --disable-usage-stats --block "$@" && return 0
         echo "orchestra: ray start on $node ended (attempt $attempt of 5)" >&2
     done
     return 1
@@ -194,6 +198,7 @@ else
 fi
 rc=$?
 echo "$rc" > {q(str(sd))}/driver-"$SLURM_JOB_ID".exit
+kill $(jobs -p) 2>/dev/null  # the nodes' retry loops: the job ends with its driver, Slurm stops the steps
 exit $rc
 """
     return "\n".join(head) + "\n" + body

@@ -50,8 +50,8 @@ def test_script_follows_rays_slurm_pattern():
     # one srun task per node running `ray start --block` (retried): the head on the first node, a worker
     # on each other node
     srun = 'srun --nodes=1 --ntasks=1 -w "$node" ray start --node-ip-address="$ip" --num-cpus="$cpus" \\\n' \
-           '            --num-gpus="$gpus" --disable-usage-stats --block "$@"'
-    assert srun in s and s.count("srun --") == 1
+           '            --num-gpus="$gpus" --dashboard-agent-grpc-port=$((port + 1)) \\\n'
+    assert srun in s and s.count("srun --") == 1 and '--disable-usage-stats --block "$@"' in s
     head = s.index('ray_node "$head_node" "$head_ip" --head --port=$port --include-dashboard=false &')
     assert 'for ((i = 1; i < ${#nodes[@]}; i++)); do\n    ray_node "${nodes[$i]}" "$(node_addr "${nodes[$i]}")" ' \
            '--address="$ray_address" &' in s
@@ -69,6 +69,7 @@ def test_script_follows_rays_slurm_pattern():
     assert "python -m orchestration.cli resume study-20260101-000000 --storage /shared/runs --address \"$ray_address\"" in s
     assert "if [ -f /shared/runs/study-20260101-000000/orchestra_launch.json ]" in s
     assert "--include-dashboard=false" in s
+    assert s.index("driver-\"$SLURM_JOB_ID\".exit") < s.index("kill $(jobs -p)") < s.index("exit $rc")
 
 
 def test_script_defaults_and_bash_syntax(tmp_path):
