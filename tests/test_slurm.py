@@ -141,6 +141,31 @@ def test_dry_run_prints_the_script_and_submits_nothing(spec_dir, tmp_path):
     assert not (spec_dir / "runs").exists()
 
 
+def test_relaunch_resumes_an_interrupted_launch_and_not_a_finished_one(spec_dir):
+    from orchestration.slurm import launch_slurm
+
+    old = spec_dir / "runs" / "tiny-20260101-000000"
+    (old / "slurm").mkdir(parents=True)
+    (old / "slurm" / "jobs.jsonl").write_text('{"job_id": "41"}\n{"job_id": "42"}\n')
+    (old / "slurm" / "driver-41.exit").write_text("0\n")  # an earlier job's status does not count
+    printed: list[str] = []
+    cwd = os.getcwd()
+    os.chdir(spec_dir)
+    try:
+        res = launch_slurm("tiny.yaml", options=SlurmOptions(nodes=2), dry_run=True, out=printed.append)
+        assert res.resumed and res.launch == old.name
+        assert printed[0].startswith(f"resuming launch {old.name} (its last Slurm job 42 ended")
+        assert f"#SBATCH --job-name={old.name}" in res.script
+        fresh = launch_slurm("tiny.yaml", dry_run=True, new=True, out=printed.append)
+        assert not fresh.resumed and fresh.launch != old.name
+        (old / "slurm" / "driver-42.exit").write_text("0\n")  # the last job's driver finished the sweep
+        after = launch_slurm("tiny.yaml", dry_run=True, out=printed.append)
+        assert not after.resumed and after.launch != old.name
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(spec_dir / "runs")
+
+
 # ----------------------------------------------------------------------------------------------
 # A real two-node Slurm
 # ----------------------------------------------------------------------------------------------
