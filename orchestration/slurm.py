@@ -11,9 +11,8 @@ the first node. Differences from the documented script, each for a reason:
   ``srun hostname --ip-address``, which needs a job step on the head before Ray can take its CPUs;
 - the script polls until every node has joined (``python -m orchestration.slurm wait-nodes``) instead
   of sleeping a fixed time, so trials are spread over the whole allocation from the start, and each
-  node's ``ray start`` is tried up to five times (Ray gives a new raylet a fixed 30 s to register);
-- the node agents' ports are fixed (GCS port + 1..4): with dynamic ports the raylet waits a fixed time
-  for each agent to report the port it bound, and aborts on a busy node when the agent is late;
+  node's ``ray start`` is tried up to five times: Ray gives a new raylet fixed deadlines (30 s to
+  register with the GCS, and one for the node's agents to report their ports), which a busy node misses;
 - Ray token authentication is on (``RAY_AUTH_MODE=token``): the Ray ports of the allocation's nodes
   are reachable by every user of the cluster's network, so a per-launch token (a 0600 file in the
   launch folder) is required to join the cluster or submit work to it;
@@ -173,9 +172,7 @@ ray_node() {{  # NODE IP ARGS...: one srun task running `ray start --block` on N
     shift 2
     for attempt in 1 2 3 4 5; do  # `ray start` gives its raylet a fixed 30 s to register (a busy node misses it)
         srun --nodes=1 --ntasks=1 -w "$node" ray start --node-ip-address="$ip" --num-cpus="$cpus" \\
-            --num-gpus="$gpus" --dashboard-agent-grpc-port=$((port + 1)) \\
-            --dashboard-agent-listen-port=$((port + 2)) --runtime-env-agent-port=$((port + 3)) \\
-            --metrics-export-port=$((port + 4)) --disable-usage-stats --block "$@" && return 0
+            --num-gpus="$gpus" --disable-usage-stats --block "$@" && return 0
         echo "orchestra: ray start on $node ended (attempt $attempt of 5)" >&2
     done
     return 1
