@@ -82,6 +82,11 @@ def _eve(seed: int):
         network={"hidden": [16], "norm": "layer", "activation": "elu", "weight_decay": {"kind": "l2_init", "coef": 1e-2}})
 
 
+def _q_learner(seed: int):
+    """The core's Q-learning baseline: EVE's implementation with epsilon-greedy exploration (no Fisher; autograd)."""
+    return _eve(seed).training(exploration="epsilon_greedy")
+
+
 def _transitions(runner, steps: int) -> dict[str, np.ndarray]:
     return runner.sample(num_timesteps=steps)
 
@@ -90,7 +95,7 @@ def _state(learner) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in learner.module["default_policy"].state_dict().items()}
 
 
-@pytest.mark.parametrize("make", [_wpo, _eve], ids=["WPO", "EVE"])
+@pytest.mark.parametrize("make", [_wpo, _eve, _q_learner], ids=["WPO", "EVE", "Q-learner"])
 def test_replica_of_a_pack_equals_the_unpacked_learner_after_100_updates(make):
     """Seeds 3 and 5: the pack's replica of seed s and an unpacked learner of seed s get the same transitions
     (sampled once by seed s's runner) and draw the same batches (their replays' own generators); after 100
