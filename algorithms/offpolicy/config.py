@@ -162,6 +162,11 @@ class OffPolicyConfig(AlgorithmConfig):
                    "0 with pack_seeds > 1 (the replicas' env runners live in the trial's process)")
             _check(self.num_learners == 0, "num_learners", self.num_learners,
                    "0 with pack_seeds > 1 (the replicas' learners live in the trial's process)")
+            block = self.network
+            for key in ("redo", "shrink_perturb", "reset"):
+                value = getattr(block, key, None) if isinstance(block, NetworkConfig) else None
+                _check(value is None, f"network.{key}", value,
+                       "unset with pack_seeds > 1 (it edits optimiser state, which packing stacks)")
 
     @property
     def _model_config_auto_includes(self) -> dict[str, Any]:
