@@ -205,12 +205,17 @@ class CNN(Network):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)  # [B, H, W, C] -> [B, C, H, W] for Conv2d
-        for block in self.convs:
-            x = block(x)
-        x = x.flatten(1)
-        for block in self.blocks:
-            x = block(x)
-        return self.output(x) if self.output is not None else x
+        return _conv_dense_forward(self, x)
+
+
+def _conv_dense_forward(net: Network, x: torch.Tensor) -> torch.Tensor:
+    """conv blocks -> flatten -> dense blocks -> output Linear (or the last hidden features), x [B, C, H, W]."""
+    for block in net.convs:
+        x = block(x)
+    x = x.flatten(1)
+    for block in net.blocks:
+        x = block(x)
+    return net.output(x) if net.output is not None else x
 
 
 NATURE_CNN_CONVS: tuple[tuple[int, int, int], ...] = ((32, 8, 4), (64, 4, 2), (64, 3, 1))
@@ -240,12 +245,7 @@ class NatureCNN(Network):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.convs[0].layer.weight.dtype) * (1.0 / 255.0)
-        for block in self.convs:
-            x = block(x)
-        x = x.flatten(1)
-        for block in self.blocks:
-            x = block(x)
-        return self.output(x) if self.output is not None else x
+        return _conv_dense_forward(self, x)
 
 
 def _conv_blocks(
