@@ -236,11 +236,14 @@ class Lab:
             shutil.rmtree(host.raytmp, ignore_errors=True)
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
-    """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` s pass."""
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.5, fail=None):
+    """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` s pass. ``fail``, if
+    given, is called before each poll: what it raises ends the wait at once (a daemon that died)."""
     deadline = time.time() + timeout
     last_exc: Exception | None = None
     while time.time() < deadline:
+        if fail is not None:
+            fail()
         try:
             value = predicate()
             if value:

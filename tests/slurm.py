@@ -26,6 +26,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -59,9 +60,12 @@ class SlurmCluster:
         self.root.mkdir(parents=True, exist_ok=True)
         self.lab = lab
         self.cpus = cpus or os.cpu_count() or 1
-        self.munge = self.root / "munge"
+        # Unix socket paths are limited to 108 bytes, and slurmstepd makes its sockets in the spool dir:
+        # sockets and spool dirs live in a short folder of /tmp, not under the test's (long) tmp_path.
+        self.sockets = Path(tempfile.mkdtemp(prefix="orchslurm", dir="/tmp"))
+        self.sockets.chmod(0o755)  # munged wants every folder above its socket searchable
+        self.munge = self.sockets / "munge"
         self.munge.mkdir(mode=0o700)
-        self.root.chmod(0o755)  # munged wants every folder above its socket searchable
         self.conf = self.root / "slurm.conf"
         self.munged: subprocess.Popen | None = None
         self.nodes = {name: lab.add_host(name[-1], index) for name, index in NODES.items()}
@@ -85,7 +89,7 @@ class SlurmCluster:
             CredType=cred/munge
             AuthInfo=socket={self.munge / 'munge.socket'}
             StateSaveLocation={r / 'ctld-state'}
-            SlurmdSpoolDir={r}/slurmd-%n
+            SlurmdSpoolDir={self.sockets}/slurmd-%n
             SlurmctldPidFile={r / 'slurmctld.pid'}
             SlurmdPidFile={r}/slurmd-%n.pid
             SlurmctldLogFile={r / 'slurmctld.log'}
@@ -103,7 +107,7 @@ class SlurmCluster:
             """) + nodes + f"\nPartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP\n")
         (r / "ctld-state").mkdir(exist_ok=True)
         for n in self.nodes:
-            (r / f"slurmd-{n}").mkdir(exist_ok=True)
+            (self.sockets / f"slurmd-{n}").mkdir(exist_ok=True)
 
     def start(self, timeout: float = 600) -> None:
         self.write_config()
@@ -135,6 +139,14 @@ class SlurmCluster:
         res = self.sh("sinfo -h -N -o '%N %T'", timeout=120)
         return sum(line.split()[-1] == "idle" for line in res.stdout.splitlines() if line.strip())
 
+    def check_daemons(self) -> None:
+        """Raise with the log line if a Slurm daemon or job step logged a fatal error (polls call this, so
+        a broken cluster fails the test at once instead of at its deadline)."""
+        for log in sorted(self.root.glob("*.log")):
+            for line in log.read_text(errors="replace").splitlines():
+                if "fatal:" in line:
+                    raise RuntimeError(f"{log.name}: {line.strip()}")
+
     def close(self) -> None:
         self.lab.close()  # every daemon, job step and Ray process of the hosts
         if self.munged is not None and self.munged.poll() is None:
@@ -144,6 +156,7 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(self.munged.pid, signal.SIGKILL)
                 self.munged.wait(60)
+        shutil.rmtree(self.sockets, ignore_errors=True)
 
 
 def processes(host, markers: tuple[str, ...]) -> list[str]:

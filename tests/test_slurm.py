@@ -254,8 +254,9 @@ def test_sweep_on_two_slurm_nodes_cancelled_and_resumed(tmp_path):
             return (len(children) == 2 and all(_steps(client, c.info.run_id) == [STEPS, 2 * STEPS] for c in children)
                     and _checkpoints_named(launch_dir))
 
-        wait_for(two_iterations_logged, 1200, f"both trials at the gate, logged and checkpointed (log: "
-                                              f"{launch_dir}/slurm/slurm-{job1}.out)", interval=2)
+        wait_for(two_iterations_logged, 900, f"both trials at the gate, logged and checkpointed (log: "
+                                             f"{launch_dir}/slurm/slurm-{job1}.out)", interval=2,
+                 fail=cluster.check_daemons)
         # one trial per node: each Ray node has one CPU and each trial asks for one
         assert sorted(_first_node_ips(launch_dir)) == sorted([head.ip, worker.ip])
         status = cluster.sh(f"{cli} status {job1} --slurm")
@@ -276,8 +277,8 @@ def test_sweep_on_two_slurm_nodes_cancelled_and_resumed(tmp_path):
         job2 = second.stdout.split("submitted Slurm job ", 1)[1].split()[0]
         assert job2 != job1
         exit_file = launch_dir / "slurm" / f"driver-{job2}.exit"
-        wait_for(exit_file.exists, 1200, f"the resumed job's driver to finish (log: {launch_dir}/slurm/slurm-{job2}.out)",
-                 interval=2)
+        wait_for(exit_file.exists, 900, f"the resumed job's driver to finish (log: {launch_dir}/slurm/slurm-{job2}.out)",
+                 interval=2, fail=cluster.check_daemons)
         log = (launch_dir / "slurm" / f"slurm-{job2}.out").read_text()
         assert exit_file.read_text().strip() == "0", log[-5000:]
 
