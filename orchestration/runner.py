@@ -22,7 +22,7 @@ import yaml
 
 from orchestration import search as S
 from orchestration.env import set_local_ray_env
-from orchestration.spec import ORCHESTRA_KEY, Spec, SpecError, load_spec
+from orchestration.spec import ORCHESTRA_KEY, Spec, SpecError, load_spec, param_space_key
 
 LAUNCH_FILE = "orchestra_launch.json"
 
@@ -155,6 +155,11 @@ def build_param_space(spec: Spec) -> dict[str, Any]:
     else:
         space["seed"] = tune.grid_search(list(spec.seeds))
     if not spec.is_task:
+        from algorithms import registry as R
+
+        R.load_builtin_plugins()
+        algo_cls = R.get_algorithm_class(spec.algorithm)
+        space = {param_space_key(algo_cls, k): v for k, v in space.items()}
         space["env"] = S.to_tune(spec.env)
     space[ORCHESTRA_KEY] = {
         "workload": spec.workload,

@@ -244,6 +244,25 @@ def test_config_block_must_apply_to_the_algorithm():
     assert spec(config={"network": {"hidden": [32], "norm": "layer", "nap": True}}).config["network"]["nap"] is True
 
 
+def test_read_only_config_properties_reach_rllib_through_their_private_attribute():
+    """`model_config` is a read-only property of AlgorithmConfig: Tune's dict config must carry it as
+    `_model_config` (what `rl_module(model_config=)` sets), or RLlib's update_from_dict fails on setattr."""
+    from ray.rllib.algorithms.sac import SACConfig
+
+    from orchestration.runner import build_param_space
+    from orchestration.trainables import trainable_for_algorithm
+
+    s = load_spec({"name": "t", "algorithm": "SAC", "env": "Pendulum-v1",
+                   "config": {"model_config": {"fcnet_hiddens": [64, 64]}, "tau": 0.01}})
+    space = build_param_space(s)
+    assert "model_config" not in space and space["_model_config"] == {"fcnet_hiddens": [64, 64]}
+    assert space["tau"] == 0.01
+    cfg = SACConfig().update_from_dict({k: v for k, v in space.items() if k != "_orchestra"})
+    assert cfg.model_config["fcnet_hiddens"] == [64, 64]
+    # what Tune calls before the trial starts, with the same dict
+    trainable_for_algorithm("SAC").default_resource_request(space)
+
+
 # ---- seed packing --------------------------------------------------------------------------------
 def test_pack_seeds_groups_seeds_into_trials_and_refuses_what_cannot_pack():
     from orchestration.runner import build_param_space, dry_run_text
