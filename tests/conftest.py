@@ -31,6 +31,19 @@ set_local_ray_env()
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The files whose tests take minutes (from `make test`'s --durations report), longest first. pytest-xdist's
+# loadfile hands whole files to the workers in collection order, so starting the longest ones first keeps
+# one worker from running a long file alone at the end (longest-processing-time-first scheduling).
+LONG_FILES = ("test_runner.py", "test_multinode.py", "test_slurm.py", "test_server.py", "test_eve.py",
+              "test_tracking.py", "test_report.py", "test_cli_errors.py", "test_console.py", "test_wpo.py",
+              "test_ui.py")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: order within a file kept
+
+
 def wait_for(predicate, timeout: float, what: str) -> None:
     """Poll ``predicate`` until it holds; fail after ``timeout`` s (a deadline, not a timing)."""
     deadline = time.monotonic() + timeout
