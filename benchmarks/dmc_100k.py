@@ -69,6 +69,8 @@ WPO_ARMS: dict[str, dict] = {
     "wpo_utd05": {**_WPO_DMC, "samples_per_insert": 128.0},
     # SAC's optimiser and target settings on the profile: Adam 3e-4 and Polyak targets (tau 0.005 per update)
     "wpo_sac_opt": {**_WPO_DMC, "lr": 3e-4, "target_update_period": 1, "target_update_tau": 0.005},
+    # twin critics on the profile: the clipped double-Q target (docs/methods.md#wpo, "Twin critics"), as TD3/SAC
+    "wpo_twin": {**_WPO_DMC, "num_critics": 2},
     # the throughput comparison with SAC: equal update-to-data ratio (1) and network sizes (256-256)
     "wpo_utd1_256x2": {**_WPO_DMC, "policy_hidden": [256, 256], "critic_hidden": [256, 256]},
 }

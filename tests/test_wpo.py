@@ -162,6 +162,67 @@ def test_critic_clip_actions_zeroes_dq_outside_the_bounds_and_feeds_clipped_repl
     assert grads[True] == 0.0 and grads[False] == pytest.approx(-8.0)
 
 
+def test_clipped_double_q_target_is_min_per_action_then_mean():
+    """y = R + d·(1/M) Σ_m min_i Q_targ,i(s', a'_m) on a case where the min after the mean differs."""
+    R, disc = torch.tensor([1.0, 2.0]), torch.tensor([0.9, 0.5])
+    q1 = torch.tensor([[1.0, 5.0], [3.0, 7.0]])  # [M=2, B=2]
+    q2 = torch.tensor([[2.0, 4.0], [0.0, 9.0]])
+    per_action_min = L.clipped_double_q(torch.stack([q1, q2]))
+    assert torch.equal(per_action_min, torch.tensor([[1.0, 4.0], [0.0, 7.0]]))
+    y = L.expected_sarsa_targets(R, disc, per_action_min)
+    # min then mean: (0.5, 5.5); the mean then the min would be min((2, 6), (1.5, 6.5)) = (1.5, 6)
+    assert torch.allclose(y, torch.tensor([1.0 + 0.9 * 0.5, 2.0 + 0.5 * 5.5]))
+    # one critic: the single-critic target unchanged
+    assert torch.equal(L.expected_sarsa_targets(R, disc, L.clipped_double_q(q1.unsqueeze(0))),
+                       L.expected_sarsa_targets(R, disc, q1))
+
+
+def test_twin_critics_in_wpo_loss_by_hand():
+    """wpo_loss with two critics: the target is min-then-mean at the target actions the critics saw, both
+    critics regress onto it (their losses add up in the total), and the policy follows ∇_a of their mean."""
+    from algorithms.wpo.learner import WPOSettings, wpo_loss
+
+    class Policy(torch.nn.Module):  # 1-D Gaussian, μ = 0.2, σ = 0.5
+        def __init__(self):
+            super().__init__()
+            self.mean = torch.nn.Parameter(torch.tensor([[0.2]], dtype=torch.float64))
+
+        def forward(self, obs):
+            return self.mean.expand(obs.shape[0], 1), torch.full((obs.shape[0], 1), 0.5, dtype=torch.float64)
+
+    seen = []
+
+    def record(fn):
+        def critic(obs, a):
+            seen.append(a.detach().clone())
+            return fn(a).sum(-1)
+        return critic
+
+    critics = (record(lambda a: 3.0 * a), record(lambda a: -a + 1.0))  # ∇_a Q̄ = (3 − 1)/2 = 1
+    targets = (record(lambda a: 2.0 * a), record(lambda a: a + 0.5))  # cross at a = 0.5
+    batch = {"obs": torch.zeros(1, 1, dtype=torch.float64), "action": torch.tensor([[0.4]], dtype=torch.float64),
+             "bootstrap_obs": torch.zeros(1, 1, dtype=torch.float64),
+             "nstep_return": torch.tensor([1.0], dtype=torch.float64),
+             "bootstrap_discount": torch.tensor([0.9], dtype=torch.float64)}
+    policy, zero = Policy(), torch.tensor(0.0, dtype=torch.float64)
+    settings = WPOSettings(num_action_samples=4, num_target_action_samples=64, critic_clip_actions=False)
+    total, stats = wpo_loss(policy, critics, policy, targets, zero, zero, batch, settings,
+                            torch.Generator().manual_seed(0))
+    a_next = seen[0].flatten()  # calls: both targets at the same M actions, both critics at a, both at the samples
+    assert torch.equal(seen[1].flatten(), a_next) and a_next.min() < 0.5 < a_next.max()  # both critics win somewhere
+    y = 1.0 + 0.9 * torch.minimum(2.0 * a_next, a_next + 0.5).mean().item()
+    assert stats["target_q_mean"].item() == pytest.approx(y, rel=1e-12)
+    assert stats["critic_loss"].item() == pytest.approx(0.5 * (y - 1.2) ** 2, rel=1e-12)  # Q_1(a) = 1.2
+    assert stats["critic_2_loss"].item() == pytest.approx(0.5 * (y - 0.6) ** 2, rel=1e-12)  # Q_2(a) = 0.6
+    assert stats["twin_q_abs_diff"].item() == pytest.approx(0.6, rel=1e-12)
+    assert total.item() == pytest.approx((stats["critic_loss"] + stats["critic_2_loss"] + stats["policy_loss"]
+                                          + stats["kl_penalty"]).item(), rel=1e-12)
+    stats["policy_loss"].backward()  # Fisher-preconditioned mean gradient = −Σ_n ∇_a Q̄ = −4·1
+    assert policy.mean.grad.item() == pytest.approx(-4.0, rel=1e-12)
+    with pytest.raises(ValueError, match="one target per critic"):
+        wpo_loss(policy, critics, policy, targets[:1], zero, zero, batch, settings, torch.Generator())
+
+
 # ---------------------------------------------------------------------------------------------------
 # Action bounds (policy_bound)
 
@@ -340,6 +401,28 @@ def _discrete_cfg():
     return WPOConfig().environment(observation_space=gym.spaces.Box(-1, 1, (3,)), action_space=gym.spaces.Discrete(2))
 
 
+def test_num_critics_setting_default_listing_and_one_line_spec_error(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from algorithms.wpo.config import WPOConfig, WPOSettings
+    from orchestration.spec import settings_listing
+
+    assert WPOConfig().num_critics == 1 and WPOConfig()._model_config_auto_includes["num_critics"] == 1
+    WPOConfig().environment("Pendulum-v1").training(num_critics=2).validate()
+    row = next(line for line in settings_listing("WPO") if line.split()[:1] == ["num_critics"])
+    assert row.split()[1:3] == ["int", "1"] and "an int in [1, 2]" in row
+    assert row.endswith(WPOSettings.model_fields["num_critics"].description) and "clipped double-Q" in row
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("name: bad\nalgorithm: WPO\nenv: Pendulum-v1\nconfig:\n  num_critics: 3\n")
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "orchestration.cli", "validate", str(spec)], cwd=tmp_path,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)}, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines() == [f"error: {spec}: config.num_critics: got 3; allowed: an int in [1, 2]"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # RLlib: learning, save/restore, Tune
 
@@ -404,6 +487,64 @@ def test_wpo_save_restore_continues_training(ray_local, tmp_path: Path):
         updates = before["learners"]["default_policy"]["num_updates_lifetime"]
         assert after["learners"]["default_policy"]["num_updates_lifetime"] == updates == 150
         assert math.isfinite(after["learners"]["default_policy"]["critic_loss"])
+    finally:
+        restored.stop()
+
+
+def test_wpo_twin_critics_update_both_critics_and_round_trip_through_a_checkpoint(ray_local, tmp_path: Path):
+    """num_critics 2: both critics (and their targets) are built on the learner, not on the env runner; one
+    iteration of updates changes both through the one critic optimiser; the plasticity diagnostic reports
+    both; save / from_checkpoint restores both critics and their targets exactly and training continues."""
+    from ray.rllib.algorithms.algorithm import Algorithm
+
+    from algorithms.diagnostics.rllib_plasticity import learner_plasticity_metrics
+
+    torch.set_num_threads(1)
+    cfg = small_wpo(policy_hidden=[16], critic_hidden=[16], train_batch_size_per_learner=32, learning_starts=100,
+                    num_action_samples=2, num_target_action_samples=2, samples_per_insert=16.0, num_critics=2,
+                    target_update_period=10)
+    cfg.min_sample_timesteps_per_iteration = 200
+    cfg.rollout_fragment_length = 50
+    algo = cfg.build_algo()
+    try:
+        learner = algo.learner_group._learner
+        m = learner.module["default_policy"].unwrapped()
+        assert len(m.critics()) == 2 and len(m.target_critics()) == 2 and m.critics()[1] is m.critic_2
+        assert not hasattr(algo.env_runner.module, "critic_2")  # learner only
+        names = {n for n, _ in m.named_parameters()}
+        assert any(n.startswith("critic_2.") for n in names) and any(n.startswith("target_critic_2.") for n in names)
+        critic_opt = dict(learner.get_optimizers_for_module("default_policy"))["critic"]
+        in_opt = {id(p) for group in critic_opt.param_groups for p in group["params"]}
+        assert in_opt == {id(p) for c in m.critics() for p in c.parameters()}
+        before = [[p.detach().clone() for p in c.parameters()] for c in m.critics()]
+        result = algo.train()
+        stats = result["learners"]["default_policy"]
+        assert stats["num_updates_lifetime"] == 50
+        for key in ("critic_loss", "critic_2_loss", "twin_q_abs_diff"):
+            assert math.isfinite(stats[key]), key
+        for c, old in zip(m.critics(), before):
+            assert all(not torch.equal(p, q) for p, q in zip(c.parameters(), old))
+        # 50 updates, a copy every 10: the targets equal the online critics, which differ from each other
+        for c, t in zip(m.critics(), m.target_critics()):
+            assert all(torch.equal(p, q) for p, q in zip(c.parameters(), t.parameters()))
+        assert not all(torch.equal(p, q) for p, q in zip(m.critic.parameters(), m.critic_2.parameters()))
+        metrics = learner_plasticity_metrics(learner, probe_obs=torch.zeros(8, 3).numpy(),
+                                             settings={"ranks": False, "drift": False})
+        for critic in ("critic", "critic_2"):
+            assert any(k.startswith(f"default_policy/{critic}.") and k.endswith("dormant_ratio") for k in metrics)
+            assert any(k.startswith(f"default_policy/{critic}.") and k.endswith("grad_l2") for k in metrics)
+        path = algo.save(str(tmp_path / "ckpt")).checkpoint.path
+        saved = {k: v.detach().clone() for k, v in m.state_dict().items() if "critic" in k}
+    finally:
+        algo.stop()
+    restored = Algorithm.from_checkpoint(path)
+    try:
+        m2 = restored.learner_group._learner.module["default_policy"].unwrapped()
+        state = m2.state_dict()
+        assert {k for k in state if "critic" in k} == set(saved)
+        assert all(torch.equal(state[k], v) for k, v in saved.items())
+        after = restored.train()["learners"]["default_policy"]
+        assert after["num_updates_lifetime"] == 150 and math.isfinite(after["critic_2_loss"])  # 50 + 200 steps · 16 / 32
     finally:
         restored.stop()
 

@@ -12,7 +12,8 @@ Class attributes declare the network roles:
 
 - ``TARGET_NETWORKS``: attribute names of networks that get a frozen target copy ``target_<name>``
   (RLlib's TargetNetworkAPI; the learner makes the copies once built and updates them every
-  ``target_update_period`` updates with ``target_update_tau``).
+  ``target_update_period`` updates with ``target_update_tau``). A name the module did not build (an
+  optional network, e.g. WPO's second critic with ``num_critics`` 1) gets no target.
 - ``LEARNER_ONLY``: attribute names not needed for acting (e.g. a critic); env runners build the
   module with ``inference_only=True`` and weight syncs leave these (and the targets) out.
 
@@ -56,7 +57,8 @@ class OffPolicyRLModule(TorchRLModule, TargetNetworkAPI, InferenceOnlyAPI):
     # -- TargetNetworkAPI ------------------------------------------------------------------------
     def make_target_networks(self) -> None:
         for name in self.TARGET_NETWORKS:
-            setattr(self, TARGET_PREFIX + name, make_target_network(getattr(self, name)))
+            if hasattr(self, name):  # optional networks a configuration leaves out have no target
+                setattr(self, TARGET_PREFIX + name, make_target_network(getattr(self, name)))
 
     def get_target_network_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
         return [(getattr(self, n), getattr(self, TARGET_PREFIX + n)) for n in self.TARGET_NETWORKS

@@ -40,7 +40,7 @@ class WPOSettings(OffPolicySettings):
     """WPO's settings and its defaults for the core's; see the module docstring for their sources."""
 
     MODULE_KEYS: ClassVar[tuple[str, ...]] = ("init_scale", "policy_bound", "policy_hidden", "critic_hidden",
-                                             "init_log_alpha_mean", "init_log_alpha_stddev")
+                                             "init_log_alpha_mean", "init_log_alpha_stddev", "num_critics")
 
     # Acme's reference value (one update of batch 256 every 8 env steps). Sample-limited runs do better with
     # more updates at about the same compute per env step (samples_per_insert 128 with N = M = 5: arm
@@ -56,6 +56,12 @@ class WPOSettings(OffPolicySettings):
     """Policy Adam learning rate (None: ``lr``)."""
     critic_lr: float | None = Field(None, gt=0)
     """Critic Adam learning rate (None: ``lr``)."""
+    # Project addition (docs/methods.md#wpo, "Twin critics"): 2 is clipped double-Q (Fujimoto et al. 2018,
+    # eq. 10) on WPO's expected-SARSA target, y = R + d·mean_m min_i Q_targ,i(s', a'_m); both critics regress
+    # onto it with the one critic optimiser, and the policy follows ∇_a of the critics' mean (learner.wpo_loss
+    # says why the mean, not TD3's first critic nor the min). 1 is the paper's single critic.
+    num_critics: int = Field(1, ge=1, le=2)
+    """Critics: 1 (the reference) or 2 (clipped double-Q target: min over the two per target action)."""
     init_scale: float = Field(0.5, gt=0)
     """Policy std at a zero pre-activation: std = softplus(x)·init_scale/softplus(0) + 1e-6."""
     epsilon_mean: float = Field(0.0025, gt=0)

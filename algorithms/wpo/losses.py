@@ -184,6 +184,21 @@ def kl_penalty(
     return penalty, dual, stats
 
 
+def clipped_double_q(target_q: Tensor) -> Tensor:
+    """min_i Q_targ,i(s', a'_m) per target action: clipped double-Q (Fujimoto et al. 2018, eq. 10) on WPO's
+    M target-policy actions.
+
+    Fed to :func:`expected_sarsa_targets` it gives y = R^(n) + d·(1/M) Σ_m min_i Q_targ,i(s', a'_m): the min
+    over the critics per sampled action, then the mean over the M actions, i.e. the Monte Carlo estimate
+    of E_{a'~π_targ}[min_i Q_targ,i(s', a')], the expectation of TD3's per-sample target (its a' carries
+    target-policy noise) and SAC's clipped target without the entropy term. It is ≤ min_i (1/M) Σ_m
+    Q_targ,i(s', a'_m), the min after the mean (E[min] ≤ min E), which would be the less pessimistic choice.
+
+    Args: target_q [C, M, B], C critics' targets at the same M target actions. Returns [M, B].
+    """
+    return target_q.min(dim=0).values
+
+
 def expected_sarsa_targets(nstep_return: Tensor, bootstrap_discount: Tensor, target_q: Tensor) -> Tensor:
     """y = R_t^(n) + γ^{n'}·(1 − terminal)·mean_m Q_targ(s_{t+n'}, a'_m),  a'_m ~ π_targ(·|s_{t+n'}).
 

@@ -6,11 +6,12 @@ settings missing from ``model_config`` fall back to :class:`~algorithms.wpo.conf
   mean = first D outputs, std = softplus(x)·init_scale/softplus(0) + 1e-6 (no tanh squashing, the
   default ``policy_bound="none"``; ``tanh_mean``: mean = tanh(first D outputs); ``tanh_squash``: the two
   halves are the Gaussian of a pre-squash u and actions are tanh(u); docs/methods.md#wpo, "Action bounds");
-- critic: concat(obs, action) -> the same torso -> Linear(1).
-With a ``network`` block both torsos are ``build_mlp(in, out, block)``.
+- critic: concat(obs, action) -> the same torso -> Linear(1); with ``num_critics`` 2 a second critic
+  ``critic_2`` of the same architecture and its own initialisation (clipped double-Q, docs/methods.md#wpo).
+With a ``network`` block every torso is ``build_mlp(in, out, block)``.
 
-Targets (``target_policy``, ``target_critic``) are frozen copies made by the learner. Env runners
-build the module with ``inference_only=True``: the policy only.
+Targets (``target_policy``, ``target_critic``, ``target_critic_2``) are frozen copies made by the learner.
+Env runners build the module with ``inference_only=True``: the policy only.
 """
 
 from __future__ import annotations
@@ -84,11 +85,16 @@ class QCritic(nn.Module):
         return self.net(torch.cat([obs, action], dim=-1)).squeeze(-1)
 
 
-class WPOModule(OffPolicyRLModule):
-    """Policy (``policy``), critic (``critic``, learner only) and the KL weights' log α (learner only)."""
+CRITICS = ("critic", "critic_2")
+"""Attribute names of the critics, in order; a module holds the first ``num_critics`` of them."""
 
-    TARGET_NETWORKS = ("policy", "critic")
-    LEARNER_ONLY = ("critic", "log_alpha_mean", "log_alpha_stddev")
+
+class WPOModule(OffPolicyRLModule):
+    """Policy (``policy``), critic(s) (``critic``, ``critic_2`` with ``num_critics`` 2; learner only) and the KL
+    weights' log α (learner only)."""
+
+    TARGET_NETWORKS = ("policy", *CRITICS)  # critic_2 gets a target only where it is built
+    LEARNER_ONLY = (*CRITICS, "log_alpha_mean", "log_alpha_stddev")
 
     def setup(self) -> None:
         mc: dict[str, Any] = WPOSettings.module_config(self.model_config)
@@ -100,7 +106,8 @@ class WPOModule(OffPolicyRLModule):
         self.policy = GaussianPolicy(make_mlp(obs_dim, 2 * act_dim, block, list(mc["policy_hidden"])),
                                      act_dim, float(mc["init_scale"]), str(mc["policy_bound"]))
         if not self.inference_only:
-            self.critic = QCritic(make_mlp(obs_dim + act_dim, 1, block, list(mc["critic_hidden"])))
+            for name in CRITICS[: int(mc["num_critics"])]:
+                setattr(self, name, QCritic(make_mlp(obs_dim + act_dim, 1, block, list(mc["critic_hidden"]))))
             self.log_alpha_mean = nn.Parameter(torch.tensor(float(mc["init_log_alpha_mean"])))
             self.log_alpha_stddev = nn.Parameter(torch.tensor(float(mc["init_log_alpha_stddev"])))
 
@@ -122,8 +129,18 @@ class WPOModule(OffPolicyRLModule):
     def _forward_train(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         return {}  # the learner calls the networks it needs (several forwards per loss)
 
+    def critics(self) -> tuple[QCritic, ...]:
+        """The online critics, ``(critic,)`` or ``(critic, critic_2)``; empty on an inference-only module."""
+        return tuple(getattr(self, name) for name in CRITICS if hasattr(self, name))
+
+    def target_critics(self) -> tuple[nn.Module, ...]:
+        """Their target copies, in the same order (made by the learner)."""
+        return tuple(getattr(self, "target_" + name) for name in CRITICS if hasattr(self, "target_" + name))
+
     def plasticity_probe_forward(self, batch: dict[str, Any]) -> Tensor:
-        """Probe forward for the plasticity diagnostic: policy on obs, critic at the policy mean."""
+        """Probe forward for the plasticity diagnostic: policy on obs, every critic at the policy mean (so each
+        critic's activation layers are reported); returns Q [C, B] (the policy mean [B, D] without critics)."""
         obs = batch[Columns.OBS].float()
         mean = self.policy.to_action(self.policy(obs)[0])
-        return self.critic(obs, mean) if hasattr(self, "critic") else mean
+        critics = self.critics()
+        return torch.stack([critic(obs, mean) for critic in critics]) if critics else mean
