@@ -158,8 +158,8 @@ def build_param_space(spec: Spec) -> dict[str, Any]:
         from algorithms import registry as R
 
         R.load_builtin_plugins()
-        algo_cls = R.get_algorithm_class(spec.algorithm)
-        space = {param_space_key(algo_cls, k): v for k, v in space.items()}
+        default = R.get_algorithm_class(spec.algorithm).get_default_config()
+        space = {param_space_key(default, k): v for k, v in space.items()}
         space["env"] = S.to_tune(spec.env)
     space[ORCHESTRA_KEY] = {
         "workload": spec.workload,

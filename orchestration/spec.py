@@ -426,16 +426,17 @@ def set_algorithm_config_value(cfg: Any, keys: dict[str, str], key: str, value: 
         cfg.update_from_dict({key: value})
 
 
-def param_space_key(algo_cls: type, key: str) -> str:
-    """The name under which Tune's param space carries spec config key ``key`` for ``algo_cls``.
+def param_space_key(config: Any, key: str) -> str:
+    """The name under which Tune's param space carries spec config key ``key`` (``config``: the algorithm's
+    default AlgorithmConfig).
 
     Tune hands the trial config to RLlib as a dict, which ``AlgorithmConfig.update_from_dict`` applies
     with ``setattr``. Keys that are read-only properties there (``model_config``, ``learner_class``,
     ``is_atari``...) go to the private attribute their builder method sets (``rl_module(model_config=)``
     sets ``_model_config``); every other key is carried as it is.
     """
-    prop = inspect.getattr_static(type(algo_cls.get_default_config()), key, None)
-    if isinstance(prop, property) and prop.fset is None:
+    prop = inspect.getattr_static(type(config), key, None)
+    if isinstance(prop, property) and prop.fset is None and hasattr(config, f"_{key}"):
         return f"_{key}"
     return key
 
