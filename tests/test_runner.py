@@ -352,3 +352,22 @@ def torch_state(checkpoint: Path) -> dict:
     import torch
 
     return torch.load(checkpoint / "task.pt", weights_only=False)["task"]["model"]
+
+
+def test_rl_metric_absent_until_the_first_episode_ends(ray_local, tmp_path: Path):
+    """MinAtar freeway, episodes cut at 300 steps, 200-step PPO iterations: the first result carries no
+    env/episode_return_mean (no episode has ended). Tune's strict metric check used to fail the trial there;
+    now the trial runs on and the metric appears from the second iteration."""
+    t = tracking(tmp_path)
+    out = run({
+        "name": "late_metric", "algorithm": "PPO", "env": "minatar/freeway",
+        "config": {"env_config": {"max_episode_steps": 300}, "train_batch_size_per_learner": 200,
+                   "minibatch_size": 100, "num_epochs": 1, "num_env_runners": 0},
+        "seeds": [0], "stop": {"training_iteration": 3}, "metric": "env/episode_return_mean", "mode": "max",
+        "tracking": t,
+    })
+    assert out.num_errors == 0, out.trials
+    assert [tr["status"] for tr in out.trials] == ["TERMINATED"]
+    client, _, (child,) = runs_of(t["uri"], "late_metric")
+    assert steps_of(client, child.info.run_id, "env/episode_return_mean") == [400, 600]
+    assert steps_of(client, child.info.run_id, "learner/total_loss") == [200, 400, 600]
