@@ -203,3 +203,118 @@ def test_text_corpus_and_one_iteration(tmp_path):
     m = TextDataRater(cfg, seed=0).train()
     assert 4.0 < m["meta/outer_loss"] < 6.0  # ≈ ln 256 = 5.55 for an untrained byte model
     assert {f"meta/score/{c}" for c in CORRUPTIONS} <= m.keys()
+
+
+PACKAGES_SMALL = dict(corpus="packages", max_bytes=96 * 1024, doc_bytes=256, seq_len=32, d_model=16, n_layers=1,
+                      rater_d_model=8, population=1, batch_size=8, outer_batch_size=8, meta_steps_per_iteration=1,
+                      score_examples=64, heldout_examples=32)
+
+
+def test_stdlib_corpus_is_unchanged_by_the_corpus_setting(tmp_path):
+    import hashlib
+    import json
+    import sysconfig
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from algorithms.tasks.datarater_text import TextDataRaterConfig, prepare_corpus
+
+    cfg = TextDataRaterConfig(cache_dir=str(tmp_path), max_files=5, doc_bytes=256)
+    assert cfg.corpus == "stdlib"
+    # The cache tag as computed before the packages corpus existed: the same settings give the same file.
+    old = {"max_files": 5, "doc_bytes": 256, "corrupt_fraction": 0.5, "outer_fraction": 0.1,
+           "heldout_fraction": 0.1, "data_seed": 0}
+    tag = hashlib.sha1(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
+    path = prepare_corpus(cfg)
+    assert path.name == f"stdlib_corpus_{tag}.parquet"
+    t = pq.read_table(path)
+    assert t.column_names == ["text", "source", "corruption", "split"] and not t.schema.metadata
+    # Clean documents are the 256-byte pieces of the first 5 stdlib .py files, in file order.
+    root = Path(sysconfig.get_paths()["stdlib"])
+    pieces = [(d[i : i + 256], str(f.relative_to(root))) for f in sorted(root.glob("*.py"))[:5]
+              for d in [f.read_bytes()] for i in range(0, len(d) - 255, 256)]
+    rows = t.to_pylist()
+    assert len(rows) == len(pieces)
+    for r, (text, src) in zip(rows, pieces, strict=True):
+        assert r["source"] == src
+        assert (r["text"].encode("latin-1") == text) == (r["corruption"] == "clean")
+
+
+def test_packages_corpus_kinds_determinism_and_cache(tmp_path):
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from algorithms.tasks.datarater_text import (
+        CORRUPTIONS,
+        KINDS,
+        TextDataRaterConfig,
+        file_list_hash,
+        list_package_files,
+        prepare_corpus,
+    )
+
+    cfg = TextDataRaterConfig(cache_dir=str(tmp_path / "a"), **PACKAGES_SMALL)
+    path = prepare_corpus(cfg)
+    table = pq.read_table(path)
+    assert table.column_names == ["text", "source", "kind", "corruption", "split"]
+    rows = table.to_pylist()
+    assert sum(len(r["text"]) for r in rows) <= 96 * 1024 and len(rows) >= 96 * 1024 // 256 - 3
+    assert {r["kind"] for r in rows} == set(KINDS)
+    assert {r["corruption"] for r in rows} == set(CORRUPTIONS)
+    assert {r["source"].split("/")[0] for r in rows} <= {"stdlib", "site-packages"}
+    # Never this project's own code or its editable-install finder.
+    assert not any(r["source"].split("/")[1] in ("algorithms", "orchestration") or "__editable__" in r["source"]
+                   for r in rows)
+    assert all(r["source"].endswith(".py") for r in rows if r["kind"] == "source")
+    # A clean document is a piece of its (text) file at a multiple of doc_bytes.
+    candidates = list_package_files()
+    paths = {f.source: f.path for f in candidates}
+    for r in rows:
+        data = Path(paths[r["source"]]).read_bytes()
+        assert b"\0" not in data and data.decode("utf-8")
+        if r["corruption"] == "clean":
+            pieces = {data[i : i + 256] for i in range(0, len(data) - 255, 256)}
+            assert r["text"].encode("latin-1") in pieces, r["source"]
+    meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+    assert meta["file_list_hash"] == file_list_hash(candidates)
+    # Built again elsewhere: the same bytes. Asked again: the cached file, not rebuilt.
+    again = prepare_corpus(TextDataRaterConfig(cache_dir=str(tmp_path / "b"), **PACKAGES_SMALL))
+    assert again.name == path.name and again.read_bytes() == path.read_bytes()
+    stamp = path.stat().st_mtime_ns
+    assert prepare_corpus(cfg) == path and path.stat().st_mtime_ns == stamp
+    # The stdlib corpus of the same settings is another file.
+    assert prepare_corpus(cfg.model_copy(update={"corpus": "stdlib", "max_files": 3})).name.startswith("stdlib_")
+
+
+def test_packages_corpus_one_iteration_reports_the_corpus(tmp_path):
+    import json
+
+    from algorithms.tasks.datarater_text import KINDS, TextDataRater, TextDataRaterConfig
+
+    torch.set_num_threads(1)
+    task = TextDataRater(TextDataRaterConfig(cache_dir=str(tmp_path), **PACKAGES_SMALL), seed=0,
+                         artifact_dir=tmp_path)
+    m = task.train()
+    assert 4.0 < m["meta/outer_loss"] < 6.0
+    n = m["meta/corpus/docs"]
+    assert n == sum(m[f"meta/corpus/docs/{k}"] for k in KINDS) == sum(
+        m[f"meta/corpus/docs/{s}"] for s in ("train", "outer", "heldout"))
+    assert all(m[f"meta/corpus/docs/{k}"] > 0 for k in KINDS)
+    assert m["meta/corpus/bytes"] == 256 * n
+    assert m["meta/corpus/corrupted_docs"] == round(0.5 * m["meta/corpus/docs/train"])
+    manifest = json.loads((tmp_path / "corpus.json").read_text())
+    assert m["meta/corpus/file_list_hash"] == int(manifest["file_list_hash"], 16)
+    assert len(manifest["sources"]) == m["meta/corpus/files"]
+    assert task.train()["meta/corpus/docs"] == n  # reported with every result
+
+
+def test_corpus_setting_error_names_the_key_and_values():
+    from orchestration.spec import SpecError, load_spec
+
+    with pytest.raises(SpecError) as e:
+        load_spec({"name": "t", "task": "datarater_text", "config": {"corpus": "pypi"}})
+    text = str(e.value)
+    assert e.value.key == "config.corpus" and "\n" not in text
+    assert "'pypi'" in text and "stdlib" in text and "packages" in text
