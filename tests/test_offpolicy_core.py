@@ -176,3 +176,29 @@ def test_adam_helper_fuses_where_allowed_and_updates_like_plain_adam():
     torch.testing.assert_close(fused_p.detach(), plain_p.detach(), rtol=1e-5, atol=1e-6)
     assert not torch.equal(fused_p.detach(), start)
     assert not adam([torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))]).defaults.get("fused")
+
+
+def test_runner_sample_counters_are_exact_at_every_read():
+    """The env runner's counters (num_env_steps_sampled, num_episodes and their lifetime sums) report the env steps
+    and episodes sampled since the previous read, whether read by get_metrics, carried by get_state into another
+    runner, or read after a restore (they are logged summed when read: VectorEnvRunner._log_steps)."""
+    from algorithms.offpolicy.inprocess import build_runner_and_learner
+
+    def counts(metrics: dict) -> tuple:
+        keys = ("num_env_steps_sampled", "num_episodes", "num_env_steps_sampled_lifetime", "num_episodes_lifetime")
+        return tuple(int(metrics[k].peek() if hasattr(metrics[k], "peek") else metrics[k]) for k in keys)
+
+    runner, _ = build_runner_and_learner(tiny())  # Pendulum-v1: 200-step episodes, fragments of 50 steps
+    for _ in range(5):
+        runner.sample()
+    assert counts(runner.get_metrics()) == (250, 1, 250, 1)
+    for _ in range(3):
+        runner.sample()
+    state = runner.get_state()  # 150 steps and the second episode's end not yet read
+    restored, _ = build_runner_and_learner(tiny())
+    restored.set_state(state)
+    assert counts(restored.get_metrics()) == (150, 1, 150, 1)
+    runner.sample()
+    assert counts(runner.get_metrics()) == (200, 1, 200, 1)
+    restored.sample()
+    assert counts(restored.get_metrics()) == (50, 0, 50, 0)

@@ -52,6 +52,10 @@ class EVEEnvRunner(VectorEnvRunner):
     def on_weights_set(self) -> None:
         if getattr(self, "explorer", None) is None:
             return
+        if self.config.exploration != "posterior" and self.explorer.like is not None:
+            # Only posterior exploration acts on the explorer's posterior; its checkpointed state (generator,
+            # the zero perturbations, pending draws) is set up by the first call and does not depend on θ̂.
+            return
         m = self.module
         self.explorer.set_posterior(module_params(m.q), m.fisher_diag, float(m.num_data),
                                     float(self.config.prior_precision))

@@ -76,6 +76,8 @@ class VectorEnvRunner(EnvRunner, Checkpointable):
         self.generator = torch.Generator().manual_seed(
             episode_seed(self.base_seed, self.worker_index, 1_000_003, 0))
         self.envs: list[gym.Env] = []
+        # env steps, episodes and sample calls counted but not yet logged to self.metrics (see _log_steps)
+        self._unlogged, self._counters_logged = [0, 0, 0], False
         self.make_env()
         self.make_module()
         self._needs_reset = True
@@ -217,11 +219,28 @@ class VectorEnvRunner(EnvRunner, Checkpointable):
         return out
 
     def _log_steps(self, num_steps: int, episodes: int) -> None:
+        """Count one sample call's env steps and finished episodes. The four counters are sums, so they are
+        logged to ``self.metrics`` once, summed, when the metrics are read (``get_metrics``, ``get_state``):
+        four ``log_value`` calls per sample call cost more than the step of a small env. The first call after
+        the logger was made or restored logs at once, so the counters' keys keep their place in the results."""
         self.num_env_steps_sampled_lifetime += num_steps
-        self.metrics.log_value(NUM_ENV_STEPS_SAMPLED, num_steps, reduce="sum")
+        u = self._unlogged
+        u[0] += num_steps
+        u[1] += episodes
+        u[2] += 1
+        if u[2] == 1 and not self._counters_logged:
+            self._flush_step_counts()
+            self._counters_logged = True
+
+    def _flush_step_counts(self) -> None:
+        steps, episodes, calls = self._unlogged
+        if calls == 0:
+            return
+        self.metrics.log_value(NUM_ENV_STEPS_SAMPLED, steps, reduce="sum")
         self.metrics.log_value(NUM_EPISODES, episodes, reduce="sum")
-        self.metrics.log_value(NUM_ENV_STEPS_SAMPLED_LIFETIME, num_steps, reduce="lifetime_sum")
+        self.metrics.log_value(NUM_ENV_STEPS_SAMPLED_LIFETIME, steps, reduce="lifetime_sum")
         self.metrics.log_value(NUM_EPISODES_LIFETIME, episodes, reduce="lifetime_sum")
+        self._unlogged = [0, 0, 0]
 
     def _log_episode(self, length: int, ret: float, sec: float) -> None:
         win = max(1, int(math.ceil(self.config.metrics_num_episodes_for_smoothing / (self.num_workers or 1))))
@@ -233,6 +252,7 @@ class VectorEnvRunner(EnvRunner, Checkpointable):
         self.metrics.log_value(EPISODE_RETURN_MAX, ret, reduce="max", window=win)
 
     def get_metrics(self) -> dict[str, Any]:
+        self._flush_step_counts()
         return self.metrics.reduce()
 
     def sample_and_metrics(self, **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -247,6 +267,7 @@ class VectorEnvRunner(EnvRunner, Checkpointable):
         if self._check_component(SAMPLER_STATE, components, not_components):
             state[SAMPLER_STATE] = self.sampler_state()
         if self._check_component(METRICS_STATE, components, not_components):
+            self._flush_step_counts()
             state[METRICS_STATE] = self.metrics.get_state()
         return state
 
@@ -273,6 +294,7 @@ class VectorEnvRunner(EnvRunner, Checkpointable):
         if NUM_ENV_STEPS_SAMPLED_LIFETIME in state and SAMPLER_STATE in state:
             self.num_env_steps_sampled_lifetime = int(state[NUM_ENV_STEPS_SAMPLED_LIFETIME])
         if METRICS_STATE in state:
+            self._unlogged, self._counters_logged = [0, 0, 0], False  # counts since the saved state are dropped
             self.metrics.set_state(state[METRICS_STATE])
         if SAMPLER_STATE in state:
             self.set_sampler_state(state[SAMPLER_STATE])

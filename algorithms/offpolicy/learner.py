@@ -12,7 +12,8 @@ transitions crosses the process boundary). The algorithm calls, through
   updates, logged under ``(module_id, name)`` and returned as ``metrics.reduce()``.
 
 One update is RLlib's own sequence: the module's ``_forward_train(batch)`` (train mode is set once per call,
-not by ``forward_train`` on every update, which walks every submodule) -> ``compute_losses`` ->
+and only when some submodule is not in it, not by ``forward_train`` on every update: ``train()`` walks and sets
+every submodule) -> ``compute_losses`` ->
 ``compute_gradients`` -> ``postprocess_gradients`` (global-norm clipping per optimiser, ``grad_clip``)
 -> ``apply_gradients`` (optimiser steps; the network mixin's weight decay and NaP run after them),
 then the target networks are updated every ``target_update_period`` updates with
@@ -34,6 +35,7 @@ plus ``index``.
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -135,7 +137,13 @@ class OffPolicyLearner(NetworkLearnerMixin, _SteppingTorchLearner):
         sums = self._stats[module_id]
         for name, value in stats.items():
             v = value.detach().float() if isinstance(value, Tensor) else torch.tensor(float(value))
-            sums[name] = sums[name] + v if name in sums else v.clone()
+            total = sums.get(name)
+            if total is None:
+                sums[name] = v.clone()
+            elif total.device == v.device:
+                total.add_(v)  # the same sum as total + v, without a new tensor per update
+            else:
+                sums[name] = total + v
 
     def reduce_stats(self) -> dict[str, Any]:
         """Log this iteration's mean of every recorded statistic, then return ``metrics.reduce()``."""
@@ -171,7 +179,8 @@ class OffPolicyLearner(NetworkLearnerMixin, _SteppingTorchLearner):
         batch_size = int(cfg.train_batch_size_per_learner)
         module = self.module[DEFAULT_MODULE_ID]
         pairs = module.unwrapped().get_target_network_pairs()
-        module.train()
+        if not all(m.training for m in module.modules()):  # train() sets the flag on every submodule each call
+            module.train()
         for _ in range(num_updates):
             batch = {DEFAULT_MODULE_ID: self.replay.sample(batch_size)}
             fwd_out = {DEFAULT_MODULE_ID: module._forward_train(batch[DEFAULT_MODULE_ID])}
@@ -199,7 +208,10 @@ class OffPolicyLearner(NetworkLearnerMixin, _SteppingTorchLearner):
                 norm = _clip_(grads, float(config.grad_clip) if config.grad_clip else None)
                 self.record(module_id, **{f"{name}_grad_norm": norm})
                 norms.append(norm)
-        self._grads_finite = bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
+        if len(norms) == 1:  # one host sync either way; .item() skips the isfinite / stack / all kernels
+            self._grads_finite = math.isfinite(norms[0].item())
+        else:
+            self._grads_finite = bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
         return module_gradients_dict
 
     # -- state -----------------------------------------------------------------------------------

@@ -236,7 +236,8 @@ class ReplicaPack:
             if len(lrn.replay) == 0:
                 raise RuntimeError("run_updates called on an empty replay: raise learning_starts")
             lrn.before_gradient_based_update(timesteps=timesteps)
-            m.train()
+            if not all(sub.training for sub in m.modules()):  # as OffPolicyLearner.run_updates
+                m.train()
         clip = float(cfg.grad_clip) if cfg.grad_clip else None
         for _ in range(num_updates):
             for lrn, m in zip(learners, modules, strict=True):

@@ -272,12 +272,19 @@ class TensorReplay:
             raise ValueError("cannot sample from an empty replay: add transitions first")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        index = torch.randint(self.size, (batch_size,), generator=self.generator).to(self.device)
+        index = torch.randint(self.size, (batch_size,), generator=self.generator)
+        if self.device.type != "cpu":
+            index = index.to(self.device)
         batch: dict[str, Tensor] = {}
         for dtype, group in self._groups.items():
-            rows = group[index]
+            rows = torch.index_select(group, 0, index)  # group[index], without advanced indexing's overhead
             for f, (start, stop, shape) in self._layout[dtype].items():
-                batch[f] = rows[:, start:stop].view(batch_size, *shape)
+                if not shape:  # a scalar field: column ``start``, the same view as rows[:, start:stop].view(B)
+                    batch[f] = rows[:, start]
+                elif len(shape) == 1:
+                    batch[f] = rows[:, start:stop]
+                else:
+                    batch[f] = rows[:, start:stop].view(batch_size, *shape)
         out = {f: batch[f] for f in FIELDS}
         out["index"] = index
         return out
