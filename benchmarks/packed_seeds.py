@@ -12,8 +12,11 @@ as it is measured; lines already there with the same key are skipped, so an inte
   ``env_steps_per_s`` = 8·S / wall: the aggregate rate of the study.
 - ``core``: the same work without Ray or Tune, in this process: 8 seeds trained one after another as
   8 (env runner, learner) pairs in the core's loop (sample one chunk, insert, the updates due, weight copy),
-  or as 8/K ``ReplicaPack``s; what packing saves inside one trial (the shared loop and stacked optimiser
-  step), not the per-trial overhead.
+  or as 8/K ``ReplicaPack``s; what packing saves inside one trial (the shared loop, stacked optimiser
+  step and, where the learner supports it, all replicas' losses in one vmapped call), not the per-trial
+  overhead. ``--learner qlearner``: the core's Q-learner (exploration="epsilon_greedy", whose packs vmap
+  the losses) instead of EVE (posterior Fisher: losses replica by replica); ``--loop``: packs run the
+  losses replica by replica anyway (the path before vectorisation). Keys get ``/qlearner`` and ``/loop``.
 - ``single`` (``--what single``): single-seed speed, one seed (0), in this process, four arms run
   interleaved (each arm's ``--steps`` timed env steps per round, ``--repeats`` rounds, the order reversed
   every other round): ``qlearner`` (the core's epsilon-greedy Q-learner: EVEConfig with
@@ -32,7 +35,7 @@ Every line records the load average (1, 5, 15 min) and the CPU count: the machin
 2 cores shared with other work, so compare lines measured side by side (``--what`` runs them interleaved).
 
 Usage: .venv/bin/python benchmarks/packed_seeds.py [--what core,tune] [--packs 1,2,4,8] [--steps 2000]
-       [--force]
+       [--learner eve|qlearner] [--loop] [--force]
        .venv/bin/python benchmarks/packed_seeds.py --what single [--steps 3000] [--repeats 2] [--force]
        .venv/bin/python benchmarks/packed_seeds.py --what profile [--steps 3000]   (cProfile of ``qlearner``)
 """
@@ -77,10 +80,14 @@ def _emit(rec: dict[str, Any]) -> None:
 
 
 # ---- in-process ---------------------------------------------------------------------------------------
-def _config(seed: int) -> Any:
+LEARNERS = {"eve": "posterior", "qlearner": "epsilon_greedy"}
+"""``--learner``: EVE's defaults, or the core's Q-learner (the same config with exploration="epsilon_greedy")."""
+
+
+def _config(seed: int, learner: str = "eve") -> Any:
     from algorithms.eve.config import EVEConfig
 
-    return EVEConfig().environment(ENV).debugging(seed=seed)
+    return EVEConfig().environment(ENV).debugging(seed=seed).training(exploration=LEARNERS[learner])
 
 
 def _copy_weights(learner: Any, runner: Any, plan: dict) -> None:
@@ -116,7 +123,7 @@ def _train_loop(sample, update, sync, cfg: Any, steps: int) -> None:
         sync()
 
 
-def core(pack: int, steps: int) -> dict[str, Any]:
+def core(pack: int, steps: int, kind: str = "eve", loop: bool = False) -> dict[str, Any]:
     import torch
 
     from algorithms.offpolicy.inprocess import build_runner_and_learner
@@ -125,9 +132,10 @@ def core(pack: int, steps: int) -> dict[str, Any]:
 
     import_builtin_envs()
     torch.set_num_threads(1)
-    cfg = _config(0)
+    cfg = _config(0, kind)
     groups = [SEEDS[i : i + pack] for i in range(0, len(SEEDS), pack)]
-    built = [[(s, *build_runner_and_learner(_config(s))) for s in g] for g in groups]
+    built = [[(s, *build_runner_and_learner(_config(s, kind))) for s in g] for g in groups]
+    vectorised = None
     plan: dict = {}
     t0 = time.perf_counter()
     cpu0 = time.process_time()
@@ -143,12 +151,13 @@ def core(pack: int, steps: int) -> dict[str, Any]:
             _train_loop(sample, learner.run_updates, lambda r=runner, lr=learner: _copy_weights(lr, r, plan), cfg,
                         steps)
         else:
-            p = ReplicaPack([Replica(s, r, lr) for s, r, lr in group], cfg)
+            p = ReplicaPack([Replica(s, r, lr) for s, r, lr in group], cfg, vectorise=not loop)
+            vectorised = p.vectorised
             _train_loop(p.sample, p.run_updates, p.sync_weights, cfg, steps)
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "env_steps_per_s": round(len(SEEDS) * steps / wall, 1),
-            "env_steps_per_cpu_s": round(len(SEEDS) * steps / cpu, 1)}
+            "env_steps_per_cpu_s": round(len(SEEDS) * steps / cpu, 1), "learner": kind, "vectorised": vectorised}
 
 
 # ---- Tune ---------------------------------------------------------------------------------------------
@@ -359,6 +368,8 @@ def main() -> None:
     ap.add_argument("--packs", default="1,2,4,8")
     ap.add_argument("--steps", type=int, default=2000, help="env steps per seed")
     ap.add_argument("--repeats", type=int, default=2, help="--what single: interleaved rounds")
+    ap.add_argument("--learner", choices=sorted(LEARNERS), default="eve", help="--what core: EVE or the Q-learner")
+    ap.add_argument("--loop", action="store_true", help="--what core: packs run the losses replica by replica")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args()
     done = set() if args.force else _done()
@@ -381,12 +392,16 @@ def main() -> None:
     for what in args.what.split(","):
         for pack in [int(k) for k in args.packs.split(",")]:
             key = f"{what}/pack{pack}/steps{args.steps}"
+            if what == "core" and args.learner != "eve":
+                key += f"/{args.learner}"
+            if what == "core" and args.loop:
+                key += "/loop"
             if key in done:
                 print(f"skip {key} (in {RESULTS.name})")
                 continue
-            measure = core if what == "core" else tune_run
+            rec = core(pack, args.steps, args.learner, args.loop) if what == "core" else tune_run(pack, args.steps)
             _emit({"key": key, "what": what, "pack_seeds": pack, "seeds": len(SEEDS), "steps_per_seed": args.steps,
-                   "env": ENV, **measure(pack, args.steps)})
+                   "env": ENV, **rec})
 
 
 if __name__ == "__main__":

@@ -95,13 +95,16 @@ def _state(learner) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in learner.module["default_policy"].state_dict().items()}
 
 
-@pytest.mark.parametrize("make", [_wpo, _eve, _q_learner], ids=["WPO", "EVE", "Q-learner"])
-def test_replica_of_a_pack_equals_the_unpacked_learner_after_100_updates(make):
+@pytest.mark.parametrize(("make", "vectorise"), [(_wpo, True), (_eve, True), (_q_learner, True), (_q_learner, False)],
+                         ids=["WPO", "EVE", "Q-learner-vmap", "Q-learner-loop"])
+def test_replica_of_a_pack_equals_the_unpacked_learner_after_100_updates(make, vectorise):
     """Seeds 3 and 5: the pack's replica of seed s and an unpacked learner of seed s get the same transitions
     (sampled once by seed s's runner) and draw the same batches (their replays' own generators); after 100
     updates in 4 calls, with per-replica global-norm clipping active, L2 / L2-Init weight decay, NaP (WPO),
     target updates every 10 and EVE's Fisher, every parameter and buffer (targets and Fisher included) agrees
-    to float32 round-off. The two replicas differ from each other."""
+    to float32 round-off, and so do the logged loss statistics. The two replicas differ from each other.
+    The Q-learner runs both pack paths: all replicas' losses in one vmapped call (its learner supports it)
+    and the per-replica loop; WPO and EVE (posterior Fisher) fall back to the loop."""
     from algorithms.offpolicy.inprocess import build_runner_and_learner
     from orchestration.spec import import_builtin_envs
 
@@ -118,7 +121,8 @@ def test_replica_of_a_pack_equals_the_unpacked_learner_after_100_updates(make):
         r_learner.insert(data)
         replicas.append(Replica(s, r_runner, r_learner))
         torch.testing.assert_close(_state(r_learner), _state(learner), atol=0, rtol=0)  # same init per seed
-    pack = ReplicaPack(replicas, make(seeds[0]))
+    pack = ReplicaPack(replicas, make(seeds[0]), vectorise=vectorise)
+    assert pack.vectorised == (make is _q_learner and vectorise)
     for _ in range(4):
         pack.run_updates(25, {})
         for learner in unpacked.values():
@@ -143,6 +147,47 @@ def test_replica_of_a_pack_equals_the_unpacked_learner_after_100_updates(make):
     a, b = (_state(r.learner) for r in replicas)
     assert any(not torch.allclose(a[k], b[k]) for k in a)
     assert pack.live == [0, 1]
+
+
+def test_vectorised_pack_keeps_training_live_replicas_when_one_goes_non_finite():
+    """Q-learner, seeds 3, 4, 5 in a vectorised pack against unpacked learners: after 50 updates replica 4's
+    weights are set to NaN; the next call marks it failed (non-finite gradient norm) and the replicas of
+    seeds 3 and 5, their losses now computed on the live rows only, still equal their unpacked learners after
+    100 updates; replica 4's NaN did not reach them."""
+    from algorithms.offpolicy.inprocess import build_runner_and_learner
+    from orchestration.spec import import_builtin_envs
+
+    import_builtin_envs()
+    torch.set_num_threads(1)
+    seeds = [3, 4, 5]
+    unpacked, replicas = {}, []
+    for s in seeds:
+        runner, learner = build_runner_and_learner(_q_learner(s))
+        data = _transitions(runner, 200)
+        learner.insert(data)
+        unpacked[s] = learner
+        r_runner, r_learner = build_runner_and_learner(_q_learner(s))
+        r_learner.insert(data)
+        replicas.append(Replica(s, r_runner, r_learner))
+    pack = ReplicaPack(replicas, _q_learner(seeds[0]))
+    assert pack.vectorised
+    pack.run_updates(50, {})
+    with torch.no_grad():
+        for p in replicas[1].learner.module["default_policy"].q.parameters():
+            p.fill_(float("nan"))
+    pack.run_updates(25, {})
+    assert pack.live == [0, 2] and "non-finite" in replicas[1].failed
+    pack.run_updates(25, {})
+    for s in (3, 5):
+        unpacked[s].run_updates(100, {})
+    for r in (replicas[0], replicas[2]):
+        ref = unpacked[r.seed]
+        assert r.learner.num_updates == 100
+        got, want = _state(r.learner), _state(ref)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=ATOL, rtol=RTOL, msg=lambda m, k=key: f"{k}: {m}")
+        loss, ref_loss = r.learner._stats["default_policy"]["total_loss"], ref._stats["default_policy"]["total_loss"]
+        assert float(loss) == pytest.approx(float(ref_loss), rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------

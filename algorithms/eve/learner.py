@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 from torch import Tensor
+from torch.func import functional_call
 
 from algorithms.eve.losses import (
     linearised_q_perturbation,
@@ -105,11 +106,18 @@ class EVELearner(OffPolicyLearner):
             module.num_data.fill_(float(self.replay.num_transitions))
         else:
             q = module.q(obs)
+            boot = batch["bootstrap_obs"].float()
+            with torch.no_grad():
+                next_online = module.q(boot) if config.double_q else None
+                next_target = module.target_q(boot)
+            loss, stats = _q_learning_loss(q, next_online, next_target, batch, config)
+            self.record(module_id, **stats)
+            return loss
         q_taken = q.gather(1, actions.unsqueeze(1)).squeeze(1)
         boot = batch["bootstrap_obs"].float()
         with torch.no_grad():
             next_online = module.q(boot) if config.double_q else None
-        if self.track_posterior and config.target_sampling:
+        if config.target_sampling:
             std = self.fisher.posterior_std(float(self.replay.num_transitions))
             delta = torch.randn(std.shape, generator=self.generator, device=self.generator.device).to(std).mul_(std)
             if float(config.posterior_scale) != 1.0:
@@ -127,6 +135,32 @@ class EVELearner(OffPolicyLearner):
             self._hand_grads[module_id] = vjp((q_taken - targets) / (float(config.noise_var) * q_taken.shape[0]))
         self.record(module_id, **stats, **q_value_stats(q.detach()))
         return loss
+
+    # -- vectorised losses of seed packs (algorithms.offpolicy.packing) ---------------------------------------
+    VECTORISED_BATCH_KEYS = ("obs", "action", "nstep_return", "bootstrap_obs", "bootstrap_discount")
+
+    def supports_vectorised_losses(self) -> bool:
+        """Without posterior tracking (exploration "epsilon_greedy" / "greedy": the Q-learner) the loss is a
+        pure function of (θ, θ_targ, batch) (:meth:`functional_loss`) and Q has no buffers; the posterior's
+        Fisher pass and its per-update target sample are not vectorised."""
+        module = self.module[DEFAULT_MODULE_ID].unwrapped()
+        return not self.track_posterior and next(iter(module.q.buffers()), None) is None
+
+    def functional_loss(self, *, module_id: str, config: Any, params: dict[str, Tensor],
+                        batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss and statistics of ``compute_loss_for_module`` (exploration without posterior) for one
+        replica's parameters: ``params`` maps the module's ``named_parameters()`` names (``q.*`` and
+        ``target_q.*``) to tensors, run through this module's networks with ``torch.func.functional_call``,
+        so ``torch.func.vmap`` over a leading replica axis of ``params`` and ``batch`` gives K replicas'
+        losses in one call. Same operations as the per-replica path (:func:`_q_learning_loss`)."""
+        module = self.module[module_id].unwrapped()
+        online = {n[2:]: v for n, v in params.items() if n.startswith("q.")}
+        target = {n[9:]: v for n, v in params.items() if n.startswith("target_q.")}
+        q = functional_call(module.q, online, (batch["obs"].float(),))
+        boot = batch["bootstrap_obs"].float()
+        next_online = functional_call(module.q, online, (boot,)).detach() if config.double_q else None
+        next_target = functional_call(module.target_q, target, (boot,)).detach()
+        return _q_learning_loss(q, next_online, next_target, batch, config)
 
     def compute_gradients(self, loss_per_module: dict[str, Tensor], **kwargs: Any) -> dict[Any, Tensor]:
         """The loss gradient computed with the Fisher (``hand_gradients``), else RLlib's ``loss.backward()``."""
@@ -172,3 +206,16 @@ class EVELearner(OffPolicyLearner):
         super().set_state(state)
         if FISHER_STATE in state:
             self.fisher.load_state_dict(state[FISHER_STATE])
+
+
+def _q_learning_loss(q: Tensor, next_online: Tensor | None, next_target: Tensor, batch: dict[str, Tensor],
+                     config: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """Loss and statistics of one batch without posterior tracking: Q_θ(s_b, ·) ``q`` [B, A] (with a graph to
+    θ), the detached Q_θ(s'_b, ·) (double Q; None: plain Q-learning) and Q_targ(s'_b, ·) [B, A];
+    G_b = R_b + d_b · Q_targ(s'_b, a*_b) (:func:`losses.nstep_q_targets`) and
+    L = mean_b (G_b − Q_θ(s_b, a_b))² / (2σ²) + ½ log(2πσ²) (:func:`losses.return_density_nll`). Shared by
+    ``compute_loss_for_module`` and the vectorised ``functional_loss``, so both compute the same values."""
+    q_taken = q.gather(1, batch["action"].long().unsqueeze(1)).squeeze(1)
+    targets = nstep_q_targets(batch["nstep_return"], batch["bootstrap_discount"], next_target, next_online)
+    loss, stats = return_density_nll(q_taken, targets, float(config.noise_var))
+    return loss, {**stats, **q_value_stats(q.detach())}

@@ -196,6 +196,24 @@ class OffPolicyLearner(NetworkLearnerMixin, _SteppingTorchLearner):
         self.after_gradient_based_update(timesteps=timesteps)
         return self.num_updates
 
+    # -- vectorised losses (seed packs) -----------------------------------------------------------
+    VECTORISED_BATCH_KEYS: tuple[str, ...] = ()
+    """The batch fields :meth:`functional_loss` reads (a pack stacks only these over its replicas)."""
+
+    def supports_vectorised_losses(self) -> bool:
+        """Whether :meth:`functional_loss` computes this learner's loss, so that a seed pack
+        (:class:`algorithms.offpolicy.packing.ReplicaPack`) can run all replicas' losses in one vmapped call;
+        False (default): the pack runs ``compute_losses`` / ``compute_gradients`` replica by replica."""
+        return False
+
+    def functional_loss(self, *, module_id: str, config: Any, params: dict[str, Tensor],
+                        batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss, statistics) of one update as a pure function of ``params`` (the module's
+        ``named_parameters()`` names -> one replica's tensors, trainable and target networks) and ``batch``
+        (the :attr:`VECTORISED_BATCH_KEYS` fields), with the values ``compute_loss_for_module`` computes and
+        records; composable with ``torch.func.vmap`` (no in-place writes to module state, no randomness)."""
+        raise NotImplementedError(f"{type(self).__name__} has no functional loss")
+
     def postprocess_gradients_for_module(self, *, module_id: str, config: Any = None,
                                          module_gradients_dict: dict) -> dict:
         """Clip each optimiser's gradients to global norm ``grad_clip`` (if set) and record the norm

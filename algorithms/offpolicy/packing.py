@@ -27,11 +27,23 @@ Design (shape letter K: replicas; replica k trains seed s_k):
   :func:`algorithms.offpolicy.learner._clip_`); decoupled weight decay θ_k ← θ_k − lr·λ·(θ_k − θ_ref,k)
   and NaP's projection W_k ← ‖W_0,k‖·W_k/‖W_k‖ run per replica on the views (each replica's network
   chain, with its own initial norms and references); target networks update per replica.
-- One update of the pack: for each live replica, sample its batch, its forward pass, loss and backward
-  pass (the algorithm's own ``compute_losses`` / ``compute_gradients``: WPO's losses, EVE's hand-written
-  Fisher and loss gradient), then one stacked clipping and optimiser step for all. The losses still run
-  replica by replica (K forward/backward passes of the small networks); what is shared is the trial, the
-  process, the loop and the optimiser step.
+- One update of the pack: for each live replica, sample its batch (its own replay generator), then its
+  loss and gradients, then one stacked clipping and optimiser step for all. Losses and gradients run
+  either vectorised or replica by replica:
+
+  - vectorised (:meth:`ReplicaPack._vectorised_updates`, when every learner's
+    ``supports_vectorised_losses()``: the core's Q-learner, EVE with exploration="epsilon_greedy"): the
+    batches are stacked [K, B, ...] and ``torch.func.vmap`` of the learner's ``functional_loss`` (the
+    networks run by ``torch.func.functional_call``) over the stacked parameters θ [K, ...] and target
+    tensors gives the K losses L_k [K] in one call; one backward pass of Σ_k L_k fills θ.grad, and since
+    L_k depends on θ[k] only, ∂(Σ_j L_j)/∂θ[k] = ∂L_k/∂θ[k] is replica k's own gradient. Target
+    networks' parameters are views of stacked tensors as well (``p_k.data = T[k]``).
+  - replica by replica (every other learner: WPO's losses, EVE's hand-written Fisher and loss gradient):
+    the algorithm's own ``compute_losses`` / ``compute_gradients``, K forward/backward passes of the small
+    networks.
+
+  What is shared either way is the trial, the process, the loop and the optimiser step; env sampling stays
+  replica by replica (each replica's runner, K action passes per env step).
 - Per-replica results: each replica keeps a root MetricsLogger of its own env runner and learner
   statistics (and EVE's ``uncertainty/``); the Algorithm's result carries them under ``replicas``
   ({seed: result in the Algorithm's own layout}) and its top level pools the live replicas (as RLlib pools
@@ -172,7 +184,9 @@ class Replica:
 class ReplicaPack:
     """K replicas trained in lockstep with stacked optimisers (see the module docstring)."""
 
-    def __init__(self, replicas: list[Replica], config: Any):
+    def __init__(self, replicas: list[Replica], config: Any, vectorise: bool = True):
+        """``vectorise``: use the vmapped losses (:meth:`_vectorised_updates`) when every replica's learner
+        supports them (``supports_vectorised_losses``); False: always the per-replica loop."""
         self.replicas = replicas
         self.config = config
         learners = [r.learner for r in replicas]
@@ -182,6 +196,28 @@ class ReplicaPack:
             per = [dict(lrn.get_optimizers_for_module(DEFAULT_MODULE_ID))[name] for lrn in learners]
             self.optimizers[name] = StackedOptimizer(per)
         self._bad = torch.zeros(len(replicas), dtype=torch.bool, device=learners[0]._device)
+        self.vectorised = bool(vectorise) and all(
+            getattr(lrn, "supports_vectorised_losses", lambda: False)() for lrn in learners)
+        self._stacked_params: dict[str, Tensor] = {}
+        if self.vectorised:
+            self._stack_module_params()
+
+    def _stack_module_params(self) -> None:
+        """Every named parameter of the replicas' modules as one [K, ...] tensor, by name: the optimisers' θ
+        for trainable ones; for the others (target networks) a new stacked tensor whose rows become the
+        replicas' parameters (``p_k.data = T[k]``, so in-place target updates and loads write into T)."""
+        mid = DEFAULT_MODULE_ID
+        modules = [r.learner.module[mid].unwrapped() for r in self.replicas]
+        theta_of = {id(p): theta for opt in self.optimizers.values()
+                    for p, theta in zip(opt.replica_params(0), opt.params, strict=True)}
+        named = [dict(m.named_parameters()) for m in modules]
+        for name, p0 in named[0].items():
+            theta = theta_of.get(id(p0))
+            if theta is None:
+                theta = torch.stack([n[name].detach() for n in named])
+                for k, n in enumerate(named):
+                    n[name].data = theta[k]
+            self._stacked_params[name] = theta
 
     @classmethod
     def build(cls, algorithm: Any) -> ReplicaPack:
@@ -220,15 +256,15 @@ class ReplicaPack:
         return n
 
     def run_updates(self, num_updates: int, timesteps: dict[str, Any]) -> None:
-        """``num_updates`` updates of every live replica: per replica its batch, loss and gradients, then the
-        stacked per-replica clipping, one step of each stacked optimiser, each replica's network chain
-        (weight decay, NaP) and target update."""
+        """``num_updates`` updates of every live replica: per replica its batch, its loss and gradients (all
+        replicas in one vmapped call when ``vectorised``, :meth:`_vectorised_updates`; else replica by replica,
+        :meth:`_looped_updates`), then the stacked per-replica clipping, one step of each stacked optimiser,
+        each replica's network chain (weight decay, NaP) and target update."""
         live = self.live
         if num_updates <= 0 or not live:
             return
         mid = DEFAULT_MODULE_ID
         cfg = self.config
-        batch_size = int(cfg.train_batch_size_per_learner)
         learners = [self.replicas[k].learner for k in live]
         modules = [lrn.module[mid] for lrn in learners]
         pairs = [m.unwrapped().get_target_network_pairs() for m in modules]
@@ -239,6 +275,37 @@ class ReplicaPack:
             if not all(sub.training for sub in m.modules()):  # as OffPolicyLearner.run_updates
                 m.train()
         clip = float(cfg.grad_clip) if cfg.grad_clip else None
+        if self.vectorised:
+            self._vectorised_updates(num_updates, live, learners, modules, pairs, clip)
+        else:
+            self._looped_updates(num_updates, live, learners, modules, pairs, clip)
+        for lrn in learners:
+            lrn.after_gradient_based_update(timesteps=timesteps)
+        if bool(self._bad.any()):  # one host sync per call, not per update
+            for k in self._bad.nonzero().flatten().tolist():
+                if self.replicas[k].failed is None:
+                    self.replicas[k].failed = "non-finite gradient norm: replica stopped"
+            self._bad.zero_()
+
+    def _after_step(self, learners: list, modules: list, pairs: list) -> None:
+        """Each live replica's network chain (weight decay, NaP) and, every ``target_update_period`` of its
+        updates, its target update."""
+        cfg = self.config
+        mid = DEFAULT_MODULE_ID
+        for i, lrn in enumerate(learners):
+            chain = getattr(lrn, "_net_updates", {}).get(mid)
+            if chain is not None:
+                chain.after_step(modules[i].unwrapped(), lrn._optimizers_of(mid), lrn._net_steps[mid])
+                lrn._net_steps[mid] += 1
+            if lrn.num_updates % int(cfg.target_update_period) == 0:
+                update_target_networks(pairs[i], float(cfg.target_update_tau))
+
+    def _looped_updates(self, num_updates: int, live: list[int], learners: list, modules: list, pairs: list,
+                        clip: float | None) -> None:
+        """Per update: each live replica's own batch, forward pass, ``compute_losses`` and
+        ``compute_gradients`` (K passes), then the stacked clipping and optimiser steps."""
+        mid = DEFAULT_MODULE_ID
+        batch_size = int(self.config.train_batch_size_per_learner)
         for _ in range(num_updates):
             for lrn, m in zip(learners, modules, strict=True):
                 batch = {mid: lrn.replay.sample(batch_size)}
@@ -254,20 +321,73 @@ class ReplicaPack:
                     learners[i].record(mid, **{f"{name}_grad_norm": norms[k]})
                 self._bad |= ~torch.isfinite(norms)
                 opt.step()
-            for i, lrn in enumerate(learners):
-                chain = getattr(lrn, "_net_updates", {}).get(mid)
-                if chain is not None:
-                    chain.after_step(modules[i].unwrapped(), lrn._optimizers_of(mid), lrn._net_steps[mid])
-                    lrn._net_steps[mid] += 1
-                if lrn.num_updates % int(cfg.target_update_period) == 0:
-                    update_target_networks(pairs[i], float(cfg.target_update_tau))
-        for lrn in learners:
-            lrn.after_gradient_based_update(timesteps=timesteps)
-        if bool(self._bad.any()):  # one host sync per call, not per update
-            for k in self._bad.nonzero().flatten().tolist():
-                if self.replicas[k].failed is None:
-                    self.replicas[k].failed = "non-finite gradient norm: replica stopped"
-            self._bad.zero_()
+            self._after_step(learners, modules, pairs)
+
+    def _vectorised_updates(self, num_updates: int, live: list[int], learners: list, modules: list,
+                            pairs: list, clip: float | None) -> None:
+        """Per update, all live replicas' losses and gradients in one call:
+
+        1. each live replica k samples its batch b_k from its own replay (its own generator: the batches
+           of seed s_k unpacked) and the fields the loss reads are stacked, b [K, B, ...];
+        2. ``torch.func.vmap`` of replica 0's learner's ``functional_loss`` over the replica axis of the
+           stacked parameters (θ [K, ...], the optimisers' own leaves, and the target networks' stacked
+           tensors; rows of live replicas only) and of b gives L_k(θ[k]; b_k) [K] and the statistics [K];
+        3. one backward pass of Σ_k L_k: replica k's loss depends on no other replica's parameters, so
+           ∂(Σ_j L_j)/∂θ[k] = ∂L_k/∂θ[k], replica k's own gradient, written by autograd straight into
+           θ.grad [K, ...] (rows of replicas not live are zero);
+        4. the stacked per-replica clipping and optimiser steps, network chains and target updates of the loop
+           path. Each replica's statistics (total_loss, the loss's own, ``<optimizer>_grad_norm``) are summed
+           over the call on [K] tensors and added to its learner's iteration sums once, so reduce_stats
+           reports the per-update mean as unpacked (to float32 round-off: the sums run in another order).
+        """
+        mid = DEFAULT_MODULE_ID
+        lead = learners[0]
+        batch_size = int(self.config.train_batch_size_per_learner)
+        module_config = lead.config.get_config_for_module(mid)
+        keys = tuple(lead.VECTORISED_BATCH_KEYS)
+        all_live = len(live) == len(self.replicas)
+        index = torch.tensor(live, device=lead._device)
+        params = self._stacked_params
+
+        def one(p: dict[str, Tensor], b: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+            return lead.functional_loss(module_id=mid, config=module_config, params=p, batch=b)
+
+        losses_of = torch.func.vmap(one)
+        thetas = [theta for opt in self.optimizers.values() for theta in opt.params]
+        sums: dict[str, Tensor] = {}
+        for _ in range(num_updates):
+            batches = [lrn.replay.sample(batch_size) for lrn in learners]
+            batch = {key: torch.stack([b[key] for b in batches]) for key in keys}
+            for theta in thetas:
+                theta.grad = None
+            p = params if all_live else {n: t[index] for n, t in params.items()}
+            losses, stats = losses_of(p, batch)
+            losses.sum().backward()
+            stats = {"total_loss": losses.detach(), **{n: v.detach() for n, v in stats.items()}}
+            for name, opt in self.optimizers.items():
+                grads = []
+                for theta in opt.params:
+                    if theta.grad is None:
+                        theta.grad = torch.zeros_like(theta)
+                    grads.append(theta.grad)
+                norms = clip_per_replica_(grads, clip)
+                self._bad |= ~torch.isfinite(norms)
+                stats[f"{name}_grad_norm"] = norms if all_live else norms[index]
+                opt.step()
+            if sums:
+                torch._foreach_add_(list(sums.values()), [stats[n] for n in sums])
+            else:
+                sums = {n: v.float().clone() for n, v in stats.items()}
+            for lrn in learners:
+                lrn.num_updates += 1
+            self._after_step(learners, modules, pairs)
+        for i, lrn in enumerate(learners):
+            lrn._stat_counts[mid] += num_updates
+            lrn.record(mid, **{n: v[i] for n, v in sums.items()})
+        for opt in self.optimizers.values():  # each replica's parameters show its (clipped) last gradient
+            for k in live:
+                for p_k, theta in zip(opt.replica_params(k), opt.params, strict=True):
+                    p_k.grad = theta.grad[k]
 
     def sync_weights(self) -> None:
         """Each live replica's learner module -> its env runner (parameters and buffers, in place)."""
