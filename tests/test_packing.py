@@ -5,6 +5,7 @@ seed s, fed the same transitions, reach the same parameters after 100 updates (W
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -95,22 +96,14 @@ def _state(learner) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in learner.module["default_policy"].state_dict().items()}
 
 
-@pytest.mark.parametrize(("make", "vectorise"), [(_wpo, True), (_eve, True), (_q_learner, True), (_q_learner, False)],
-                         ids=["WPO", "EVE", "Q-learner-vmap", "Q-learner-loop"])
-def test_replica_of_a_pack_equals_the_unpacked_learner_after_100_updates(make, vectorise):
-    """Seeds 3 and 5: the pack's replica of seed s and an unpacked learner of seed s get the same transitions
-    (sampled once by seed s's runner) and draw the same batches (their replays' own generators); after 100
-    updates in 4 calls, with per-replica global-norm clipping active, L2 / L2-Init weight decay, NaP (WPO),
-    target updates every 10 and EVE's Fisher, every parameter and buffer (targets and Fisher included) agrees
-    to float32 round-off, and so do the logged loss statistics. The two replicas differ from each other.
-    The Q-learner runs both pack paths: all replicas' losses in one vmapped call (its learner supports it)
-    and the per-replica loop; WPO and EVE (posterior Fisher) fall back to the loop."""
+def _unpacked_and_replicas(make, seeds: list[int]) -> tuple[dict[int, Any], list[Replica]]:
+    """Per seed s: an unpacked learner and a pack replica, both built from ``make(s)`` and given the same 200
+    transitions sampled by seed s's runner; asserts they start from identical parameters."""
     from algorithms.offpolicy.inprocess import build_runner_and_learner
     from orchestration.spec import import_builtin_envs
 
     import_builtin_envs()
     torch.set_num_threads(1)
-    seeds = [3, 5]
     unpacked, replicas = {}, []
     for s in seeds:
         runner, learner = build_runner_and_learner(make(s))
@@ -121,6 +114,21 @@ def test_replica_of_a_pack_equals_the_unpacked_learner_after_100_updates(make, v
         r_learner.insert(data)
         replicas.append(Replica(s, r_runner, r_learner))
         torch.testing.assert_close(_state(r_learner), _state(learner), atol=0, rtol=0)  # same init per seed
+    return unpacked, replicas
+
+
+@pytest.mark.parametrize(("make", "vectorise"), [(_wpo, True), (_eve, True), (_q_learner, True), (_q_learner, False)],
+                         ids=["WPO", "EVE", "Q-learner-vmap", "Q-learner-loop"])
+def test_replica_of_a_pack_equals_the_unpacked_learner_after_100_updates(make, vectorise):
+    """Seeds 3 and 5: the pack's replica of seed s and an unpacked learner of seed s get the same transitions
+    (sampled once by seed s's runner) and draw the same batches (their replays' own generators); after 100
+    updates in 4 calls, with per-replica global-norm clipping active, L2 / L2-Init weight decay, NaP (WPO),
+    target updates every 10 and EVE's Fisher, every parameter and buffer (targets and Fisher included) agrees
+    to float32 round-off, and so do the logged loss statistics. The two replicas differ from each other.
+    The Q-learner runs both pack paths: all replicas' losses in one vmapped call (its learner supports it)
+    and the per-replica loop; WPO and EVE (posterior Fisher) fall back to the loop."""
+    seeds = [3, 5]
+    unpacked, replicas = _unpacked_and_replicas(make, seeds)
     pack = ReplicaPack(replicas, make(seeds[0]), vectorise=vectorise)
     assert pack.vectorised == (make is _q_learner and vectorise)
     for _ in range(4):
@@ -154,21 +162,8 @@ def test_vectorised_pack_keeps_training_live_replicas_when_one_goes_non_finite()
     weights are set to NaN; the next call marks it failed (non-finite gradient norm) and the replicas of
     seeds 3 and 5, their losses now computed on the live rows only, still equal their unpacked learners after
     100 updates; replica 4's NaN did not reach them."""
-    from algorithms.offpolicy.inprocess import build_runner_and_learner
-    from orchestration.spec import import_builtin_envs
-
-    import_builtin_envs()
-    torch.set_num_threads(1)
     seeds = [3, 4, 5]
-    unpacked, replicas = {}, []
-    for s in seeds:
-        runner, learner = build_runner_and_learner(_q_learner(s))
-        data = _transitions(runner, 200)
-        learner.insert(data)
-        unpacked[s] = learner
-        r_runner, r_learner = build_runner_and_learner(_q_learner(s))
-        r_learner.insert(data)
-        replicas.append(Replica(s, r_runner, r_learner))
+    unpacked, replicas = _unpacked_and_replicas(_q_learner, seeds)
     pack = ReplicaPack(replicas, _q_learner(seeds[0]))
     assert pack.vectorised
     pack.run_updates(50, {})
