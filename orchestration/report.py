@@ -227,7 +227,11 @@ class ExperimentData:
 
 
 def _label(params: dict[str, str], varying: list[str]) -> str:
-    return ", ".join(f"{k}={params.get(k, '')}" for k in varying) or "all"
+    """A configuration's name: ``key=value`` for each varying key the run set; a key the run left at its
+    default (absent from its params) is omitted, and a run that set none of them is ``(defaults)``."""
+    if not varying:
+        return "all"
+    return ", ".join(f"{k}={params[k]}" for k in varying if k in params) or "(defaults)"
 
 
 def load_experiment(uri: str, experiment: str, *, launch: str | None = None,
@@ -535,17 +539,35 @@ def _plt():
 
 
 def _plot_panel(data: ExperimentData, keys: list[str], path: Path, title: str) -> bool:
+    fig, drawn = panel_figure(data, keys, title)
+    if drawn:
+        fig.savefig(path, dpi=80)
+    _plt().close(fig)
+    return drawn
+
+
+def panel_figure(data: ExperimentData, keys: list[str], title: str) -> tuple[Any, bool]:
+    """A figure of one subplot per key (curves per configuration, :func:`curves`) and whether anything was
+    drawn. Each (env, config) keeps one colour in every subplot and the legend lists every configuration
+    drawn in any subplot."""
     plt = _plt()
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.2 * rows), squeeze=False)
     drawn = False
+    per_key = {key: curves(data, key) for key in keys}
+    # one colour per (env, config) across all subplots, so a configuration that lacks a key (e.g. a plain
+    # network has no effective learning rate) does not shift the others' colours in that subplot
+    groups = sorted({g for cs in per_key.values() for g in cs})
+    several = len({env for env, _ in groups}) > 1
+    colour = {g: f"C{i % 10}" for i, g in enumerate(groups)}
+    legend: dict[str, Any] = {}
     for ax, key in zip(axes.ravel(), keys):
-        cs = curves(data, key)
-        several = len({k[0] for k in cs}) > 1
-        for (env, config), c in sorted(cs.items()):
-            ax.plot(c["step"], c["mean"], label=f"{config}{f' [{env}]' if several else ''} (n={c['n']})")
-            ax.fill_between(c["step"], c["ci_low"], c["ci_high"], alpha=0.2)
+        for (env, config), c in sorted(per_key[key].items()):
+            label = f"{config}{f' [{env}]' if several else ''} (n={c['n']})"
+            line, = ax.plot(c["step"], c["mean"], color=colour[(env, config)], label=label)
+            ax.fill_between(c["step"], c["ci_low"], c["ci_high"], color=colour[(env, config)], alpha=0.2)
+            legend.setdefault(label, line)
             drawn = True
         ax.set_title(key, fontsize=8)
         ax.set_xlabel("step", fontsize=8)
@@ -553,15 +575,13 @@ def _plot_panel(data: ExperimentData, keys: list[str], path: Path, title: str) -
     for ax in axes.ravel()[len(keys):]:
         ax.axis("off")
     if drawn:
-        handles, labels = axes.ravel()[0].get_legend_handles_labels()
+        labels, handles = list(legend), list(legend.values())
         legend_h = 0.22 * len(labels) + 0.2  # inches: one line per config, below the subplots
         fig.set_size_inches(fig.get_size_inches()[0], fig.get_size_inches()[1] + legend_h)
         fig.legend(handles, labels, loc="lower center", fontsize=7)
         fig.suptitle(title)
         fig.tight_layout(rect=(0, legend_h / fig.get_size_inches()[1], 1, 1))
-        fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return drawn
+    return fig, drawn
 
 
 def final_means(data: ExperimentData, keys: list[str]) -> dict[str, dict[str, float]]:

@@ -292,3 +292,36 @@ def test_run_link_opens_the_runs_page_on_the_mlflow_server(mlflow_server, tmp_pa
         (tmp_path / "run_page.html").write_text(dom)
     assert run_id in dom
     assert all(name not in dom for rid, name in kids.items() if rid != run_id)  # that run's page, not a list
+
+
+def test_panel_colours_follow_the_configuration_across_subplots(tmp_path: Path):
+    # A plain network logs no effective learning rate: in that subplot the other configurations must keep
+    # their colours (they used to take the next colour of the cycle, so a line read as the wrong method).
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("panel")
+    parent = client.create_run(exp, run_name="l-1", tags={"orchestra.run_type": "launch",
+                                                          "orchestra.launch_id": "l-1"})
+    configs = {"plain": {}, "ln": {"network.norm": "layer"}, "nap": {"network.norm": "layer", "network.nap": "True"}}
+    for name, params in configs.items():
+        for seed in (0, 1):
+            kid = client.create_run(exp, run_name=f"{name}-{seed}", tags={
+                "mlflow.parentRunId": parent.info.run_id, "orchestra.launch_id": "l-1", "orchestra.seed": str(seed)})
+            for k, v in params.items():
+                client.log_param(kid.info.run_id, k, v)
+            for i in range(3):
+                client.log_metric(kid.info.run_id, "plasticity/weight_norm", 10.0 + i, step=100 * (i + 1))
+                if name != "plain":
+                    client.log_metric(kid.info.run_id, "plasticity/effective_lr", 1e-4, step=100 * (i + 1))
+            client.set_terminated(kid.info.run_id, "FINISHED")
+    data = rep.load_experiment(uri, "panel")
+    assert sorted(set(data.runs.column("config").to_pylist())) == [
+        "(defaults)", "network.nap=True, network.norm=layer", "network.norm=layer"]
+    fig, drawn = rep.panel_figure(data, ["plasticity/effective_lr", "plasticity/weight_norm"], "plasticity")
+    assert drawn
+    colours = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in fig.axes[:2]]
+    assert len(colours[0]) == 2 and len(colours[1]) == 3
+    for label, c in colours[0].items():
+        assert colours[1][label] == c
+    assert len(set(colours[1].values())) == 3
+    assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == sorted(colours[1])
