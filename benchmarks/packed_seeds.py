@@ -35,7 +35,7 @@ Every line records the load average (1, 5, 15 min) and the CPU count: the machin
 2 cores shared with other work, so compare lines measured side by side (``--what`` runs them interleaved).
 
 Usage: .venv/bin/python benchmarks/packed_seeds.py [--what core,tune] [--packs 1,2,4,8] [--steps 2000]
-       [--learner eve|qlearner] [--loop] [--force]
+       [--learner eve|qlearner] [--loop] [--tag TAG] [--force]
        .venv/bin/python benchmarks/packed_seeds.py --what single [--steps 3000] [--repeats 2] [--force]
        .venv/bin/python benchmarks/packed_seeds.py --what profile [--steps 3000]   (cProfile of ``qlearner``)
 """
@@ -371,6 +371,7 @@ def main() -> None:
     ap.add_argument("--learner", choices=sorted(LEARNERS), default="eve", help="--what core: EVE or the Q-learner")
     ap.add_argument("--loop", action="store_true", help="--what core: packs run the losses replica by replica")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--tag", default="", help="appended to the keys (/<tag>): label lines of one code version")
     args = ap.parse_args()
     done = set() if args.force else _done()
     if args.what == "profile":
@@ -396,6 +397,8 @@ def main() -> None:
                 key += f"/{args.learner}"
             if what == "core" and args.loop:
                 key += "/loop"
+            if args.tag:
+                key += f"/{args.tag}"
             if key in done:
                 print(f"skip {key} (in {RESULTS.name})")
                 continue

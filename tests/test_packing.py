@@ -185,6 +185,77 @@ def test_vectorised_pack_keeps_training_live_replicas_when_one_goes_non_finite()
         assert float(loss) == pytest.approx(float(ref_loss), rel=1e-4)
 
 
+def _copy_weights(learner, runner) -> None:
+    """Learner module -> runner module in place, as the core's local weight sync."""
+    from algorithms.offpolicy.algorithm import _tensor_pairs
+
+    pairs = _tensor_pairs(learner.module["default_policy"].unwrapped(), runner.module)
+    with torch.no_grad():
+        for (d_owner, d_name), (s_owner, s_name) in pairs:
+            getattr(d_owner, d_name).copy_(getattr(s_owner, s_name))
+    runner.on_weights_set()
+
+
+def test_packed_sampling_equals_each_replicas_own_sampling():
+    """Q-learner, seeds 3, 5, 6: a pack that samples with one vmapped Q pass for all replicas
+    (``packed_actions``) against unpacked runners of the same seeds, 150 sampling rounds through burn-in
+    (30 env steps of uniform actions) and ε-greedy (ε 1 -> 0.1 over 50 steps), with updates and weight syncs
+    every 10 rounds (each unpacked runner gets its replica's learner weights, so sampling alone is compared);
+    replica 5 stops after 80 rounds (the pass then runs on the live rows). Every replay (actions, rewards,
+    observations, n-step fields), runner generator, episode count and return metric equals its unpacked
+    seed's bit for bit, and the pass's Q values equal each runner's own network's."""
+    from algorithms.offpolicy.inprocess import build_runner_and_learner
+    from orchestration.spec import import_builtin_envs
+
+    import_builtin_envs()
+    torch.set_num_threads(1)
+
+    def make(seed: int):
+        return _q_learner(seed).training(learning_starts=30, epsilon_timesteps=50, epsilon_final=0.1)
+
+    seeds = [3, 5, 6]
+    unpacked = {s: build_runner_and_learner(make(s)) for s in seeds}
+    replicas = [Replica(s, *build_runner_and_learner(make(s))) for s in seeds]
+    pack = ReplicaPack(replicas, make(seeds[0]))
+    assert pack.packed_actions and pack.vectorised
+    assert not ReplicaPack(replicas, make(seeds[0]), pack_actions=False).packed_actions
+    for i in range(150):
+        if i == 80:
+            replicas[1].failed = "stopped by the test"
+        pack.sample()
+        for r in replicas:
+            if r.failed is None:
+                runner, learner = unpacked[r.seed]
+                learner.insert(runner.sample())
+        if i >= 30 and i % 10 == 0:
+            pack.run_updates(5, {})
+            pack.sync_weights()
+            for r in replicas:
+                if r.failed is None:
+                    _copy_weights(r.learner, unpacked[r.seed][0])
+    greedy = 0
+    for r in replicas:
+        runner, learner = unpacked[r.seed]
+        got, want = r.learner.replay.state_dict(), learner.replay.state_dict()
+        assert got["num_env_steps"] == want["num_env_steps"] == (80 if r.seed == 5 else 150)
+        for f, value in want["storage"].items():
+            assert torch.equal(got["storage"][f], value), (r.seed, f)
+        assert torch.equal(r.runner.generator.get_state(), runner.generator.get_state())
+        assert r.runner._episode == runner._episode and r.runner._episode[0] >= 8
+        m, ref = r.runner.get_metrics(), runner.get_metrics()
+        assert m["episode_return_mean"] == ref["episode_return_mean"]
+        q = r.runner.module.q(torch.from_numpy(want["storage"]["obs"].numpy()))
+        greedy += int((q.argmax(1) == want["storage"]["action"]).sum())
+    assert greedy > 100  # the Q pass chose actions, not only the uniform draws
+    a, b = (torch.as_tensor(r.learner.replay.stored()["action"]) for r in (replicas[0], replicas[2]))
+    assert not torch.equal(a, b)
+    x = torch.stack([torch.from_numpy(r.runner._obs) for r in replicas]).float()
+    with torch.no_grad():
+        packed_q = pack._action_forward([0, 1, 2])([0, 1, 2], x)
+        own_q = torch.stack([r.runner.module.q(x[k]) for k, r in enumerate(replicas)])
+    assert torch.equal(packed_q, own_q)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The packed Algorithm
 @pytest.mark.slow

@@ -265,6 +265,30 @@ def test_tensor_write_path_matches_numpy_write_path():
         assert torch.equal(value, plain.stored()[key]), key
 
 
+def test_one_step_path_stores_exactly_what_the_general_path_stores():
+    """n = 1 without ``valid`` takes the one-step path; ``valid`` all True takes the general window path. Same
+    steps (3 envs, terminations, truncations, a reward of -0.0, the 16-slot buffer wrapping): same return
+    values, storage, window state and counters, bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    steps = [_random_step(g, 3, t) for t in range(40)]
+    steps[0][2][1] = -0.0
+    one = TensorReplay(16, 3, (3,), (2,), n_step=1, gamma=0.9, seed=1)
+    general = TensorReplay(16, 3, (3,), (2,), n_step=1, gamma=0.9, seed=1)
+    for step in steps:
+        assert one.add(*step) == general.add(*step, valid=[True] * 3) == 3
+    a, b = one.state_dict(), general.state_dict()
+    assert a.keys() == b.keys() and one.num_transitions == 120
+    assert any(bool(t[4].any()) for t in steps) and any(bool(t[5].any()) for t in steps)
+    for key in ("storage", "pending"):
+        for f in a[key]:
+            assert a[key][f].dtype == b[key][f].dtype and torch.equal(a[key][f], b[key][f]), (key, f)
+            assert (a[key][f].view(torch.uint8) == b[key][f].view(torch.uint8)).all(), (key, f)  # signed zeros too
+    for key in ("pending_return", "head", "count"):
+        assert torch.equal(a[key], b[key]), key
+    assert [a[k] for k in ("ptr", "size", "num_env_steps", "num_transitions")] == \
+        [b[k] for k in ("ptr", "size", "num_env_steps", "num_transitions")]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_storage_samples_like_cpu():
     g = torch.Generator().manual_seed(3)

@@ -20,12 +20,18 @@ Hooks for subclasses (e.g. EVE's per-episode parameter perturbation):
 - ``on_weights_set()``: after new module weights arrived.
 - ``compute_actions(obs, explore)``: override to change how actions are chosen (default
   ``module.act``). Extra state to checkpoint: ``extra_state()`` / ``set_extra_state(state)``.
+- ``supports_packed_actions()``, ``action_network()``, ``packed_actions(runners, explore, forward)``: one
+  action pass for the runners of a seed pack (algorithms/offpolicy/packing.py), equal to each runner's own
+  ``compute_actions``; ``sample`` is ``begin_sample``, ``step_envs`` per vector step, ``end_sample``, the
+  phases the pack runs for all its runners (override ``end_sample`` for per-call work).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -48,6 +54,7 @@ from ray.rllib.utils.metrics import (
     NUM_EPISODES,
     NUM_EPISODES_LIFETIME,
 )
+from torch import Tensor
 
 from algorithms.ray_compat import registered_env_creator
 
@@ -58,6 +65,22 @@ METRICS_STATE = "metrics"
 def episode_seed(seed: int, worker_index: int, env_index: int, episode: int) -> int:
     """Reset seed of episode ``episode`` of env ``env_index`` on runner ``worker_index`` (32 bits)."""
     return int(np.random.SeedSequence([seed, worker_index, env_index, episode]).generate_state(1)[0])
+
+
+@dataclass
+class Rollout:
+    """One sample call in progress (:meth:`VectorEnvRunner.begin_sample`): T vector steps of E envs."""
+
+    steps: int
+    explore: bool
+    obs: np.ndarray
+    next_obs: np.ndarray
+    reward: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    actions: list[np.ndarray]
+    """The actions [E, ...] of the steps taken so far."""
+    episodes_done: int = 0
 
 
 class VectorEnvRunner(EnvRunner, Checkpointable):
@@ -170,53 +193,88 @@ class VectorEnvRunner(EnvRunner, Checkpointable):
                ) -> dict[str, np.ndarray]:
         """T = ``num_timesteps`` (default ``rollout_fragment_length``) vector steps of all E envs.
 
-        Returns arrays [T, E, ...]: obs, action, reward, next_obs, terminated, truncated.
+        Returns arrays [T, E, ...]: obs, action, reward, next_obs, terminated, truncated. The same as
+        ``begin_sample``, then per step t ``step_envs(rollout, t, compute_actions(obs, explore))``, then
+        ``end_sample`` (the phases a seed pack runs for several runners at once, with one action pass for
+        all: :meth:`packed_actions`).
         """
+        rollout = self.begin_sample(num_timesteps=num_timesteps, explore=explore)
+        for t in range(rollout.steps):
+            self.step_envs(rollout, t, self.compute_actions(self._obs, rollout.explore))
+        return self.end_sample(rollout)
+
+    def begin_sample(self, *, num_timesteps: int | None = None, explore: bool | None = None) -> Rollout:
+        """Start a sample call: resets the envs on the first call, allocates the [T, E, ...] arrays."""
         if not self.samples:
             raise RuntimeError("this local VectorEnvRunner holds no envs: sample on the remote runners")
         if self._needs_reset:
             self._initial_reset()
         explore = self.config.explore if explore is None else explore
         steps = int(num_timesteps or self.config.rollout_fragment_length)
-        n = self.num_envs
-        out = {
-            "obs": np.empty((steps, n) + self._obs.shape[1:], self._obs.dtype),
-            "next_obs": np.empty((steps, n) + self._obs.shape[1:], self._obs.dtype),
-            "reward": np.empty((steps, n), np.float32),
-            "terminated": np.empty((steps, n), bool),
-            "truncated": np.empty((steps, n), bool),
-        }
-        actions = []
-        episodes_done = 0
-        for t in range(steps):
-            action = self.compute_actions(self._obs, explore)
-            actions.append(action)
-            out["obs"][t] = self._obs
-            new_obs = np.empty_like(self._obs)
-            started = []
-            for e, env in enumerate(self.envs):
-                o, r, term, trunc, _ = env.step(self._env_action(action[e]))
-                self._actions[e].append(action[e])
-                self._ret[e] += float(r)
-                self._len[e] += 1
-                out["next_obs"][t, e] = o
-                out["reward"][t, e] = r
-                out["terminated"][t, e] = term
-                out["truncated"][t, e] = trunc
-                if term or trunc:
-                    self._log_episode(self._len[e], self._ret[e], time.perf_counter() - self._t0[e])
-                    episodes_done += 1
-                    self._episode[e] += 1
-                    new_obs[e] = self._reset(e)
-                    started.append(e)
-                else:
-                    new_obs[e] = o
-            self._obs = new_obs
-            if started:
-                self.on_episode_start(np.asarray(started))
-        out["action"] = np.stack(actions)
-        self._log_steps(steps * n, episodes_done)
-        return out
+        n, shape, dtype = self.num_envs, self._obs.shape[1:], self._obs.dtype
+        return Rollout(steps=steps, explore=bool(explore), obs=np.empty((steps, n) + shape, dtype),
+                       next_obs=np.empty((steps, n) + shape, dtype), reward=np.empty((steps, n), np.float32),
+                       terminated=np.empty((steps, n), bool), truncated=np.empty((steps, n), bool), actions=[])
+
+    def step_envs(self, rollout: Rollout, t: int, action: np.ndarray) -> None:
+        """Vector step t: every env e steps with ``action[e]`` [E, ...]; a finished episode is logged and its
+        env reset (``next_obs`` keeps the final observation, the runner's obs the reset one)."""
+        rollout.actions.append(action)
+        rollout.obs[t] = self._obs
+        new_obs = np.empty_like(self._obs)
+        next_obs, reward, terminated, truncated = rollout.next_obs[t], rollout.reward[t], rollout.terminated[t], \
+            rollout.truncated[t]
+        env_action, episode_actions, ret, length = self._env_action, self._actions, self._ret, self._len
+        started = []
+        for e, env in enumerate(self.envs):
+            a = action[e]
+            o, r, term, trunc, _ = env.step(env_action(a))
+            episode_actions[e].append(a)
+            ret[e] += float(r)
+            length[e] += 1
+            next_obs[e] = o
+            reward[e] = r
+            terminated[e] = term
+            truncated[e] = trunc
+            if term or trunc:
+                self._log_episode(length[e], ret[e], time.perf_counter() - self._t0[e])
+                rollout.episodes_done += 1
+                self._episode[e] += 1
+                new_obs[e] = self._reset(e)
+                started.append(e)
+            else:
+                new_obs[e] = o
+        self._obs = new_obs
+        if started:
+            self.on_episode_start(np.asarray(started))
+
+    def end_sample(self, rollout: Rollout) -> dict[str, np.ndarray]:
+        """Finish a sample call: count its steps and episodes; returns the [T, E, ...] arrays."""
+        self._log_steps(rollout.steps * self.num_envs, rollout.episodes_done)
+        return {"obs": rollout.obs, "next_obs": rollout.next_obs, "reward": rollout.reward,
+                "terminated": rollout.terminated, "truncated": rollout.truncated,
+                "action": np.stack(rollout.actions)}
+
+    # -- one action pass for the runners of a seed pack --------------------------------------------
+    def supports_packed_actions(self) -> bool:
+        """Whether :meth:`packed_actions` computes exactly this runner's ``compute_actions`` for several runners
+        of one configuration (a seed pack's replicas, :class:`algorithms.offpolicy.packing.ReplicaPack`) with
+        one pass of :meth:`action_network` over their stacked parameters; False (default): the pack samples
+        runner by runner."""
+        return False
+
+    def action_network(self) -> torch.nn.Module:
+        """The network whose outputs :meth:`packed_actions` reads (its parameters are stacked over the pack)."""
+        raise NotImplementedError(f"{type(self).__name__} has no packed action pass")
+
+    @classmethod
+    def packed_actions(cls, runners: list[VectorEnvRunner], explore: bool,
+                       forward: Callable[[list[int], Tensor], Tensor]) -> list[np.ndarray]:
+        """Each runner's actions [E, ...] for its current observations, equal to its own
+        ``compute_actions(obs, explore)`` (same generator draws in the same order). ``forward(rows, x)``:
+        :meth:`action_network` of the runners ``rows`` (indices into ``runners``) on their inputs x [R, E, ...],
+        outputs [R, E, ...], one vmapped call (the pack's)."""
+        raise NotImplementedError(f"{cls.__name__} has no packed action pass")
 
     def _log_steps(self, num_steps: int, episodes: int) -> None:
         """Count one sample call's env steps and finished episodes. The four counters are sums, so they are

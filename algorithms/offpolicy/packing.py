@@ -42,8 +42,20 @@ Design (shape letter K: replicas; replica k trains seed s_k):
     the algorithm's own ``compute_losses`` / ``compute_gradients``, K forward/backward passes of the small
     networks.
 
-  What is shared either way is the trial, the process, the loop and the optimiser step; env sampling stays
-  replica by replica (each replica's runner, K action passes per env step).
+  What is shared either way is the trial, the process, the loop and the optimiser step.
+- Sampling (:meth:`ReplicaPack.sample`): each replica's envs step on their own (env steps stay replica by
+  replica), and the action pass runs either once for all replicas or replica by replica:
+
+  - packed (:meth:`ReplicaPack._packed_sample`, when every runner's ``supports_packed_actions()``: the
+    core's Q-learner and EVE's greedy mode, which act on Q_θ̂ alone): per vector step one
+    ``torch.func.vmap`` of the runners' action network over its stacked parameters A [K, ...] (the
+    runners' parameters are views A[k], written in place by the weight syncs) gives every replica's
+    Q_θ̂(s) [K, E, A]; then each replica's own exploration draws (burn-in uniform actions, ε-greedy) from its
+    own generator, as its ``compute_actions`` would, its envs' step and, at the end, its replay insert.
+  - replica by replica (every other runner: EVE's posterior sampling acts on per-env θ̃_e): each runner's
+    ``sample``.
+
+  Either way replica k's actions, transitions and replay equal those of seed s_k sampled unpacked.
 - Per-replica results: each replica keeps a root MetricsLogger of its own env runner and learner
   statistics (and EVE's ``uncertainty/``); the Algorithm's result carries them under ``replicas``
   ({seed: result in the Algorithm's own layout}) and its top level pools the live replicas (as RLlib pools
@@ -66,6 +78,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +111,31 @@ def clip_per_replica_(grads: list[Tensor], max_norm: float | None) -> Tensor:
     for g in grads:
         g.mul_(scale.reshape((-1,) + (1,) * (g.dim() - 1)))
     return norms
+
+
+def stacked_forward(net: torch.nn.Module) -> Callable[[list[Tensor], Tensor], Tensor]:
+    """``run(A, x)`` = stack_k net(x[k]; θ = A_k): ``net`` evaluated with the k-th rows of its stacked parameters
+    A = [A_j [K, ...] for each of ``net.parameters()``, in that order] on x [K, ...], as one ``torch.func.vmap``
+    call. Inside the vmapped function each parameter slot of ``net`` holds its batched row for the call and gets
+    its own Parameter back afterwards (what ``torch.func.functional_call`` does, without its per-call walk over
+    the module tree, which costs more than the network's small layers). Bit for bit the per-replica outputs
+    for the Q-learner's networks (tests/test_packing.py); it is not a guarantee of vmap's batching rules in
+    general."""
+    slots = [(m, name) for m in net.modules() for name, _ in m.named_parameters(recurse=False)]
+    if len(slots) != len(list(net.parameters())):
+        raise ValueError("stacked_forward: the network shares a parameter between modules")
+
+    def one(params: list[Tensor], x: Tensor) -> Tensor:
+        saved = [m._parameters[name] for m, name in slots]
+        try:
+            for (m, name), t in zip(slots, params, strict=True):
+                m._parameters[name] = t
+            return net(x)
+        finally:
+            for (m, name), t in zip(slots, saved, strict=True):
+                m._parameters[name] = t
+
+    return torch.func.vmap(one)
 
 
 class StackedOptimizer:
@@ -184,9 +222,12 @@ class Replica:
 class ReplicaPack:
     """K replicas trained in lockstep with stacked optimisers (see the module docstring)."""
 
-    def __init__(self, replicas: list[Replica], config: Any, vectorise: bool = True):
+    def __init__(self, replicas: list[Replica], config: Any, vectorise: bool = True, pack_actions: bool = True):
         """``vectorise``: use the vmapped losses (:meth:`_vectorised_updates`) when every replica's learner
-        supports them (``supports_vectorised_losses``); False: always the per-replica loop."""
+        supports them (``supports_vectorised_losses``); False: always the per-replica loop.
+        ``pack_actions``: sample all live replicas' env steps with one action pass (:meth:`_packed_sample`)
+        when every replica's env runner supports it (``supports_packed_actions``); False: each runner's own
+        ``sample`` in turn."""
         self.replicas = replicas
         self.config = config
         learners = [r.learner for r in replicas]
@@ -201,6 +242,14 @@ class ReplicaPack:
         self._stacked_params: dict[str, Tensor] = {}
         if self.vectorised:
             self._stack_module_params()
+        runners = [r.runner for r in replicas]
+        self.packed_actions = bool(pack_actions) and len({type(r) for r in runners}) == 1 and all(
+            r.supports_packed_actions() for r in runners)
+        self._action_params: list[Tensor] = []
+        self._action_members: list[Tensor] = []
+        self._action_views: list[int] = []
+        self._action_nets: list[int] = []
+        self._action_pass: Any = None
 
     def _stack_module_params(self) -> None:
         """Every named parameter of the replicas' modules as one [K, ...] tensor, by name: the optimisers' θ
@@ -246,7 +295,10 @@ class ReplicaPack:
     # -- one round of the core loop --------------------------------------------------------------
     def sample(self) -> int:
         """Sample ``rollout_fragment_length`` vector steps on every live replica and insert them into its
-        replay; returns the env steps one replica sampled."""
+        replay; returns the env steps one replica sampled. With ``packed_actions`` the replicas step together
+        (:meth:`_packed_sample`), else each runner's ``sample`` in turn."""
+        if self.packed_actions:
+            return self._packed_sample()
         n = 0
         for k in self.live:
             r = self.replicas[k]
@@ -254,6 +306,61 @@ class ReplicaPack:
             r.learner.insert(data)
             n = int(data["reward"].size)
         return n
+
+    def _packed_sample(self) -> int:
+        """One sample call of every live replica, the replicas stepping together: per vector step t, one action
+        pass for all of them (the runner class's ``packed_actions``: the action network, e.g. Q_θ̂, of every
+        replica in one ``torch.func.vmap`` call of ``functional_call`` over the runners' stacked parameters
+        A [K, ...], then each replica's own exploration draws from its own generator), then each replica's
+        envs step (``step_envs``); at the end each replica's data go into its own replay. Replica k's envs,
+        generator draws and replay writes are those of its own ``sample`` (the replicas share no state, so
+        interleaving their steps changes nothing); the vmapped pass gives each row the outputs of that
+        replica's own network (tested bit for bit against the per-runner path, tests/test_packing.py)."""
+        live = self.live
+        runners = [self.replicas[k].runner for k in live]
+        forward = self._action_forward(live)
+        rollouts = [r.begin_sample() for r in runners]
+        explore = rollouts[0].explore
+        packed_actions = type(runners[0]).packed_actions
+        for t in range(rollouts[0].steps):
+            actions = packed_actions(runners, explore, forward)
+            for r, rollout, a in zip(runners, rollouts, actions, strict=True):
+                r.step_envs(rollout, t, a)
+        n = 0
+        for k, r, rollout in zip(live, runners, rollouts, strict=True):
+            data = r.end_sample(rollout)
+            self.replicas[k].learner.insert(data)
+            n = int(data["reward"].size)
+        return n
+
+    def _action_forward(self, live: list[int]) -> Callable[[list[int], Tensor], Tensor]:
+        """``forward(rows, x)`` for ``packed_actions``: the action network of the live replicas ``live[rows]``
+        on x [R, E, ...], one ``torch.func.vmap`` call over rows of the stacked parameters A [K, ...]
+        (:func:`stacked_forward`). Every runner's parameter p_k is the view A[k] (``p_k.data = A[k]``, so
+        weight syncs and ``set_state``, which copy in place, write into A); the views are checked each call
+        and rebuilt if a network or parameter was replaced."""
+        nets = [r.runner.action_network() for r in self.replicas]
+        if [id(n) for n in nets] != self._action_nets or \
+                [p.data_ptr() for p in self._action_members] != self._action_views:
+            per = [list(net.parameters()) for net in nets]
+            self._action_params = []
+            for j in range(len(per[0])):
+                stacked = torch.stack([ps[j].detach() for ps in per])
+                for k, ps in enumerate(per):
+                    ps[j].data = stacked[k]
+                self._action_params.append(stacked)
+            self._action_members = [p for ps in per for p in ps]
+            self._action_views = [p.data_ptr() for p in self._action_members]
+            self._action_nets = [id(n) for n in nets]
+            self._action_pass = stacked_forward(nets[0])
+        params, vmapped, num = self._action_params, self._action_pass, len(self.replicas)
+
+        def forward(rows: list[int], x: Tensor) -> Tensor:
+            index = [live[i] for i in rows]
+            p = params if len(index) == num else [t[torch.tensor(index)] for t in params]
+            return vmapped(p, x)
+
+        return forward
 
     def run_updates(self, num_updates: int, timesteps: dict[str, Any]) -> None:
         """``num_updates`` updates of every live replica: per replica its batch, its loss and gradients (all

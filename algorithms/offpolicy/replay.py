@@ -120,6 +120,7 @@ class TensorReplay:
         self._envs = np.arange(num_envs)
         self._slots = np.arange(n_step)
         self._ages_desc = np.arange(n_step - 1, -1, -1)
+        self._one_steps = np.ones(num_envs, dtype=self._ages_desc.dtype)
         self._gamma_pow = np.array([self.gamma**k for k in range(n_step + 1)], dtype=self._np_dtype["reward"])
         self.ptr = 0
         self.size = 0
@@ -177,6 +178,8 @@ class TensorReplay:
         n, num_envs = self.n_step, self.num_envs
         head, count, ret = self._np_head, self._np_count, self._np_return
         reward_a, term_a = step["reward"], step["terminated"]
+        if n == 1 and valid is None:
+            return self._add_one_step(step)
 
         # 1) the new step enters its env's window at slot head[e]
         if valid is None:
@@ -240,6 +243,27 @@ class TensorReplay:
         head %= n
         self.num_env_steps += len(envs)
         return k
+
+    def _add_one_step(self, step: dict[str, np.ndarray]) -> int:
+        """n = 1, every env valid: each env's step completes at once (R_t = r_t, bootstrap_obs s_{t+1},
+        bootstrap_discount γ·(1 − terminated_t), nstep 1). The same arithmetic, writes and window state
+        (slot 0 holds the step, count back to 0) as the general path of :meth:`add`, without its masks."""
+        num_envs, ret, term_a = self.num_envs, self._np_return, step["terminated"]
+        for dtype, group in self._np.items():
+            group[0] = _row(step, self._pending_by_dtype[dtype], num_envs)
+        ret[0] = 0
+        ret[0] += self._gamma_pow[0] * step["reward"]
+        computed = {"nstep_return": ret[0].copy(), "bootstrap_obs": step["next_obs"],
+                    "bootstrap_discount": self._gamma_pow[1] * ~term_a, "nstep": self._one_steps}
+        rows = {}
+        for dtype in self._groups:
+            parts = [computed[f].reshape(num_envs, -1) for f in self._nstep_by_dtype[dtype]]
+            if dtype in self._np:
+                parts.insert(0, self._np[dtype][0])
+            rows[dtype] = parts[0].copy() if len(parts) == 1 else np.concatenate(parts, axis=1)
+        self._write(rows, num_envs)
+        self.num_env_steps += num_envs
+        return num_envs
 
     def _write(self, rows: dict[torch.dtype, np.ndarray], k: int) -> None:
         if k > self.capacity:  # only the newest C survive one oversized insert
