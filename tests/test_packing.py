@@ -259,25 +259,33 @@ def test_packed_sampling_equals_each_replicas_own_sampling():
 # ---------------------------------------------------------------------------------------------------------
 # The packed Algorithm
 @pytest.mark.slow
-def test_packed_eve_algorithm_results_restore_and_one_replica_failing(ray_local, tmp_path):
+@pytest.mark.parametrize("exploration", ["posterior", "epsilon_greedy"])
+def test_packed_eve_algorithm_results_restore_and_one_replica_failing(ray_local, tmp_path, exploration):
     """EVE with replica_seeds [0, 1] as one RLlib Algorithm: per-replica results under ``replicas`` (own env
     steps, losses, posterior report), the top level counting one replica's steps; a restored checkpoint
     continues every replica exactly (replay in the checkpoint); a replica whose weights go NaN is reported
-    failed once and stopped while the other trains on."""
+    failed once and stopped while the other trains on. With exploration="epsilon_greedy" the pack samples
+    through one batched action pass and computes vectorised losses (``ReplicaPack``), the posterior
+    exploration replica by replica."""
     from algorithms.eve.config import EVEConfig
     from orchestration.spec import import_builtin_envs
 
     import_builtin_envs()
     torch.set_num_threads(1)
-    cfg = EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=0).training(learning_starts=50)
+    cfg = (EVEConfig().environment("bsuite/deep_sea-0").debugging(seed=0)
+           .training(learning_starts=50, exploration=exploration))
     cfg.replica_seeds, cfg.checkpoint_replay, cfg.min_sample_timesteps_per_iteration = [0, 1], True, 200
     algo = cfg.build_algo()
+    greedy = exploration == "epsilon_greedy"
+    assert (algo._pack.vectorised, algo._pack.packed_actions) == (greedy, greedy)
     r = algo.train()
     assert sorted(r["replicas"]) == ["0", "1"] and r["num_env_steps_sampled_lifetime"] == 200
     for rep in r["replicas"].values():
         assert rep["num_env_steps_sampled_lifetime"] == 200
         assert np.isfinite(rep["learners"]["default_policy"]["total_loss"])
-        assert rep["uncertainty"]["num_data"] == 200
+        assert ("uncertainty" in rep) == (not greedy)  # the posterior report exists only with posterior exploration
+        if not greedy:
+            assert rep["uncertainty"]["num_data"] == 200
     assert r["replicas"]["0"]["learners"]["default_policy"]["total_loss"] != \
         r["replicas"]["1"]["learners"]["default_policy"]["total_loss"]
     algo.save_to_path(str(tmp_path))
