@@ -54,10 +54,12 @@ results file and ``--summary``):
   1.48x). The tangent part of the JVP (~0.9) costs about what reverse's double backward costs; the
   excess is the recomputation (one more inner forward+backward per step, 0.39) that saving only
   inputs requires, and ``aten::mm`` is 46% of the JVP's self time: the work is compute-bound. So on a
-  CPU, where ``reverse`` is limited by FLOPs and not by memory traffic, no engine that saves only its
-  inputs can reach <= 1.0x reverse: the floor is about (3F + 3F + 4F) / (3F + 4F) ~ 1.4x with F one
-  forward pass. In JAX on accelerators the reverse-over-reverse baseline is bound by memory traffic
-  and XLA fuses the primal and tangent passes; eager PyTorch on CPU has neither.
+  CPU, where ``reverse`` is limited by FLOPs and not by memory traffic, no eager engine that saves
+  only its inputs can reach <= 1.0x reverse: the floor is about (3F + 3F + 4F) / (3F + 4F) ~ 1.4x
+  with F one forward pass. In JAX on accelerators the reverse-over-reverse baseline is bound by memory
+  traffic and XLA fuses the primal and tangent passes; eager PyTorch on CPU has neither.
+  ``torch.compile`` of the chunk gradient and JVP (``--compile``) is that fusion on CPU: 1.05x
+  (session s5 below), while reverse's ``create_graph`` double backward stays eager.
 - Small chunks are what is fixable: at ``lm`` (8 x 64 tokens) in chunks of 2 sequences the
   per-op cost of many small calls (``_has_same_storage_numel``, ``alias``, ``view``, ``copy_``: 11% of
   the JVP's self time in ~4,300 calls) makes the JVP 2.5x slower than on the whole batch (0.34 vs
@@ -86,6 +88,24 @@ wall time is not meaningful; memory is the allocator's peak, independent of load
   load 4-7: lm reverse 1.39 s, mixflow 3.56 s (2.57x), mixflow hvp=reverse 2.87 s (2.07x);
   lm_tokens reverse 9.72 s, mixflow 14.75 s (1.52x), mixflow hvp=reverse 12.34 s (1.27x) at 150 MB
   (12.1x less than reverse's 1810 MB). Repeat CPU times of one configuration differ by up to ~15%.
+
+Session "s5" (2026-12-08, AMD EPYC, load 1-3, ``--reps 3``: min over three timed steps): with one
+timed step (``--reps 1``, all rows above) the reverse engine's step is the first to touch its 1.8 GB
+of graph, and the page faults of that fresh memory are CPU time too (s4, same machine, reps 1:
+reverse 11.6 s; reps 2-3: 5.3-5.8 s); from the second step on the allocator reuses the pages, which
+is the steady state of a meta-training loop, so s5 reports the min over reps. lm_tokens T = 8:
+reverse 1810 MB / 5.34 s; mixflow 168 MB / 9.01 s (1.69x); mixflow ``--hvp reverse`` 150 MB / 7.33 s
+(1.37x); mixflow ``--compile`` (``WeightedInnerLoss(compile=True)``: the chunk gradient and the chunk
+JVP as ``torch.compile``d torch.func functions) 150 MB (12.0x less) / 5.58 s (1.05x; repeat pair
+s5b: reverse 5.74 s, mixflow ``--compile`` 5.80 s, 1.01x). Per chunk of 4
+sequences (tools outside this script, load ~2): gradient 0.21 s eager / 0.18 s compiled, JVP 0.84 s
+eager / 0.49 s compiled (inductor fuses the primal and tangent passes' elementwise work and drops the
+primal gradient's weight products, which the JVP does not need), recompute + double backward 0.71 s.
+Compilation is paid once, in the warm-up step: 10.8 CPU s / 19.9 s wall with inductor's on-disk
+cache of an earlier run, 30 CPU s / ~2 min wall cold at load ~3 (``warmup_cpu_s``,
+``warmup_time_s``); at ~3.4 s saved per T = 8 meta-step against eager mixflow it amortises after
+about ten meta-steps. lm_tokens T = 32 (``--reps 2``): reverse 7004 MB / 21.22 s, mixflow ``--compile``
+463 MB (15.1x less) / 21.57 s (1.02x).
 
 One JSON line per (model, T, engine, opt) is printed as it is measured and appended to
 benchmarks/results/mixflow_memory.jsonl; configurations already in that file are skipped.
@@ -172,10 +192,10 @@ def measure_one(cfg: dict) -> dict:
 
     torch.set_num_threads(cfg.get("threads", 1))
     inner, outer, theta, eta, batch = build_problem(cfg["model"], microbatch=cfg.get("microbatch") or None)
-    if cfg.get("hvp"):
+    if cfg.get("hvp") or cfg.get("compile"):
         import dataclasses
 
-        inner = dataclasses.replace(inner, hvp=cfg["hvp"])
+        inner = dataclasses.replace(inner, hvp=cfg.get("hvp") or "forward", compile=bool(cfg.get("compile")))
     opt = make_inner_optimizer(cfg["opt"], 0.1 if cfg["opt"] == "sgd" else 1e-3)
     T = cfg["T"]
     batches, out_batch = [batch() for _ in range(T)], batch()
@@ -184,7 +204,11 @@ def measure_one(cfg: dict) -> dict:
     def step(bs):
         return meta_gradient(inner, outer, opt, theta, state, eta, bs, out_batch, cfg["engine"])
 
-    step(batches[:1])  # warm-up: first-call costs (dispatcher, torch.func setup) out of the timing
+    # Warm-up: first-call costs (dispatcher, torch.func setup, torch.compile's compilation) out of the
+    # timing; its own CPU and wall time are reported (warmup_cpu_s, warmup_time_s).
+    t0, c0 = time.perf_counter(), time.process_time()
+    step(batches[:1])
+    warmup = (time.perf_counter() - t0, time.process_time() - c0)
     load_before = os.getloadavg()[0]
     times, cpu_times = [], []
     for _ in range(cfg.get("reps", 1)):
@@ -203,6 +227,8 @@ def measure_one(cfg: dict) -> dict:
         "rss_delta_bytes": (rss1 - rss0) * 1024,
         "time_s": min(times),
         "cpu_time_s": min(cpu_times),
+        "warmup_time_s": warmup[0],
+        "warmup_cpu_s": warmup[1],
         "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "param_bytes": tensor_bytes(theta),
         "rater_param_bytes": tensor_bytes(eta),
@@ -318,7 +344,7 @@ MICROBATCH = {"mlp": 64, "lm": 2, "lm_tokens": 4}
 def key(cfg: dict) -> tuple:
     """A measured row's identity; ``session`` tells re-measurements apart (None for the first ones)."""
     return (cfg["model"], cfg["T"], cfg["engine"], cfg["opt"], cfg["microbatch"], cfg.get("session"),
-            cfg.get("hvp", "forward"))
+            cfg.get("hvp", "forward"), bool(cfg.get("compile")))
 
 
 def summary(path: Path) -> list[dict]:
@@ -333,7 +359,8 @@ def summary(path: Path) -> list[dict]:
             continue
         out.append({
             "model": r["model"], "T": r["T"], "opt": r["opt"], "engine": r["engine"], "microbatch": r["microbatch"],
-            "session": r.get("session"), "hvp": r.get("hvp", "forward"), "cpu_time_s": round(r["cpu_time_s"], 2),
+            "session": r.get("session"), "hvp": r.get("hvp", "forward"), "compile": bool(r.get("compile")),
+            "cpu_time_s": round(r["cpu_time_s"], 2),
             "peak_MB": round(r["peak_live_bytes"] / 1e6, 1),
             "memory_saving_vs_reverse": round(base["peak_live_bytes"] / r["peak_live_bytes"], 2),
             "cpu_time_vs_reverse": round(r["cpu_time_s"] / base["cpu_time_s"], 2),
@@ -357,6 +384,8 @@ def main() -> None:
     ap.add_argument("--no-whole-batch", action="store_true")
     ap.add_argument("--hvp", choices=["forward", "reverse"], default=None,
                     help="MixFlow backward products: forward-over-reverse (default) or reverse-over-reverse")
+    ap.add_argument("--compile", action="store_true",
+                    help="MixFlow engines: WeightedInnerLoss(compile=True) (torch.compile'd chunk gradient and JVP)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--profile", help="JSON config (model, microbatch, reps): CPU time per component of one "
                     "inner step (profile_components); appended to benchmarks/results/mixflow_profile.jsonl")
@@ -394,6 +423,8 @@ def main() -> None:
                         cfg["session"] = args.session
                     if args.hvp and engine.startswith("mixflow"):
                         cfg["hvp"] = args.hvp
+                    if args.compile and engine.startswith("mixflow"):
+                        cfg["compile"] = True
                     if key(cfg) in done:
                         continue
                     proc = subprocess.run(

@@ -26,7 +26,10 @@ them and what they keep alive between the forward and the backward pass:
   elementwise update Υ around it (which saves a few |θ|-sized tensors per step for Adam).
   With a :class:`WeightedInnerLoss` whose ``hvp="reverse"``, the same backward gets these products
   by reverse-over-reverse on the recomputed chunk instead (same saved tensors, same numbers; cheaper in
-  eager PyTorch on CPU for small chunks).
+  eager PyTorch on CPU for small chunks). With ``compile=True`` the per-chunk gradient of the forward
+  and the per-chunk JVP of the backward are pure ``torch.func`` functions compiled once with
+  ``torch.compile`` (inductor fuses the primal and tangent passes of the JVP; same products, same saved
+  tensors).
 - ``mixflow_remat``: MixFlow-MG combined with per-step rematerialisation ("combine with remat"): the
   step Function saves (θ_t, s_t, η) only and its backward recomputes the update around the MixFlow
   gradient, so not even the optimiser's intermediates are kept across steps.
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property, partial
 from typing import Any
 
 import torch
@@ -112,6 +116,11 @@ class WeightedInnerLoss:
     reverse-over-reverse on the recomputed chunk (gradient with ``create_graph``, then its VJP). Same
     numbers and the same saved tensors; ``reverse`` is faster in PyTorch eager on CPU (see
     benchmarks/mixflow_memory.py), with a transient of one chunk's double-backward graph."""
+    compile: bool = False
+    """Run the per-chunk gradient Σ_{i∈c} w_i∇ℓ_i (MixFlow forward) and, with ``hvp="forward"``, the
+    per-chunk JVP (MixFlow backward) as ``torch.compile``d ``torch.func`` functions
+    (:func:`weighted_chunk_grad`, :func:`weighted_chunk_jvp`; full graph, static shapes: one compilation
+    per chunk shape, paid on the first meta-gradient). Same formulas and saved tensors as eager."""
 
     def __post_init__(self) -> None:
         if self.hvp not in ("forward", "reverse"):
@@ -119,6 +128,45 @@ class WeightedInnerLoss:
 
     def __call__(self, params: Params, meta: Meta, batch: Any) -> Tensor:
         return (self.weights(meta, batch) * self.per_example_loss(params, batch)).sum()
+
+    @cached_property
+    def compiled(self) -> tuple[Callable[..., Params], Callable[..., tuple[Params, Tensor]]]:
+        """(chunk gradient, chunk JVP) of this loss, compiled on first use (``compile=True``)."""
+        pel = self.per_example_loss
+
+        def grad(params: Params, chunk: Any, w_c: Tensor) -> Params:
+            return weighted_chunk_grad(pel, params, chunk, w_c)
+
+        def jvp(params: Params, v: Params, chunk: Any, w_c: Tensor) -> tuple[Params, Tensor]:
+            return weighted_chunk_jvp(pel, params, v, chunk, w_c)
+
+        return (torch.compile(grad, fullgraph=True, dynamic=False),
+                torch.compile(jvp, fullgraph=True, dynamic=False))
+
+    def __getstate__(self) -> dict:
+        # Compiled functions do not pickle; a copy compiles its own on first use.
+        return {k: v for k, v in self.__dict__.items() if k != "compiled"}
+
+
+def weighted_chunk_grad(per_example_loss: Callable[[Params, Any], Tensor], params: Params, chunk: Any,
+                        w_c: Tensor) -> Params:
+    """g_c = Σ_{i∈c} w_i ∇_θℓ_i(θ)   (torch.func.grad of the chunk's weighted loss; w is a constant)."""
+    return torch.func.grad(lambda p: (w_c * per_example_loss(p, chunk)).sum())(params)
+
+
+def weighted_chunk_jvp(per_example_loss: Callable[[Params, Any], Tensor], params: Params, v: Params, chunk: Any,
+                       w_c: Tensor) -> tuple[Params, Tensor]:
+    """(∂g_c/∂θ · v, (∇ℓ_i · v)_{i∈c}) = (Σ_{i∈c} w_i ∇²ℓ_i v, vᵀ∂g_c/∂w_c): the JVP of θ ↦ (g_c, ℓ_c) in
+    direction v, by forward-over-reverse (torch.func.jvp over torch.func.grad; the primal g_c and ℓ_c
+    are recomputed alongside the tangents and discarded). By the symmetry of ∇²ℓ_i this is the VJP of
+    g_c in the cotangent v, i.e. the MixFlow-MG backward of one chunk."""
+
+    def weighted(p: Params) -> tuple[Tensor, Tensor]:
+        losses = per_example_loss(p, chunk)
+        return (w_c * losses).sum(), losses
+
+    _, (hv, dl) = torch.func.jvp(lambda p: torch.func.grad(weighted, has_aux=True)(p), (params,), (v,))
+    return hv, dl
 
 
 @dataclass(frozen=True)
@@ -211,10 +259,13 @@ class _MixFlowWeightedGrad(torch.autograd.Function):
         params, w = tensors[:n_params], tensors[n_params]
         grads = None
         for a, b in _chunks(w.shape[0], loss.microbatch):
-            with torch.enable_grad():
-                p = tuple(t.detach().requires_grad_() for t in params)
-                lc = (w[a:b].detach() * loss.per_example_loss(p, slice_batch(batch, a, b))).sum()
-                g = torch.autograd.grad(lc, p, materialize_grads=True)
+            if loss.compile:
+                g = loss.compiled[0](tuple(t.detach() for t in params), slice_batch(batch, a, b), w[a:b].detach())
+            else:
+                with torch.enable_grad():
+                    p = tuple(t.detach().requires_grad_() for t in params)
+                    lc = (w[a:b].detach() * loss.per_example_loss(p, slice_batch(batch, a, b))).sum()
+                    g = torch.autograd.grad(lc, p, materialize_grads=True)
             grads = g if grads is None else tuple(x + y for x, y in zip(grads, g, strict=True))
         ctx.save_for_backward(*tensors)
         ctx.loss, ctx.batch, ctx.n_params = loss, batch, n_params
@@ -238,15 +289,8 @@ class _MixFlowWeightedGrad(torch.autograd.Function):
                 hv = tuple(hv_c) if hv is None else tuple(x + y for x, y in zip(hv, hv_c, strict=True))
                 dw.append(dl_c)
                 continue
-
-            def weighted(p: Params, chunk=chunk, w_c=w_c) -> tuple[Tensor, Tensor]:
-                losses = loss.per_example_loss(p, chunk)
-                return (w_c * losses).sum(), losses
-
-            def grad_map(p: Params, weighted=weighted) -> tuple[Params, Tensor]:
-                return torch.func.grad(weighted, has_aux=True)(p)
-
-            _, (hv_c, dl_c) = torch.func.jvp(grad_map, (params,), (tuple(cotangents),))
+            jvp = loss.compiled[1] if loss.compile else partial(weighted_chunk_jvp, loss.per_example_loss)
+            hv_c, dl_c = jvp(params, tuple(cotangents), chunk, w_c)
             hv = hv_c if hv is None else tuple(x + y for x, y in zip(hv, hv_c, strict=True))
             dw.append(dl_c)
         if not any(ctx.needs_input_grad[3 : 3 + n]):
